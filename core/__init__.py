@@ -1,0 +1,4 @@
+"""twinseg core library: data, models, losses, Lightning methods, metrics, diagnostics.
+
+`core` never imports ray; orchestration lives in `experiments/`.
+"""

@@ -1,0 +1,29 @@
+"""User-facing errors.
+
+Every error a user can cause (bad path, bad layout, bad config value, missing weights...) is raised
+as a `TwinsegError` subclass whose message is ONE line saying what is wrong, where, and how to fix
+it. Entry points wrap `main` in `core.cli.guard`, which prints that line and exits non-zero without
+a traceback.
+"""
+
+
+class TwinsegError(Exception):
+    """A one-line, user-fixable error (what, where, how to fix)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        # Keep the message on one line whatever the caller passed.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(TwinsegError):
+    """A configuration value (CLI flag, grid file, dataclass field) is invalid."""
+
+
+class DataError(TwinsegError):
+    """A dataset is missing, has the wrong layout, or holds a corrupt/out-of-range file."""
+
+
+class WeightsError(TwinsegError):
+    """Pretrained weights are missing, unsafe, or do not match the architecture."""
