@@ -1,0 +1,295 @@
+"""Figures of the report (matplotlib, Agg backend, PNG, written atomically).
+
+Every function returns the written path, or None when there is nothing to plot (so the report can
+say so instead of showing an empty axis).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analysis import atomic  # noqa: E402
+from analysis.history import knn_column, loss_column, miou_column, read_history, series, find_column  # noqa: E402
+from analysis.results import METHOD_SHORT, Results, Trial, finite, pretrain_variant, variant_label  # noqa: E402
+from analysis.tables import EVALUATIONS, Stat, _eval_order, pretrain_groups, segment_groups  # noqa: E402
+
+LINESTYLES = ["-", "--", ":", "-."]
+plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+                     "axes.spines.right": False, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8})
+
+
+def _colors(n: int) -> list:
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(max(n, 1))]
+
+
+def _save(fig, path: Path) -> Path:
+    try:
+        atomic.save_figure(fig, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _seed_style(t: Trial, seeds: list) -> str:
+    s = t.get("seed")
+    return LINESTYLES[seeds.index(s) % len(LINESTYLES)] if s in seeds else "-"
+
+
+# ----------------------------------------------------------------------------- lambda sweep
+def lambda_sweep(res: Results, path: Path) -> Optional[Path]:
+    bt = [g for g in pretrain_groups(res) if g.variant[0] == "barlow_twins" and g.variant[3] is not None]
+    if not bt:
+        return None
+    lines: dict[tuple, list] = {}
+    for g in bt:
+        lines.setdefault((g.variant[1], g.variant[2]), []).append(g)
+    # E2 mIoU per pretraining variant (segment trials grouped by the BT variant they used)
+    pre = {t.id: t for t in res.trials if t.stage == "pretrain"}
+    seg: dict[tuple, list[float]] = {}
+    for t in res.stage("segment"):
+        p = pre.get(t.pretrain_id) if t.pretrain_id else None
+        if str(t.get("evaluation")) != "E2" or p is None or finite(t.metrics.get("mIoU")) is None:
+            continue
+        v = pretrain_variant(p)
+        if v[0] == "barlow_twins" and v[3] is not None:
+            seg.setdefault(v, []).append(finite(t.metrics["mIoU"]))
+    n_panels = 2 if seg else 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 3.8), squeeze=False)
+    colors = _colors(len(lines))
+    all_l = sorted({g.variant[3] for g in bt})
+    for (key, gs), col in zip(sorted(lines.items()), colors):
+        gs = sorted(gs, key=lambda g: g.variant[3])
+        lam = [g.variant[3] for g in gs]
+        st = [g.stat("knn_acc") for g in gs]
+        ok = [i for i, s in enumerate(st) if s.mean is not None]
+        label = f"{key[0]} (init={key[1]})"
+        if ok:
+            axes[0, 0].errorbar([lam[i] for i in ok], [st[i].mean for i in ok], yerr=[st[i].std or 0 for i in ok],
+                                marker="o", capsize=3, color=col, label=label)
+        if seg:
+            pts = sorted((v[3], Stat.of(vals)) for v, vals in seg.items() if (v[1], v[2]) == key)
+            if pts:
+                axes[0, 1].errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[p[1].std or 0 for p in pts],
+                                    marker="s", capsize=3, color=col, label=label)
+    titles = ["Barlow Twins λ sweep: k-NN accuracy", "Barlow Twins λ sweep: E2 segmentation mIoU"]
+    ylabels = ["k-NN accuracy (frozen features)", "E2 mIoU (%)"]
+    for i in range(n_panels):
+        ax = axes[0, i]
+        scale = "log"
+        if min(all_l) > 0:
+            ax.set_xscale("log")
+        else:
+            scale = "symlog"
+            pos = [v for v in all_l if v > 0]
+            ax.set_xscale("symlog", linthresh=min(pos) if pos else 1e-3)
+        ax.set_xticks(all_l)
+        ax.set_xticklabels([f"{v:g}" for v in all_l], rotation=30)
+        ax.minorticks_off()
+        ax.set_xlabel(f"λ (off-diagonal weight, {scale} scale)")
+        ax.set_ylabel(ylabels[i])
+        ax.set_title(titles[i])
+        ax.legend(title="backbone", loc="best")
+    fig.suptitle("Error bars: std over seeds", fontsize=8, y=0.01, va="bottom", color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- E1-E5 bars
+def evaluation_bars(res: Results, path: Path) -> Optional[Path]:
+    groups = segment_groups(res)
+    if not groups:
+        return None
+    evals = sorted({g.evaluation for g in groups}, key=_eval_order)
+    labels = sorted({f"{g.variant} · {g.head}/{g.fusion}" for g in groups})
+    colors = dict(zip(labels, _colors(len(labels))))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key in zip(axes, ("mIoU", "aAcc")):
+        for xi, ev in enumerate(evals):
+            gs = [g for g in groups if g.evaluation == ev]
+            width = 0.8 / len(gs)
+            for j, g in enumerate(gs):
+                s = g.stat(key)
+                if s.mean is None:
+                    continue
+                lab = f"{g.variant} · {g.head}/{g.fusion}"
+                x = xi - 0.4 + width * (j + 0.5)
+                ax.bar(x, s.mean, width * 0.9, yerr=s.std or 0, capsize=3, color=colors[lab], edgecolor="0.2",
+                       linewidth=0.5, label=lab)
+                ax.annotate(f"{s.mean:.1f}", (x, s.mean + (s.std or 0)), ha="center", va="bottom", fontsize=7,
+                            xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(range(len(evals)))
+        ax.set_xticklabels(evals)
+        ax.set_xlabel("evaluation")
+        ax.set_ylabel(f"{key} (%)")
+        ax.set_title(f"Segmentation {key} per evaluation (mean ± std over seeds)")
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1) * 1.08)
+        ax.grid(axis="x", visible=False)
+    handles, labs = axes[0].get_legend_handles_labels()
+    uniq = dict(zip(labs, handles))
+    fig.tight_layout()
+    fig.legend(list(uniq.values()), list(uniq.keys()), loc="upper center", ncol=min(2, len(uniq)),
+               title="pretraining · head/fusion", bbox_to_anchor=(0.5, 0.0), frameon=False)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- training curves
+def _plot_curves(panels: list[tuple[str, str, list]], title: str, path: Path) -> Optional[Path]:
+    """panels: (title, ylabel, [(x, y, xlabel, color, linestyle, label)])"""
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
+    n = len(panels)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    handles: dict = {}
+    for ax, (ptitle, ylabel, curves) in zip(axes.flat, panels):
+        xl = set()
+        for x, y, xlabel, color, ls, label in curves:
+            (h,) = ax.plot(x, y, color=color, linestyle=ls, marker="." if len(x) < 30 else None, label=label)
+            handles.setdefault(label, h)
+            xl.add(xlabel)
+        ax.set_title(ptitle)
+        ax.set_xlabel(" / ".join(sorted(xl)))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        if "loss" in ptitle.lower():
+            ys = np.concatenate([c[1] for c in curves])
+            if ys.size and np.nanmin(ys) > 0 and np.nanmax(ys) / max(np.nanmin(ys), 1e-12) > 50:
+                ax.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(3, len(handles)), frameon=False, title="variant (line style = seed)")
+    return _save(fig, path)
+
+
+def pretrain_curves(res: Results, path: Path) -> Optional[Path]:
+    trials = [t for t in res.trials if t.stage == "pretrain" and t.history_path]
+    if not trials:
+        return None
+    variants = sorted({variant_label(pretrain_variant(t)) for t in trials})
+    colors = dict(zip(variants, _colors(len(variants))))
+    seeds = sorted({t.get("seed") for t in trials}, key=str)
+    methods = sorted({str(t.get("method")) for t in trials})
+    panels: dict[str, tuple[str, str, list]] = {}
+    order = [f"loss:{m}" for m in methods] + ["knn", "cc_diag", "cc_off"]
+    for k in order:
+        if k.startswith("loss:"):
+            m = k.split(":", 1)[1]
+            panels[k] = (f"Training loss ({METHOD_SHORT.get(m, m)})", "loss", [])
+    panels["knn"] = ("k-NN accuracy", "k-NN accuracy", [])
+    panels["cc_diag"] = ("Cross-correlation: mean diagonal", "mean C_ii (→ 1)", [])
+    panels["cc_off"] = ("Cross-correlation: off-diagonal RMS", "RMS C_ij, i≠j (→ 0)", [])
+    for t in trials:
+        df = read_history(t)
+        if df is None:
+            continue
+        lab = variant_label(pretrain_variant(t))
+        style = (colors[lab], _seed_style(t, seeds), lab)
+        cols = {f"loss:{t.get('method')}": loss_column(df), "knn": knn_column(df),
+                "cc_diag": find_column(df, ["diag"], exclude=["off"]),
+                "cc_off": find_column(df, ["off"], prefer=["rms", "diag"])}
+        for k, col in cols.items():
+            if col is not None and k in panels:
+                x, y, xl = series(df, col)
+                if len(x):
+                    panels[k][2].append((x, y, xl, *style))
+    return _plot_curves([panels[k] for k in order], "Pretraining curves (from each trial's history.csv)", path)
+
+
+def segment_curves(res: Results, path: Path) -> Optional[Path]:
+    pre = {t.id: t for t in res.trials if t.stage == "pretrain"}
+    trials = [t for t in res.trials if t.stage == "segment" and t.history_path]
+    if not trials:
+        return None
+    from analysis.results import segment_variant
+
+    def lab(t: Trial) -> str:
+        return f"{t.get('evaluation') or 'custom'}: {segment_variant(t, pre)}"
+
+    labels = sorted({lab(t) for t in trials}, key=lambda s: (_eval_order(s.split(":")[0]), s))
+    colors = dict(zip(labels, _colors(len(labels))))
+    seeds = sorted({t.get("seed") for t in trials}, key=str)
+    panels = {"miou": ("Validation mIoU", "mIoU (%)", []), "loss": ("Training loss", "loss", []),
+              "vloss": ("Validation loss", "loss", [])}
+    for t in trials:
+        df = read_history(t)
+        if df is None:
+            continue
+        style = (colors[lab(t)], _seed_style(t, seeds), lab(t))
+        cols = {"miou": miou_column(df), "loss": loss_column(df), "vloss": find_column(df, ["val", "loss"])}
+        for k, col in cols.items():
+            if col is not None:
+                x, y, xl = series(df, col)
+                if len(x):
+                    panels[k][2].append((x, y, xl, *style))
+    return _plot_curves(list(panels.values()), "Segmentation curves (from each trial's history.csv)", path)
+
+
+# ----------------------------------------------------------------------------- contact sheets
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:  # DejaVu ships with matplotlib and has λ, ±, ...
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except Exception:
+        pass
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: bitmap font, fixed size
+        return ImageFont.load_default()
+
+
+def contact_sheet(items: Sequence[tuple[Path, str]], title: str, path: Path, ncols: int = 4,
+                  max_items: int = 24, tile: int = 256) -> Optional[Path]:
+    """Tile PNGs (path, caption) into one PNG (Pillow; unreadable images are skipped)."""
+    from PIL import Image, ImageDraw
+
+    imgs = []
+    for p, cap in items[:max_items]:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = min(tile / w, tile / h)
+                size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+                imgs.append((im.resize(size, resample), cap))
+        except Exception:
+            continue
+    if not imgs:
+        return None
+    ncols = min(ncols, len(imgs))
+    nrows = math.ceil(len(imgs) / ncols)
+    pad, cap_h, title_h = 12, 50, 40
+    W = ncols * (tile + pad) + pad
+    H = title_h + nrows * (tile + cap_h + pad) + pad
+    sheet = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(sheet)
+    extra = f" (first {max_items} of {len(items)})" if len(items) > max_items else ""
+    draw.text((W // 2, title_h // 2), title + extra, fill="black", font=_font(18), anchor="mm")
+    small = _font(11)
+    for k, (im, cap) in enumerate(imgs):
+        r, c = divmod(k, ncols)
+        x0 = pad + c * (tile + pad)
+        y0 = title_h + r * (tile + cap_h + pad)
+        lines = cap.split("\n")[:3]
+        for j, line in enumerate(lines):
+            while len(line) > 8 and draw.textlength(line, font=small) > tile:
+                line = line[:-4] + "…"
+            draw.text((x0 + tile // 2, y0 + 2 + j * 15), line, fill="black", font=small, anchor="ma")
+        sheet.paste(im, (x0 + (tile - im.size[0]) // 2, y0 + cap_h + (tile - im.size[1]) // 2))
+    return atomic.write_file(path, lambda tmp: sheet.save(tmp, format="PNG", optimize=False), ".png")

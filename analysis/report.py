@@ -1,0 +1,248 @@
+"""Turn a grid results folder into `report.md`, `tables/` (CSV, markdown, LaTeX) and `figures/` (PNG).
+
+    python analysis/report.py RESULTS_DIR [--out DIR]
+
+or, from Python, `analysis.report.build_report(results_dir, out_dir=None) -> Path` (to report.md).
+
+Reads only RESULTS_DIR (`summary.json`, `trials/*/{metrics.json,config.json,history.csv,figures/*.png}`;
+a missing summary.json is tolerated by scanning trials/). Works on partial results: failed, skipped,
+pending or unfinished trials are listed as missing, never a crash. Every file is written atomically
+(temporary file + os.replace), report.md last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+from urllib.parse import quote
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.cli import guard  # noqa: E402
+from core.errors import TwinsegError  # noqa: E402
+
+from analysis import atomic  # noqa: E402
+from analysis.results import Results, Trial, load_results, pretrain_variant, variant_label  # noqa: E402
+
+# pandas / matplotlib are imported only once the folder is known to be a results folder, so a bad
+# RESULTS_DIR fails in a fraction of a second: analysis.tables (T) and analysis.figures (F).
+T = F = None  # type: ignore[assignment]
+
+
+def _heavy_imports() -> None:
+    global T, F
+    if T is None or F is None:
+        from analysis import figures as _F
+        from analysis import tables as _T
+
+        T, F = _T, _F
+
+GALLERIES = (  # (figure prefix in trials/*/figures, title, output name, stages)
+    ("crosscorr_", "Cross-correlation matrices (last snapshot of each pretraining trial)", "gallery_crosscorr.png", ("pretrain",)),
+    ("attention_", "Attention maps (last snapshot of each trial)", "gallery_attention.png", ("pretrain", "segment")),
+    ("erf_", "Effective receptive fields", "gallery_erf.png", ("pretrain", "segment")),
+    ("predictions_", "Prediction overlays (image | truth | prediction)", "gallery_predictions.png", ("segment",)),
+)
+
+
+def _link(target: Path, base: Path) -> str:
+    rel = os.path.relpath(Path(target).resolve(), Path(base).resolve()).replace(os.sep, "/")
+    return quote(rel, safe="/=,+-_.~@:")
+
+
+def _trial_caption(t: Trial) -> str:
+    if t.stage == "pretrain":
+        return f"{t.id}\n{variant_label(pretrain_variant(t))} s{t.get('seed', '?')}"
+    return f"{t.id}\n{t.get('evaluation') or ''} {t.get('backbone', '')} {t.get('head', '')}"
+
+
+def _missing_line(t: Trial) -> str:
+    reason = f": {t.reason}" if t.reason else ""
+    return f"{t.id} ({t.status}{reason})"
+
+
+def status_section(res: Results) -> list[str]:
+    n = len(res.trials)
+    missing = [t for t in res.trials if not t.ok]
+    lines = ["## Status", ""]
+    by_stage = {}
+    for t in res.trials:
+        by_stage.setdefault(t.stage, {}).setdefault(t.status, 0)
+        by_stage[t.stage][t.status] += 1
+    if n == 0:
+        lines.append("The results folder lists no trial yet (the grid has not started any).")
+    else:
+        lines.append(f"{n - len(missing)} of {n} trials finished"
+                     + (" (all results present)." if not missing else "."))
+    lines.append("")
+    for stage, counts in sorted(by_stage.items()):
+        lines.append(f"- {stage}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    lines.append("")
+    if missing:
+        lines.append(f"**{len(missing)} of {n} trials missing:** " + "; ".join(_missing_line(t) for t in missing) + ".")
+        lines.append("")
+        lines.append("Tables and figures below are computed from the finished trials only; "
+                     "a mean over fewer seeds than planned shows its seed count.")
+        lines.append("")
+    for note in res.notes:
+        lines.append(f"- note: {note}")
+    if res.notes:
+        lines.append("")
+    return lines
+
+
+def _table_block(t, out: Path, tables_dir: Path) -> list[str]:
+    if not t:
+        return []
+    links = " · ".join(f"[{ext.upper()}]({_link(tables_dir / f'{t.name}.{ext}', out)})" for ext in ("csv", "md", "tex"))
+    lines = [f"**{t.title}** ({links})", "", t.to_markdown(), ""]
+    if t.note:
+        lines += [f"_{t.note}_", ""]
+    return lines
+
+
+def _figure_block(path: Optional[Path], alt: str, out: Path, caption: str = "") -> list[str]:
+    if path is None:
+        return [f"_{alt}: nothing to plot yet._", ""]
+    lines = [f"![{alt}]({_link(path, out)})", ""]
+    if caption:
+        lines += [f"_{caption}_", ""]
+    return lines
+
+
+def _write_figure(fn, res: Results, path: Path) -> Optional[Path]:
+    got = fn(res, path)
+    if got is None and path.exists():  # stale figure from an earlier report
+        path.unlink()
+    return got
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write report.md, tables/ and figures/ for a results folder; return the path of report.md."""
+    res = load_results(results_dir)
+    _heavy_imports()
+    out = Path(out_dir) if out_dir is not None else res.root
+    try:
+        return _build(res, out)
+    except PermissionError as e:
+        raise TwinsegError(f"cannot write the report under {out} ({e.strerror}); pass --out DIR to a writable folder") from None
+
+
+def _build(res: Results, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    tables_dir, figs_dir = out / "tables", out / "figures"
+
+    # ---------------------------------------------------------------- tables
+    seg_tables = T.segmentation_tables(res)
+    seg = {t.name: t for t in seg_tables}
+    per_class = T.per_class_table(res)
+    pre_table = T.pretraining_table(res)
+    bvd = T.bt_vs_dino_table(res)
+    trials_table = T.trials_table(res)
+    all_tables = [t for t in [*seg_tables, per_class, pre_table, bvd, trials_table] if t]
+    for t in all_tables:
+        t.write(tables_dir)
+
+    # ---------------------------------------------------------------- figures
+    fig_bars = _write_figure(F.evaluation_bars, res, figs_dir / "evaluations_bar.png")
+    fig_sweep = _write_figure(F.lambda_sweep, res, figs_dir / "lambda_sweep.png")
+    fig_pc = _write_figure(F.pretrain_curves, res, figs_dir / "curves_pretrain.png")
+    fig_sc = _write_figure(F.segment_curves, res, figs_dir / "curves_segment.png")
+    galleries = []
+    for prefix, title, name, stages in GALLERIES:
+        items = []  # (trial, last png, all pngs)
+        for t in res.trials:
+            if t.stage in stages or t.stage == "unknown":
+                pngs = t.figures(prefix)
+                if pngs:
+                    items.append((t, pngs[-1], pngs))
+        sheet = None
+        if items:
+            sheet = F.contact_sheet([(p, f"{_trial_caption(t)}\n{p.stem}") for t, p, _ in items], title,
+                                    figs_dir / name)
+        elif (figs_dir / name).exists():
+            (figs_dir / name).unlink()
+        galleries.append((title, sheet, items))
+
+    # ---------------------------------------------------------------- report.md
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    L = [f"# twinseg report: {res.grid}", ""]
+    L.append(f"Results folder: `{res.root}`" + (f" · grid created {res.created}" if res.created else "")
+             + f" · report generated {now}.")
+    L.append("")
+    L += status_section(res)
+
+    L += ["## Segmentation (stage 2)", ""]
+    if seg_tables:
+        L.append("E1-E5 are the study's evaluations: " + "; ".join(f"{k} = {v}" for k, v in T.EVAL_DESC.items())
+                 + ". Values are percent, mean ± std over seeds (std blank for one seed); the pretraining variant is "
+                   "the stage-1 run whose checkpoint the trial used.")
+        L.append("")
+        L += _table_block(seg.get("segmentation_miou"), out, tables_dir)
+        L += _table_block(seg.get("segmentation_aacc"), out, tables_dir)
+        L += _table_block(seg.get("segmentation_runs"), out, tables_dir)
+        L += _table_block(per_class, out, tables_dir)
+        present = {g.evaluation for g in T.segment_groups(res)}
+        absent = [e for e in T.EVALUATIONS if e not in present]
+        if absent:
+            L += [f"_No finished trial for: {', '.join(absent)}._", ""]
+    else:
+        L += ["_No finished segmentation trial yet._", ""]
+    L += _figure_block(fig_bars, "E1-E5 mIoU and aAcc", out, "Bars: mean over seeds; error bars: std over seeds.")
+    L += _figure_block(fig_sc, "Segmentation training curves", out)
+
+    L += ["## Pretraining (stage 1)", ""]
+    if pre_table:
+        L.append("k-NN: weighted cosine k-NN on frozen pooled features (labels from the masks), after training "
+                 "and at initialisation; C: Barlow Twins cross-correlation matrix; device-hours = device_seconds / 3600.")
+        L.append("")
+        L += _table_block(pre_table, out, tables_dir)
+        if bvd:
+            L += ["### Barlow Twins vs DINO", ""]
+            L += _table_block(bvd, out, tables_dir)
+        else:
+            L += ["_No backbone has both a Barlow Twins and a DINO run finished: no BT vs DINO comparison._", ""]
+    else:
+        L += ["_No finished pretraining trial yet._", ""]
+    L += _figure_block(fig_sweep, "Lambda sweep", out, "k-NN accuracy (and E2 mIoU when present) against the "
+                       "Barlow Twins λ, one line per backbone; error bars: std over seeds.")
+    L += _figure_block(fig_pc, "Pretraining training curves", out)
+
+    L += ["## Diagnostics", ""]
+    for title, sheet, items in galleries:
+        L += [f"### {title}", ""]
+        if not items:
+            L += ["_None found in the trials' figures/ folders._", ""]
+            continue
+        if sheet is not None:
+            L += [f"![{title}]({_link(sheet, out)})", ""]
+        for t, last, pngs in items:
+            more = f" ({len(pngs)} snapshots: " + ", ".join(f"[{p.stem}]({_link(p, out)})" for p in pngs[:-1]) + ")" if len(pngs) > 1 else ""
+            L.append(f"- `{t.id}`: [{last.name}]({_link(last, out)}){more}")
+        L.append("")
+
+    L += ["## Files", ""]
+    for t in all_tables:
+        L.append(f"- {t.title}: " + ", ".join(f"[{t.name}.{e}]({_link(tables_dir / f'{t.name}.{e}', out)})"
+                                             for e in ("csv", "md", "tex")))
+    L.append("")
+    return atomic.write_text(out / "report.md", "\n".join(L))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="analysis/report.py", description=__doc__.splitlines()[0])
+    ap.add_argument("results_dir", metavar="RESULTS_DIR", help="a grid results folder (results/<grid>-<timestamp>/)")
+    ap.add_argument("--out", metavar="DIR", default=None, help="write report.md, tables/, figures/ here (default: RESULTS_DIR)")
+    args = ap.parse_args(argv)
+    path = build_report(args.results_dir, args.out)
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(guard(main)())
