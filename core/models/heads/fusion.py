@@ -1,0 +1,188 @@
+"""Attention fusion: the study's own ways of feeding a ViT's self-attention to a segmentation head.
+
+Seed: Apavou & Zucker, "Barlow Twins with Vision Transformers for semantic segmentation" (README in
+shared/seeds). CLS-attention maps follow DINO's visualisation (Caron et al., arXiv:2104.14294);
+propagating predictions along an attention affinity follows the random-walk refinement of
+affinity-based segmentation (Ahn & Kwak, "Learning Pixel-level Semantic Affinity with Image-level
+Supervision", CVPR 2018, arXiv:1803.10464) with the transformer's own attention as the transition
+matrix.
+
+Fusion 1, `AttentionFeatureFusion` ("attention as features")
+    From the last K blocks' attentions (B, heads, T, T) take the CLS-to-patch rows
+    attn[:, :, 0, prefix:] -> (B, heads, gh, gw) (prefix = T - gh*gw: CLS + register/dist tokens).
+    Each map is normalised by its maximum over the grid (attention is >= 0, so maps lie in [0, 1]
+    with max exactly 1; chosen over min-max because min-max turns an almost uniform map into
+    amplified noise). The heads*K maps are concatenated to the dense features as extra channels at
+    the base head's input (`SegHead.inject`).
+
+Fusion 2, `AttentionAffinityFusion` ("attention as affinity")
+    A = last block's attention averaged over heads, patch-to-patch part (prefix rows/columns dropped)
+    and renormalised so each row sums to 1 (row-stochastic). Coarse logits L (B, K, gh, gw) on the
+    patch grid, flattened to (B, N, K), are propagated t steps:  L <- (1 - a) L + a A L,  then
+    bilinearly upsampled to the input size. a = sigmoid(alpha_logit) is learnable, initialised
+    from `fusion_alpha`; an initial value of exactly 0 or 1 (or learnable=False) keeps a fixed
+    (a = 0 gives exactly the plain head). If the base head's native output is finer than the patch
+    grid (SETR-PUP upsamples inside the head), L is its average-pool to the grid and the
+    propagation is added as a residual: out = head_out + up(L_t - L), so fine detail is kept and
+    a = 0 still gives exactly the plain head.
+
+Which backbones: a ViT with a CLS token and global attention. A CNN has no attention: ConfigError.
+Swin is refused too (documented choice): its attention is local to shifted 7x7 windows, so there is
+no CLS-to-patch map (fusion 1) and no image-wide patch-to-patch matrix (fusion 2); reassembling
+windows would give a block-diagonal affinity that cannot propagate beyond a window per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import ConfigError
+from core.models.heads.base import resize
+
+FUSION_NAMES = ("none", "features", "affinity")
+
+
+def _is_windowed(backbone) -> bool:
+    return bool(getattr(backbone, "window_size", None)) or "swin" in str(getattr(backbone, "name", "")).lower()
+
+
+def fusion_refusal(fusion: str, backbone, blocks: int = 1) -> Optional[ConfigError]:
+    """Why `fusion` cannot run on `backbone` (None if it can)."""
+    name = getattr(backbone, "name", type(backbone).__name__)
+    if fusion in (None, "none"):
+        return None
+    if fusion not in FUSION_NAMES:
+        return ConfigError(f"fusion={fusion!r} is not known; choose one of: {', '.join(FUSION_NAMES)}")
+    if not getattr(backbone, "is_transformer", False):
+        return ConfigError(
+            f"fusion='{fusion}' needs a transformer backbone with self-attention; {name} is a CNN "
+            f"— use fusion=none or a vit_* backbone"
+        )
+    if _is_windowed(backbone) or not getattr(backbone, "has_cls_token", False):
+        return ConfigError(
+            f"fusion='{fusion}' needs global self-attention with a CLS token; {name} uses windowed attention "
+            f"without a CLS token (no CLS-to-patch map, no image-wide patch affinity) — use fusion=none or a vit_* backbone"
+        )
+    nb = int(getattr(backbone, "num_blocks", 0) or 0)
+    if fusion == "features" and not (1 <= blocks <= nb):
+        return ConfigError(f"fusion_blocks={blocks} must be between 1 and the {nb} blocks of {name}")
+    return None
+
+
+def check_fusion(fusion: str, backbone, blocks: int = 1) -> None:
+    err = fusion_refusal(fusion, backbone, blocks)
+    if err is not None:
+        raise err
+
+
+def _prefix(attn: torch.Tensor, grid: Sequence[int]) -> int:
+    gh, gw = int(grid[0]), int(grid[1])
+    prefix = attn.shape[-1] - gh * gw
+    if prefix < 0:
+        raise ValueError(f"attention has {attn.shape[-1]} tokens, fewer than the {gh}x{gw} patch grid")
+    return prefix
+
+
+def cls_attention_maps(attn: torch.Tensor, grid: Sequence[int], eps: float = 1e-12) -> torch.Tensor:
+    """(B, heads, T, T) -> max-normalised CLS-to-patch maps (B, heads, gh, gw)."""
+    gh, gw = int(grid[0]), int(grid[1])
+    p = _prefix(attn, grid)
+    if p < 1:
+        raise ValueError("CLS-to-patch attention needs a CLS token (prefix of at least 1 token)")
+    maps = attn[:, :, 0, p:].reshape(attn.shape[0], attn.shape[1], gh, gw)
+    return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+
+
+def patch_affinity(attn: torch.Tensor, grid: Sequence[int], eps: float = 1e-12) -> torch.Tensor:
+    """(B, heads, T, T) -> head-averaged, row-stochastic patch-to-patch matrix (B, N, N)."""
+    p = _prefix(attn, grid)
+    a = attn.mean(dim=1)[:, p:, p:]
+    return a / a.sum(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def propagate(logits: torch.Tensor, affinity: torch.Tensor, alpha, steps: int) -> torch.Tensor:
+    """t steps of L <- (1 - a) L + a A L on the flattened grid. logits (B,K,gh,gw), affinity (B,N,N)."""
+    b, k, gh, gw = logits.shape
+    lf = logits.flatten(2).transpose(1, 2)  # (B, N, K)
+    a = alpha.to(lf.dtype) if torch.is_tensor(alpha) else torch.tensor(float(alpha), dtype=lf.dtype, device=lf.device)
+    aff = affinity.to(lf.dtype)
+    for _ in range(int(steps)):
+        lf = (1 - a) * lf + a * torch.bmm(aff, lf)
+    return lf.transpose(1, 2).reshape(b, k, gh, gw)
+
+
+class AttentionFeatureFusion(nn.Module):
+    """Fusion 1: CLS-to-patch attention of the last K blocks as heads*K extra head-input channels."""
+
+    kind = "features"
+
+    def __init__(self, num_heads: int, attention_blocks: Sequence[int]):
+        super().__init__()
+        self.num_heads = int(num_heads)
+        self.attention_blocks = tuple(int(b) for b in attention_blocks)
+        self.out_channels = self.num_heads * len(self.attention_blocks)
+
+    @classmethod
+    def from_backbone(cls, backbone, blocks: int = 1) -> "AttentionFeatureFusion":
+        check_fusion("features", backbone, blocks)
+        nb = int(backbone.num_blocks)
+        return cls(backbone.num_heads, tuple(range(nb - blocks, nb)))
+
+    def forward(self, attentions: Mapping[int, torch.Tensor], grid: Sequence[int]) -> torch.Tensor:
+        maps = [cls_attention_maps(attentions[b], grid) for b in self.attention_blocks]
+        return torch.cat(maps, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.attention_blocks}, out_channels={self.out_channels}, norm=max"
+
+
+class AttentionAffinityFusion(nn.Module):
+    """Fusion 2: propagate coarse logits along the last block's row-stochastic patch attention."""
+
+    kind = "affinity"
+
+    def __init__(self, attention_block: int, steps: int = 2, alpha: float = 0.5, learnable: bool = True):
+        super().__init__()
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"fusion_alpha={alpha} must be between 0 and 1")
+        if int(steps) < 0:
+            raise ConfigError(f"fusion_steps={steps} must be >= 0")
+        self.attention_blocks = (int(attention_block),)
+        self.steps = int(steps)
+        alpha = float(alpha)
+        if learnable and 0.0 < alpha < 1.0:
+            self.alpha_logit = nn.Parameter(torch.tensor(math.log(alpha / (1.0 - alpha))))
+            self.register_buffer("alpha_fixed", None)
+        else:  # boundary values (0 = plain head, 1 = pure propagation) are kept exactly
+            self.alpha_logit = None
+            self.register_buffer("alpha_fixed", torch.tensor(alpha))
+
+    @classmethod
+    def from_backbone(cls, backbone, steps: int = 2, alpha: float = 0.5, learnable: bool = True):
+        check_fusion("affinity", backbone)
+        return cls(int(backbone.num_blocks) - 1, steps, alpha, learnable)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        if self.alpha_logit is not None:
+            return torch.sigmoid(self.alpha_logit)
+        return self.alpha_fixed
+
+    def forward(self, logits: torch.Tensor, attentions: Mapping[int, torch.Tensor], grid: Sequence[int],
+                out_size: Sequence[int], alpha=None) -> torch.Tensor:
+        grid = (int(grid[0]), int(grid[1]))
+        a = self.alpha if alpha is None else alpha
+        aff = patch_affinity(attentions[self.attention_blocks[0]], grid)
+        if tuple(logits.shape[-2:]) == grid:
+            return resize(propagate(logits, aff, a, self.steps), out_size)
+        coarse = F.adaptive_avg_pool2d(logits, grid)
+        delta = propagate(coarse, aff, a, self.steps) - coarse
+        return resize(logits, out_size) + resize(delta, out_size)
+
+    def extra_repr(self) -> str:
+        return f"block={self.attention_blocks[0]}, steps={self.steps}, learnable={self.alpha_logit is not None}"

@@ -1,0 +1,200 @@
+"""Segmenter: backbone + segmentation head (+ optional attention fusion) -> logits at input size.
+
+`Segmenter(backbone, head, fusion=None, num_classes=None, frozen=False)`:
+    forward(x) -> (B, num_classes, H, W). It asks `backbone.forward_all` for the intermediate blocks
+    the head declares (`head.needs_intermediates`) and for attention weights only when a fusion
+    module needs them (`fusion.attention_blocks`), so plain runs keep fused attention.
+    - fusion 1 (`AttentionFeatureFusion`): CLS maps appended to the head input (`head.inject`);
+    - fusion 2 (`AttentionAffinityFusion`): the head's native logits are propagated on the patch
+      grid, then upsampled;
+    - none: the head's logits bilinearly upsampled to the input size.
+Frozen mode: backbone parameters have requires_grad=False, the backbone stays in eval mode
+(BatchNorm statistics / dropout untouched) whatever `.train()` says, and it runs under no_grad.
+
+`build_segmenter(cfg, num_classes, backbone=None)` builds all three from a `SegmentConfig`
+(weights are loaded by the caller, e.g. `core.weights.load_source`, before or after building).
+`param_groups(lr, backbone_lr_scale, weight_decay)` gives optimizer groups (no weight decay on
+biases, norm parameters and scalars such as the fusion alpha).
+`whole_inference` / `slide_inference`: evaluation-time prediction over a whole image or with
+overlapping sliding windows (mmsegmentation's slide mode: windows averaged, images smaller than the
+crop padded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import ConfigError
+from core.models.heads import create_head
+from core.models.heads.base import SegHead, resize
+from core.models.heads.fusion import AttentionAffinityFusion, AttentionFeatureFusion, check_fusion
+
+
+class Segmenter(nn.Module):
+    def __init__(self, backbone: nn.Module, head: SegHead, fusion: Optional[nn.Module] = None,
+                 num_classes: Optional[int] = None, frozen: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.fusion = fusion
+        self.num_classes = int(num_classes if num_classes is not None else head.num_classes)
+        if head.num_classes and head.num_classes != self.num_classes:
+            raise ConfigError(f"num_classes={self.num_classes} does not match the head's {head.num_classes} classes")
+        if isinstance(fusion, AttentionFeatureFusion) and head.extra_in_channels != fusion.out_channels:
+            raise ConfigError(
+                f"fusion='features' adds {fusion.out_channels} channels but the head was built with "
+                f"extra_in_channels={head.extra_in_channels}; build the head with extra_in_channels={fusion.out_channels}"
+            )
+        self.frozen = False
+        if frozen:
+            self.freeze_backbone()
+
+    # ------------------------------------------------------------------ modes
+    def freeze_backbone(self) -> None:
+        self.frozen = True
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    @property
+    def attention_blocks(self) -> tuple[int, ...]:
+        return tuple(getattr(self.fusion, "attention_blocks", ())) if self.fusion is not None else ()
+
+    # ------------------------------------------------------------------ forward
+    def _features(self, x: torch.Tensor):
+        ctx = torch.no_grad() if (self.frozen and not x.requires_grad) else contextlib.nullcontext()
+        with ctx:
+            return self.backbone.forward_all(
+                x, intermediates=tuple(self.head.needs_intermediates), attention_blocks=self.attention_blocks
+            )
+
+    def forward(self, x: torch.Tensor, alpha=None) -> torch.Tensor:
+        """x (B, 3, H, W) -> logits (B, num_classes, H, W). `alpha` overrides fusion 2's a."""
+        out_size = tuple(x.shape[-2:])
+        check = getattr(self.backbone, "check_input_size", None)
+        if check is not None:
+            check(*out_size)
+        feats = self._features(x)
+        dense, inters = feats.dense, list(feats.intermediates)
+        grid = tuple(dense.shape[-2:])
+        if isinstance(self.fusion, AttentionFeatureFusion):
+            extra = self.fusion(feats.attentions, grid)
+            dense, inters = self.head.inject(dense, inters, extra)
+            return self.head(dense, inters, out_size=out_size)
+        if isinstance(self.fusion, AttentionAffinityFusion):
+            logits = self.head(dense, inters, out_size=None)
+            return self.fusion(logits, feats.attentions, grid, out_size, alpha=alpha)
+        return self.head(dense, inters, out_size=out_size)
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self, lr: float, backbone_lr_scale: float = 0.1, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: head+fusion at `lr`, backbone at lr*scale (skipped when frozen or scale 0);
+        biases, norm weights and 0/1-D parameters get no weight decay."""
+
+        def split(module: nn.Module, prefix: str):
+            decay, no_decay = [], []
+            for n, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
+            return decay, no_decay
+
+        groups: list[dict] = []
+
+        def add(name, params, g_lr, wd):
+            if params:
+                groups.append({"name": name, "params": params, "lr": g_lr, "weight_decay": wd})
+
+        hd, hn = split(self.head, "head")
+        if self.fusion is not None:
+            fd, fn = split(self.fusion, "fusion")
+            hd, hn = hd + fd, hn + fn
+        add("head", hd, lr, weight_decay)
+        add("head_no_decay", hn, lr, 0.0)
+        if not self.frozen and backbone_lr_scale > 0:
+            bd, bn = split(self.backbone, "backbone")
+            add("backbone", bd, lr * backbone_lr_scale, weight_decay)
+            add("backbone_no_decay", bn, lr * backbone_lr_scale, 0.0)
+        return groups
+
+
+def build_segmenter(cfg, num_classes: int, backbone: Optional[nn.Module] = None, **head_kw) -> Segmenter:
+    """Segmenter from a `core.config.SegmentConfig` (fusion / head refusals raise ConfigError early)."""
+    if backbone is None:
+        from core.models.registry import create_backbone
+
+        backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size)
+    fusion: Optional[nn.Module] = None
+    extra = 0
+    if cfg.fusion == "features":
+        fusion = AttentionFeatureFusion.from_backbone(backbone, blocks=cfg.fusion_blocks)
+        extra = fusion.out_channels
+    elif cfg.fusion == "affinity":
+        fusion = AttentionAffinityFusion.from_backbone(backbone, steps=cfg.fusion_steps, alpha=cfg.fusion_alpha)
+    else:
+        check_fusion(cfg.fusion, backbone)
+    head = create_head(cfg.head, backbone, num_classes, extra_in_channels=extra, **head_kw)
+    return Segmenter(backbone, head, fusion, num_classes=num_classes, frozen=(cfg.mode == "frozen"))
+
+
+# ---------------------------------------------------------------------- inference
+def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    return int(v[0]), int(v[1])
+
+
+@torch.no_grad()
+def whole_inference(model: nn.Module, image: torch.Tensor, size_divisor: Optional[int] = None) -> torch.Tensor:
+    """Logits (B, K, H, W) for the whole image; pads bottom/right to a multiple of `size_divisor`
+    (e.g. the patch size) when given, then crops back."""
+    h, w = image.shape[-2:]
+    x = image
+    if size_divisor:
+        ph, pw = (-h) % size_divisor, (-w) % size_divisor
+        if ph or pw:
+            x = F.pad(image, (0, pw, 0, ph))
+    out = model(x)
+    out = resize(out, x.shape[-2:])
+    return out[..., :h, :w]
+
+
+@torch.no_grad()
+def slide_inference(model: nn.Module, image: torch.Tensor, crop: Union[int, Sequence[int]],
+                    stride: Union[int, Sequence[int]], num_classes: int) -> torch.Tensor:
+    """Sliding-window logits (B, num_classes, H, W): windows of `crop` every `stride` pixels (the last
+    window flush with the border), logits of overlapping windows averaged; an image smaller than
+    the crop is zero-padded bottom/right to the crop and the prediction cropped back."""
+    ch, cw = _pair(crop)
+    sh, sw = _pair(stride)
+    if sh <= 0 or sw <= 0 or ch <= 0 or cw <= 0:
+        raise ConfigError(f"slide inference needs positive crop and stride, got crop={crop} stride={stride}")
+    b, _, h, w = image.shape
+    ph, pw = max(ch - h, 0), max(cw - w, 0)
+    x = F.pad(image, (0, pw, 0, ph)) if (ph or pw) else image
+    H, W = x.shape[-2:]
+    preds = x.new_zeros((b, num_classes, H, W))
+    count = x.new_zeros((1, 1, H, W))
+    ny = max(H - ch + sh - 1, 0) // sh + 1
+    nx = max(W - cw + sw - 1, 0) // sw + 1
+    for iy in range(ny):
+        for ix in range(nx):
+            y2, x2 = min(iy * sh + ch, H), min(ix * sw + cw, W)
+            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+            out = model(x[:, :, y1:y2, x1:x2])
+            out = resize(out, (y2 - y1, x2 - x1))
+            preds[:, :, y1:y2, x1:x2] += out.to(preds.dtype)
+            count[:, :, y1:y2, x1:x2] += 1
+    preds = preds / count
+    return preds[:, :, :h, :w]

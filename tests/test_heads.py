@@ -1,0 +1,381 @@
+"""Segmentation heads and attention fusion: shapes, gradients, refusals, fusion maths.
+
+Every head is run on small fake backbones (defined here, following the `Backbone` contract) and on
+the real tiny backbones of `core.models.registry` (resnet_tiny, vit_nano_patch8, swin_nano).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+from core.errors import ConfigError
+from core.models.heads import HEADS, check_head_name, create_head, head_refusal
+from core.models.heads.fusion import (
+    AttentionAffinityFusion,
+    AttentionFeatureFusion,
+    check_fusion,
+    cls_attention_maps,
+    patch_affinity,
+    propagate,
+)
+from core.models.segmenter import Segmenter
+
+NUM_CLASSES = 5
+SIZE = 64
+
+
+# ---------------------------------------------------------------------------------- fake backbones
+@dataclass
+class FakeOutput:
+    pooled: torch.Tensor
+    dense: torch.Tensor
+    intermediates: list = field(default_factory=list)
+    attentions: dict = field(default_factory=dict)
+
+
+def _norm(indices, n):
+    return [int(i) + n if int(i) < 0 else int(i) for i in indices]
+
+
+class _FakeBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, t):
+        b, n, d = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5).softmax(-1)  # (B, heads, T, T)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, d)
+        return t + self.proj(out), attn
+
+
+class FakeViT(nn.Module):
+    """A 16-dim ViT with a CLS token and one register token (prefix 2), patch 8."""
+
+    is_transformer = True
+    has_cls_token = True
+
+    def __init__(self, num_blocks=4, patch=8, dim=16, heads=2, prefix=2, name="fake_vit"):
+        super().__init__()
+        self.name, self.num_blocks, self.patch_size, self.stride = name, num_blocks, patch, patch
+        self.embed_dim = self.dense_dim = dim
+        self.num_heads, self.prefix = heads, prefix
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.tokens = nn.Parameter(torch.randn(1, prefix, dim) * 0.1)
+        self.blocks = nn.ModuleList([_FakeBlock(dim, heads) for _ in range(num_blocks)])
+
+    def intermediate_dims(self, indices):
+        return [self.dense_dim] * len(indices)
+
+    def forward_all(self, x, intermediates=(), attention_blocks=()):
+        p = self.patch(x)
+        b, d, gh, gw = p.shape
+        t = torch.cat([self.tokens.expand(b, -1, -1), p.flatten(2).transpose(1, 2)], 1)
+        want, want_attn = _norm(intermediates, self.num_blocks), set(_norm(attention_blocks, self.num_blocks))
+        maps, attns = {}, {}
+        for i, blk in enumerate(self.blocks):
+            t, a = blk(t)
+            maps[i] = t[:, self.prefix:].transpose(1, 2).reshape(b, d, gh, gw)
+            if i in want_attn:
+                attns[i] = a
+        ask = {j: i for i, j in zip(attention_blocks, _norm(attention_blocks, self.num_blocks))}
+        return FakeOutput(t[:, 0], maps[self.num_blocks - 1], [maps[i] for i in want],
+                          {ask[j]: a for j, a in attns.items()})
+
+
+class FakeCNN(nn.Module):
+    """Four stages at strides 4, 8, 16, 32 (like a ResNet)."""
+
+    is_transformer = False
+    has_cls_token = False
+    num_heads = 0
+    patch_size = None
+
+    def __init__(self, dims=(8, 12, 16, 24), name="fake_cnn"):
+        super().__init__()
+        self.name, self.num_blocks, self.stride, self.dims = name, 4, 32, dims
+        self.embed_dim = self.dense_dim = dims[-1]
+        self.stem = nn.Conv2d(3, dims[0], 4, 4)
+        self.stages = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(dims[max(i - 1, 0)], d, 3, 1 if i == 0 else 2, 1), nn.ReLU()) for i, d in enumerate(dims)]
+        )
+
+    def intermediate_dims(self, indices):
+        return [self.dims[i] for i in _norm(indices, 4)]
+
+    def forward_all(self, x, intermediates=(), attention_blocks=()):
+        x = self.stem(x)
+        outs = []
+        for s in self.stages:
+            x = s(x)
+            outs.append(x)
+        return FakeOutput(x.mean((2, 3)), x, [outs[i] for i in _norm(intermediates, 4)], {})
+
+
+class FakeSwin(FakeCNN):
+    """Hierarchical transformer without CLS token (windowed attention): fusion must refuse it."""
+
+    is_transformer = True
+    num_heads = 2
+
+    def __init__(self):
+        super().__init__(name="fake_swin")
+
+
+class FakeStride12(FakeViT):
+    def __init__(self):
+        super().__init__(patch=12, name="fake_vit_patch12")
+
+
+FAKES = {"fake_vit": FakeViT, "fake_cnn": FakeCNN, "fake_swin": FakeSwin}
+REAL = ("resnet_tiny", "vit_nano_patch8", "swin_nano")
+
+
+_REAL_CACHE: dict = {}
+
+
+def real_backbone(name):
+    """Real tiny backbones are built once per session (no test changes their weights) and handed
+    out with gradients cleared and in train mode."""
+    registry = pytest.importorskip("core.models.registry")
+    if name not in _REAL_CACHE:
+        torch.manual_seed(0)
+        _REAL_CACHE[name] = registry.create_backbone(name, image_size=SIZE)
+    bb = _REAL_CACHE[name]
+    bb.zero_grad(set_to_none=True)
+    for p in bb.parameters():
+        p.requires_grad_(True)
+    return bb.train()
+
+
+def make_backbone(name):
+    torch.manual_seed(0)
+    return FAKES[name]() if name in FAKES else real_backbone(name)
+
+
+def small(head_name):
+    """Narrow decoder widths keep the CPU tests fast (defaults are the papers' 256)."""
+    if head_name.startswith("setr"):
+        return {"channels": 32} if head_name != "setr_mla" else {"channels": 32, "mla_channels": 16}
+    return {"embed_dim": 32} if head_name == "segformer" else {}
+
+
+def _finite_grads(params):
+    grads = [p.grad for p in params if p.requires_grad]
+    return grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------- registry
+def test_registry_names():
+    assert set(HEADS) == {"linear", "setr_naive", "setr_pup", "setr_mla", "deeplabv3", "segformer"}
+    check_head_name("head", "linear")
+    with pytest.raises(ConfigError, match=r"head='unet' is not known; choose one of: linear, setr_naive"):
+        check_head_name("head", "unet")
+    with pytest.raises(ConfigError):
+        create_head("unet", FakeViT(), NUM_CLASSES)
+
+
+# ---------------------------------------------------------------------------------- every head x backbone
+@pytest.mark.parametrize("bb_name", list(FAKES) + list(REAL))
+@pytest.mark.parametrize("head_name", list(HEADS))
+def test_head_shapes_and_gradients(bb_name, head_name):
+    bb = make_backbone(bb_name)
+    assert head_refusal(head_name, bb) is None
+    head = create_head(head_name, bb, NUM_CLASSES, **small(head_name))
+    model = Segmenter(bb, head, num_classes=NUM_CLASSES).train()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    out = model(x)
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+    target = torch.randint(0, NUM_CLASSES, (2, SIZE, SIZE))
+    torch.nn.functional.cross_entropy(out, target).backward()
+    assert _finite_grads(head.parameters())
+    assert all(p.grad.abs().sum() > 0 for n, p in head.named_parameters() if n.endswith("weight"))
+    bb_grads = [p.grad for p in bb.parameters() if p.grad is not None]
+    assert bb_grads and all(torch.isfinite(g).all() for g in bb_grads)
+    assert any(g.abs().sum() > 0 for g in bb_grads)
+
+
+def test_frozen_backbone_gets_no_grad_and_stays_eval():
+    bb = make_backbone("fake_cnn")
+    bb.stages.append(nn.BatchNorm2d(24))  # a norm layer whose running stats must not move
+    bb.stages[-1].eval()
+    model = Segmenter(bb, create_head("linear", bb, NUM_CLASSES), frozen=True).train()
+    assert not bb.training and model.head.training
+    before = bb.stages[-1].running_mean.clone()
+    out = model(torch.randn(2, 3, SIZE, SIZE))
+    out.sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in bb.parameters())
+    assert _finite_grads(model.head.parameters())
+
+
+# ---------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("head_name", ["setr_mla", "segformer"])
+def test_multilevel_head_refuses_shallow_backbone(head_name):
+    bb = FakeViT(num_blocks=2)
+    err = head_refusal(head_name, bb)
+    assert isinstance(err, ConfigError) and "needs 4 block outputs" in str(err)
+    with pytest.raises(ConfigError, match="fake_vit has 2 blocks"):
+        create_head(head_name, bb, NUM_CLASSES)
+
+
+def test_pup_refuses_non_power_of_two_stride():
+    with pytest.raises(ConfigError, match="power-of-two stride"):
+        create_head("setr_pup", FakeStride12(), NUM_CLASSES)
+    # the other single-level heads still fit that backbone
+    create_head("setr_naive", FakeStride12(), NUM_CLASSES)
+
+
+@pytest.mark.parametrize("bb_name", ["fake_cnn", "resnet_tiny"])
+@pytest.mark.parametrize("fusion", ["features", "affinity"])
+def test_fusion_refuses_cnn(bb_name, fusion):
+    bb = make_backbone(bb_name)
+    msg = (f"fusion='{fusion}' needs a transformer backbone with self-attention; {bb.name} is a CNN "
+           f"— use fusion=none or a vit_* backbone")
+    with pytest.raises(ConfigError) as e:
+        check_fusion(fusion, bb)
+    assert str(e.value) == msg
+    with pytest.raises(ConfigError):
+        (AttentionFeatureFusion if fusion == "features" else AttentionAffinityFusion).from_backbone(bb)
+
+
+@pytest.mark.parametrize("bb_name", ["fake_swin", "swin_nano"])
+@pytest.mark.parametrize("fusion", ["features", "affinity"])
+def test_fusion_refuses_swin(bb_name, fusion):
+    bb = make_backbone(bb_name)
+    with pytest.raises(ConfigError, match="windowed attention without a CLS token") as e:
+        check_fusion(fusion, bb)
+    assert "fusion=none or a vit_* backbone" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fusion_features_refuses_too_many_blocks():
+    with pytest.raises(ConfigError, match="fusion_blocks=5"):
+        AttentionFeatureFusion.from_backbone(FakeViT(num_blocks=4), blocks=5)
+
+
+# ---------------------------------------------------------------------------------- fusion 1
+@pytest.mark.parametrize("bb_name", ["fake_vit", "vit_nano_patch8"])
+@pytest.mark.parametrize("head_name", list(HEADS))
+def test_fusion_features_channels_and_grads(bb_name, head_name):
+    bb = make_backbone(bb_name)
+    one = AttentionFeatureFusion.from_backbone(bb, blocks=1)
+    assert one.out_channels == bb.num_heads and one.attention_blocks == (bb.num_blocks - 1,)
+    k = 2
+    fusion = AttentionFeatureFusion.from_backbone(bb, blocks=k)
+    assert fusion.out_channels == bb.num_heads * k
+    assert fusion.attention_blocks == tuple(range(bb.num_blocks - k, bb.num_blocks))
+    head = create_head(head_name, bb, NUM_CLASSES, extra_in_channels=fusion.out_channels, **small(head_name))
+    model = Segmenter(bb, head, fusion, num_classes=NUM_CLASSES).train()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    feats = bb.forward_all(x, intermediates=head.needs_intermediates, attention_blocks=fusion.attention_blocks)
+    extra = fusion(feats.attentions, feats.dense.shape[-2:])
+    assert extra.shape == (2, bb.num_heads * k, *feats.dense.shape[-2:])
+    # max-normalised: every map peaks at exactly 1, values in [0, 1]
+    assert torch.allclose(extra.amax(dim=(-2, -1)), torch.ones(2, bb.num_heads * k))
+    assert extra.min() >= 0
+    dense, inters = head.inject(feats.dense, feats.intermediates, extra)
+    if head.multi_level:
+        assert inters[-1].shape[1] == feats.intermediates[-1].shape[1] + fusion.out_channels
+    else:
+        assert dense.shape[1] == bb.dense_dim + fusion.out_channels
+    out = model(x)
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+    out.logsumexp(1).mean().backward()
+    assert _finite_grads(head.parameters())
+
+
+def test_cls_maps_take_cls_row_after_prefix():
+    attn = torch.rand(1, 2, 2 + 6, 2 + 6).softmax(-1)  # prefix 2, grid 2x3
+    maps = cls_attention_maps(attn, (2, 3))
+    raw = attn[:, :, 0, 2:].reshape(1, 2, 2, 3)
+    assert torch.allclose(maps, raw / raw.amax(dim=(-2, -1), keepdim=True))
+
+
+# ---------------------------------------------------------------------------------- fusion 2
+def test_affinity_is_row_stochastic_after_prefix_removal():
+    bb = make_backbone("fake_vit")  # prefix of 2 tokens (CLS + register)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    attn = bb.forward_all(x, attention_blocks=(3,)).attentions[3]
+    assert attn.shape == (2, 2, 2 + 64, 2 + 64)
+    a = patch_affinity(attn, (8, 8))
+    assert a.shape == (2, 64, 64) and (a >= 0).all()
+    assert torch.allclose(a.sum(-1), torch.ones(2, 64), atol=1e-6)
+    expected = attn.mean(1)[:, 2:, 2:]
+    assert torch.allclose(a, expected / expected.sum(-1, keepdim=True))
+
+
+def test_propagation_matches_matrix_power():
+    torch.manual_seed(0)
+    b, k, gh, gw = 2, 3, 4, 5
+    n = gh * gw
+    logits = torch.randn(b, k, gh, gw, dtype=torch.float64)
+    a_mat = torch.rand(b, n, n, dtype=torch.float64)
+    a_mat = a_mat / a_mat.sum(-1, keepdim=True)
+    alpha = 0.3
+    out = propagate(logits, a_mat, alpha, steps=2)
+    p = (1 - alpha) * torch.eye(n, dtype=torch.float64) + alpha * a_mat  # (B, N, N)
+    flat = logits.reshape(b, k, n).transpose(1, 2)  # (B, N, K)
+    direct = (p @ p @ flat).transpose(1, 2).reshape(b, k, gh, gw)
+    assert torch.allclose(out, direct, atol=1e-12)
+
+
+@pytest.mark.parametrize("bb_name", ["fake_vit", "vit_nano_patch8"])
+@pytest.mark.parametrize("head_name", ["linear", "setr_pup", "segformer"])
+def test_affinity_alpha_zero_equals_plain_head(bb_name, head_name):
+    bb = make_backbone(bb_name)
+    head = create_head(head_name, bb, NUM_CLASSES, **small(head_name))
+    plain = Segmenter(bb, head).eval()
+    fusion = AttentionAffinityFusion.from_backbone(bb, steps=2, alpha=0.0)
+    assert fusion.alpha_logit is None and float(fusion.alpha) == 0.0
+    fused = Segmenter(bb, head, fusion).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+        # a learnable fusion forced to a = 0 through the override gives the same
+        learn = Segmenter(bb, head, AttentionAffinityFusion.from_backbone(bb, steps=2, alpha=0.5)).eval()
+        assert torch.equal(learn(x, alpha=torch.tensor(0.0)), plain(x))
+        assert not torch.equal(learn(x), plain(x))
+
+
+def test_affinity_matches_direct_computation_and_alpha_learns():
+    bb = make_backbone("fake_vit")
+    head = create_head("linear", bb, NUM_CLASSES)
+    fusion = AttentionAffinityFusion.from_backbone(bb, steps=2, alpha=0.25)
+    assert abs(float(fusion.alpha.detach()) - 0.25) < 1e-6
+    model = Segmenter(bb, head, fusion).train()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    out = model(x)
+    # direct recomputation from the same forward pass
+    model.eval()
+    with torch.no_grad():
+        feats = bb.forward_all(x, attention_blocks=(bb.num_blocks - 1,))
+        coarse = head(feats.dense)
+        a_mat = feats.attentions[bb.num_blocks - 1].mean(1)[:, 2:, 2:]
+        a_mat = a_mat / a_mat.sum(-1, keepdim=True)
+        p = 0.75 * torch.eye(64) + 0.25 * a_mat
+        flat = coarse.flatten(2).transpose(1, 2)
+        prop = (p @ p @ flat).transpose(1, 2).reshape(coarse.shape)
+        direct = torch.nn.functional.interpolate(prop, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        assert torch.allclose(model(x), direct, atol=1e-5)
+    out.square().mean().backward()
+    g = fusion.alpha_logit.grad
+    assert g is not None and torch.isfinite(g) and g != 0
+
+
+@pytest.mark.parametrize("bb_name", ["fake_vit", "vit_nano_patch8"])
+@pytest.mark.parametrize("head_name", list(HEADS))
+def test_affinity_every_head_shapes_and_grads(bb_name, head_name):
+    bb = make_backbone(bb_name)
+    head = create_head(head_name, bb, NUM_CLASSES, **small(head_name))
+    model = Segmenter(bb, head, AttentionAffinityFusion.from_backbone(bb, steps=2, alpha=0.5)).train()
+    out = model(torch.randn(2, 3, SIZE, SIZE))
+    assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+    torch.nn.functional.cross_entropy(out, torch.randint(0, NUM_CLASSES, (2, SIZE, SIZE))).backward()
+    assert _finite_grads(list(head.parameters()) + list(model.fusion.parameters()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bb.parameters())
