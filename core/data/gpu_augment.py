@@ -1,0 +1,189 @@
+"""Photometric augmentation of whole batches on the device (GPU or CPU), per-sample random parameters.
+
+With ``gpu_augment=True`` the CPU data pipeline only crops, flips and converts to float in [0, 1];
+the colour part of the recipe runs here on the (B, 3, H, W) batch after the host-to-device copy:
+colour jitter (brightness, contrast, saturation, hue; applied with probability ``jitter_p``, in a
+random order per batch), grayscale, Gaussian blur (per-sample sigma, separable grouped conv) and
+solarization, then ImageNet normalisation. Every sample draws its own parameters, as the per-image
+CPU transforms do.
+
+Usage (in a LightningModule)::
+
+    views = [aug(v) for aug, v in zip(loaders.batch_augment, batch)]   # loaders from build_ssl_loaders
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Photometric recipe of one view (probabilities and ranges as in the official recipes)."""
+
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5  # on [0, 1] images (PIL's 128 on uint8)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Barlow Twins (facebookresearch/barlowtwins main.py Transform): blur 1.0 / 0.1, solarize 0.0 / 0.2.
+BT_VIEW1 = ViewParams(blur_p=1.0, solarize_p=0.0)
+BT_VIEW2 = ViewParams(blur_p=0.1, solarize_p=0.2)
+# DINO (facebookresearch/dino main_dino.py DataAugmentationDINO).
+DINO_GLOBAL1 = ViewParams(blur_p=1.0, solarize_p=0.0)
+DINO_GLOBAL2 = ViewParams(blur_p=0.1, solarize_p=0.2)
+DINO_LOCAL = ViewParams(blur_p=0.5, solarize_p=0.0)
+
+
+def blur_kernel_size(sigma_max: float) -> int:
+    """Odd kernel covering +-3 sigma of the largest sigma (13 for sigma 2)."""
+    return 2 * math.ceil(3 * sigma_max) + 1
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    r, g, b = img.unbind(1)
+    maxc = img.max(1).values
+    minc = img.min(1).values
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    crd = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
+    h, s, v = img.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0, 1)
+    q = (v * (1.0 - s * f)).clamp(0, 1)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
+    mask = (i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)).to(img.dtype)  # B,6,H,W
+    a1 = torch.stack((v, q, p, p, t, v), 1)
+    a2 = torch.stack((t, v, v, q, p, p), 1)
+    a3 = torch.stack((p, p, t, v, v, q), 1)
+    a4 = torch.stack((a1, a2, a3), 1)  # B,3,6,H,W
+    return torch.einsum("bihw,bxihw->bxhw", mask, a4)
+
+
+class BatchAugment:
+    """Apply one view's photometric recipe to a (B, 3, H, W) float batch in [0, 1], then normalise.
+
+    ``BatchAugment(BT_VIEW2)(x)``; ``generator`` (a torch.Generator on x's device) makes it reproducible.
+    Returns float32 on x's device.
+    """
+
+    def __init__(self, view_params: ViewParams = BT_VIEW1, mean: Sequence[float] = MEAN,
+                 std: Sequence[float] = STD, normalize: bool = True):
+        self.params = view_params
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.normalize = normalize
+
+    def __repr__(self) -> str:
+        return f"BatchAugment({self.params})"
+
+    def _u(self, n: int, lo: float, hi: float, like: torch.Tensor, gen) -> torch.Tensor:
+        return torch.rand(n, device=like.device, generator=gen) * (hi - lo) + lo
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"BatchAugment expects a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+        p = self.params
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        B = x.shape[0]
+        g = generator
+        dev = x.device
+        view = (B, 1, 1, 1)
+
+        # colour jitter (per sample, applied with prob jitter_p; op order random per batch)
+        if p.jitter_p > 0 and any(p.jitter):
+            on = torch.rand(B, device=dev, generator=g) < p.jitter_p
+            b, c, s, h = p.jitter
+            bf = torch.where(on, self._u(B, max(0.0, 1 - b), 1 + b, x, g), torch.ones(B, device=dev))
+            cf = torch.where(on, self._u(B, max(0.0, 1 - c), 1 + c, x, g), torch.ones(B, device=dev))
+            sf = torch.where(on, self._u(B, max(0.0, 1 - s), 1 + s, x, g), torch.ones(B, device=dev))
+            hf = torch.where(on, self._u(B, -h, h, x, g), torch.zeros(B, device=dev))
+            order = torch.randperm(4, device="cpu").tolist()
+            for op in order:
+                if op == 0 and b > 0:
+                    x = (x * bf.view(view)).clamp(0, 1)
+                elif op == 1 and c > 0:
+                    m = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+                    x = (cf.view(view) * x + (1 - cf.view(view)) * m).clamp(0, 1)
+                elif op == 2 and s > 0:
+                    gr = _gray(x)
+                    x = (sf.view(view) * x + (1 - sf.view(view)) * gr).clamp(0, 1)
+                elif op == 3 and h > 0 and bool(on.any()):
+                    idx = on.nonzero().squeeze(1)
+                    hsv = _rgb_to_hsv(x[idx])
+                    hsv[:, 0] = torch.remainder(hsv[:, 0] + hf[idx].view(-1, 1, 1), 1.0)
+                    x = x.clone()
+                    x[idx] = _hsv_to_rgb(hsv)
+        # grayscale
+        if p.gray_p > 0:
+            on = (torch.rand(B, device=dev, generator=g) < p.gray_p).view(view)
+            x = torch.where(on, _gray(x).expand_as(x), x)
+        # gaussian blur (per-sample sigma)
+        if p.blur_p > 0:
+            on = torch.rand(B, device=dev, generator=g) < p.blur_p
+            if bool(on.any()):
+                x = torch.where(on.view(view), self._blur(x, g).clamp(0, 1), x)
+        # solarize
+        if p.solarize_p > 0:
+            on = (torch.rand(B, device=dev, generator=g) < p.solarize_p).view(view)
+            x = torch.where(on & (x >= p.solarize_threshold), 1.0 - x, x)
+        if self.normalize:
+            mean = torch.tensor(self.mean, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        return x
+
+    def _blur(self, x: torch.Tensor, g) -> torch.Tensor:
+        B, C, H, W = x.shape
+        lo, hi = self.params.blur_sigma
+        k = blur_kernel_size(hi)
+        k = max(1, min(k, 2 * ((min(H, W) - 1) // 2) + 1))  # reflect padding needs pad < size
+        r = k // 2
+        sigma = self._u(B, lo, hi, x, g)
+        t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+        ker = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
+        ker = ker / ker.sum(dim=1, keepdim=True)  # B, k
+        ker = ker.repeat_interleave(C, dim=0)  # B*C, k
+        y = x.reshape(1, B * C, H, W)
+        y = F.pad(y, (r, r, 0, 0), mode="reflect")
+        y = F.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
+        y = F.pad(y, (0, 0, r, r), mode="reflect")
+        y = F.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C)
+        return y.view(B, C, H, W)
+
+
+def batch_augments_for(view_params: Sequence[ViewParams]) -> list[BatchAugment]:
+    return [BatchAugment(vp) for vp in view_params]

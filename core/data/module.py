@@ -1,0 +1,259 @@
+"""DataLoaders for the two stages, built from a `core.config.DataConfig`.
+
+- `build_ssl_loaders(data_cfg, method, batch_size, ...)` -> `SSLLoaders`:
+  ``.train`` yields a list of views per batch: ``[v1 (B,3,S,S), v2 (B,3,S,S)]`` for Barlow Twins,
+  ``[g1, g2, l1..ln]`` for DINO (globals at image_size, locals at ``.view_sizes[2:]``). With
+  ``gpu_augment=True`` the views are float in [0, 1] (crop + flip only) and ``.batch_augment`` holds
+  one `BatchAugment` per view to apply on the device (colour, blur, solarize, then normalise);
+  otherwise views are already normalised and ``.batch_augment`` is None.
+  ``.knn_train`` / ``.knn_val`` yield ``(image (B,3,S,S) normalised, label (B,) int64)`` for the
+  k-NN monitor (VOC: image label = largest non-background class of the seg mask; seg train / val).
+- `build_seg_loaders(data_cfg, batch_size)` -> `SegLoaders` with ``.train`` / ``.val`` yielding
+  ``(image (B,3,S,S) float normalised, mask (B,S,S) int64, 255 = ignore)`` and dataset info.
+
+``data_cfg.root is None`` -> the generated dataset (`core.data.synthetic.default_voc_root`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from core.data.coco_stuff import COCOStuff, coco_images
+from core.data.gpu_augment import BatchAugment
+from core.data.imagefolder import UnlabeledImages, imagefolder_classes, list_images
+from core.data.synthetic import default_coco_root, default_voc_root
+from core.data.transforms import (
+    BarlowTwinsTransform,
+    DINOTransform,
+    EvalImageTransform,
+    SegTrainTransform,
+    SegValTransform,
+    default_local_size,
+)
+from core.data.voc import (
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    VOC_CLASSES,
+    VOC_PALETTE,
+    VOCSegmentation,
+    image_label_from_mask,
+    voc_ssl_images,
+)
+from core.errors import ConfigError, DataError
+
+SSL_METHODS = ("barlow_twins", "dino")
+
+
+@dataclass
+class SSLLoaders:
+    train: DataLoader
+    knn_train: Optional[DataLoader]
+    knn_val: Optional[DataLoader]
+    num_images: int
+    transform: Any
+    batch_augment: Optional[list[BatchAugment]]
+    view_sizes: tuple[int, ...]
+    knn_num_classes: int = NUM_CLASSES
+    root: Optional[Path] = None
+    source: str = ""
+
+
+@dataclass
+class SegLoaders:
+    train: DataLoader
+    val: DataLoader
+    num_classes: int
+    class_names: tuple[str, ...]
+    ignore_index: int = IGNORE_INDEX
+    palette: list[int] = field(default_factory=lambda: list(VOC_PALETTE))
+    root: Optional[Path] = None
+    train_dataset: Optional[Dataset] = None
+    val_dataset: Optional[Dataset] = None
+
+    # `train, val, info = build_seg_loaders(...)` also works (info is this object).
+    def __iter__(self):
+        return iter((self.train, self.val, self))
+
+    def __len__(self) -> int:
+        return 3
+
+
+# --------------------------------------------------------------------------- helpers
+class KNNDataset(Dataset):
+    """(normalised image, image-level label) from a segmentation dataset returning (uint8 image, mask)."""
+
+    def __init__(self, seg_ds: Dataset, size: int, num_classes: int = NUM_CLASSES, background: Optional[int] = 0):
+        self.seg_ds = seg_ds
+        self.transform = EvalImageTransform(size)
+        self.num_classes = num_classes
+        self.background = background
+
+    def __len__(self) -> int:
+        return len(self.seg_ds)
+
+    def __getitem__(self, i: int):
+        img, mask = self.seg_ds[i]
+        label = image_label_from_mask(mask, self.num_classes, self.background, IGNORE_INDEX)
+        return self.transform(img), label
+
+
+def _seed_worker(worker_id: int) -> None:
+    s = torch.initial_seed() % 2 ** 32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _loader(ds: Dataset, data_cfg, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> DataLoader:
+    nw = int(data_cfg.num_workers)
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return DataLoader(
+        ds,
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=nw,
+        persistent_workers=nw > 0,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_seed_worker if nw > 0 else None,
+        generator=g,
+    )
+
+
+def _limit(seq: list, n: Optional[int]) -> list:
+    return seq if n is None else seq[: int(n)]
+
+
+def data_root(data_cfg) -> Path:
+    """The dataset root for ``data_cfg`` (generated when root is None)."""
+    if data_cfg.dataset == "coco_stuff":
+        return default_coco_root(data_cfg)
+    if data_cfg.dataset == "imagefolder":
+        r = data_cfg.root or data_cfg.ssl_root
+        if r is None:
+            raise ConfigError("data.dataset=imagefolder needs data.root (or data.ssl_root) pointing at an image tree")
+        return Path(r).expanduser()
+    return default_voc_root(data_cfg)
+
+
+# --------------------------------------------------------------------------- SSL
+def build_ssl_loaders(data_cfg, method: str, batch_size: int, gpu_augment: bool = False, dino_local_crops: int = 2,
+                      seed: int = 0, dino_local_size: Optional[int] = None) -> SSLLoaders:
+    if method not in SSL_METHODS:
+        raise ConfigError(f"method={method!r} is not allowed; choose one of: {', '.join(SSL_METHODS)}")
+    size = int(data_cfg.image_size)
+    if method == "dino":
+        transform = DINOTransform(size, dino_local_size or default_local_size(size), int(dino_local_crops),
+                                  gpu_augment=gpu_augment)
+    else:
+        transform = BarlowTwinsTransform(size, gpu_augment=gpu_augment)
+
+    root = data_root(data_cfg)
+    knn_train = knn_val = None
+    knn_classes = NUM_CLASSES
+    pol = data_cfg.corrupt_policy
+    bs_eval = max(int(batch_size), 32)
+
+    if data_cfg.dataset == "voc":
+        if data_cfg.ssl_root:
+            paths = list_images(data_cfg.ssl_root)
+            source = f"imagefolder:{data_cfg.ssl_root}"
+        else:
+            paths = voc_ssl_images(root, data_cfg.ssl_split)
+            source = f"voc:{data_cfg.ssl_split}"
+        ktr = VOCSegmentation(root, "train", corrupt_policy=pol, limit=data_cfg.limit_train)
+        kva = VOCSegmentation(root, "val", corrupt_policy=pol, limit=data_cfg.limit_val)
+        knn_train = _loader(KNNDataset(ktr, size), data_cfg, bs_eval, False, False, seed)
+        knn_val = _loader(KNNDataset(kva, size), data_cfg, bs_eval, False, False, seed)
+    elif data_cfg.dataset == "coco_stuff":
+        paths = list_images(data_cfg.ssl_root) if data_cfg.ssl_root else coco_images(root, "train")
+        source = f"imagefolder:{data_cfg.ssl_root}" if data_cfg.ssl_root else "coco_stuff:train2017"
+        knn_classes = 27 if data_cfg.coco_labels == "coarse" else 171
+        ktr = COCOStuff(root, "train", data_cfg.coco_labels, corrupt_policy=pol, limit=data_cfg.limit_train)
+        kva = COCOStuff(root, "val", data_cfg.coco_labels, corrupt_policy=pol, limit=data_cfg.limit_val)
+        knn_train = _loader(KNNDataset(ktr, size, knn_classes, None), data_cfg, bs_eval, False, False, seed)
+        knn_val = _loader(KNNDataset(kva, size, knn_classes, None), data_cfg, bs_eval, False, False, seed)
+    else:  # imagefolder
+        src = Path(data_cfg.ssl_root).expanduser() if data_cfg.ssl_root else root
+        paths = list_images(src)
+        source = f"imagefolder:{src}"
+        try:
+            cpaths, labels, classes = imagefolder_classes(src)
+        except DataError:
+            cpaths = []
+        if cpaths:  # labelled tree: k-NN on a deterministic 80/20 split
+            tr = [i for i in range(len(cpaths)) if i % 5 != 0]
+            va = [i for i in range(len(cpaths)) if i % 5 == 0]
+            tr, va = _limit(tr, data_cfg.limit_train), _limit(va, data_cfg.limit_val)
+            knn_classes = len(classes)
+            ev = EvalImageTransform(size)
+            knn_train = _loader(UnlabeledImages([cpaths[i] for i in tr], ev, pol, [labels[i] for i in tr], "k-NN train"),
+                                data_cfg, bs_eval, False, False, seed)
+            knn_val = _loader(UnlabeledImages([cpaths[i] for i in va], ev, pol, [labels[i] for i in va], "k-NN val"),
+                              data_cfg, bs_eval, False, False, seed)
+
+    paths = _limit(paths, data_cfg.limit_train)
+    if len(paths) < int(batch_size):
+        raise ConfigError(
+            f"batch_size={batch_size} is larger than the {len(paths)} self-supervision images of {source} "
+            f"(drop_last keeps only full batches); lower batch_size or use more images"
+        )
+    ssl_ds = UnlabeledImages(paths, transform, pol, name=f"SSL {source}")
+    train = _loader(ssl_ds, data_cfg, batch_size, True, True, seed)
+    return SSLLoaders(
+        train=train, knn_train=knn_train, knn_val=knn_val, num_images=len(paths), transform=transform,
+        batch_augment=transform.batch_augments(), view_sizes=transform.sizes, knn_num_classes=knn_classes,
+        root=root, source=source,
+    )
+
+
+# --------------------------------------------------------------------------- segmentation
+def build_seg_loaders(data_cfg, batch_size: int, seed: int = 0, val_batch_size: Optional[int] = None) -> SegLoaders:
+    size = int(data_cfg.image_size)
+    pol = data_cfg.corrupt_policy
+    if data_cfg.dataset == "imagefolder":
+        raise ConfigError("data.dataset=imagefolder has no masks; segmentation needs data.dataset=voc or coco_stuff")
+    root = data_root(data_cfg)
+    if data_cfg.dataset == "coco_stuff":
+        tr = COCOStuff(root, "train", data_cfg.coco_labels, SegTrainTransform(size), pol, data_cfg.limit_train)
+        va = COCOStuff(root, "val", data_cfg.coco_labels, SegValTransform(size), pol, data_cfg.limit_val)
+        num_classes, names = tr.num_classes, tuple(tr.class_names)
+    else:
+        tr = VOCSegmentation(root, "train", SegTrainTransform(size), pol, data_cfg.limit_train)
+        va = VOCSegmentation(root, "val", SegValTransform(size), pol, data_cfg.limit_val)
+        num_classes, names = NUM_CLASSES, VOC_CLASSES
+    train = _loader(tr, data_cfg, batch_size, True, len(tr) > int(batch_size), seed)
+    val = _loader(va, data_cfg, val_batch_size or batch_size, False, False, seed)
+    return SegLoaders(train=train, val=val, num_classes=num_classes, class_names=names, ignore_index=IGNORE_INDEX,
+                      palette=list(VOC_PALETTE), root=root, train_dataset=tr, val_dataset=va)
+
+
+def validate_data(data_cfg, stage: str = "both") -> Path:
+    """Pre-flight check (layout, split lists, listed files) without loading pixels; returns the root.
+
+    ``stage``: "pretrain", "segment" or "both". Raises DataError / ConfigError with one line.
+    """
+    root = data_root(data_cfg)
+    if data_cfg.dataset == "voc":
+        if stage in ("pretrain", "both"):
+            if data_cfg.ssl_root:
+                list_images(data_cfg.ssl_root)
+            else:
+                voc_ssl_images(root, data_cfg.ssl_split)
+        VOCSegmentation(root, "train")
+        VOCSegmentation(root, "val")
+    elif data_cfg.dataset == "coco_stuff":
+        COCOStuff(root, "train", data_cfg.coco_labels)
+        COCOStuff(root, "val", data_cfg.coco_labels)
+    else:
+        if stage == "segment":
+            raise ConfigError("data.dataset=imagefolder has no masks; segmentation needs voc or coco_stuff")
+        list_images(data_cfg.ssl_root or root)
+    return root

@@ -1,0 +1,205 @@
+"""Augmentations (torchvision.transforms.v2).
+
+- `BarlowTwinsTransform(size)`: the official asymmetric two-view recipe (facebookresearch/barlowtwins):
+  RandomResizedCrop(size, scale=(0.08, 1), bicubic), flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8,
+  grayscale p 0.2, Gaussian blur sigma 0.1-2 (p 1.0 / 0.1), solarize (p 0.0 / 0.2), ImageNet normalise.
+- `DINOTransform(global_size, local_size, n_local)`: 2 global crops (scale 0.4-1) + n local crops
+  (scale 0.05-0.4), DINO's photometric recipe per crop.
+- With ``gpu_augment=True`` both only crop + flip + convert to float [0, 1] on the CPU and expose
+  ``batch_augments()`` (one `core.data.gpu_augment.BatchAugment` per view) for the colour part on
+  the device.
+- `SegTrainTransform` / `SegValTransform`: joint image/mask transforms on tv_tensors (masks resized
+  with nearest; 255 preserved), returning a normalised float image and the mask.
+- `EvalImageTransform`: resize + normalise (k-NN monitor, diagnostics). `MEAN`, `STD`, `denormalize`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+
+from core.data.gpu_augment import (
+    BT_VIEW1,
+    BT_VIEW2,
+    DINO_GLOBAL1,
+    DINO_GLOBAL2,
+    DINO_LOCAL,
+    MEAN,
+    STD,
+    BatchAugment,
+    ViewParams,
+    blur_kernel_size,
+)
+
+__all__ = [
+    "MEAN", "STD", "denormalize", "normalize", "BarlowTwinsTransform", "DINOTransform", "SegTrainTransform",
+    "SegValTransform", "EvalImageTransform", "ViewParams", "BT_VIEW1", "BT_VIEW2", "default_local_size",
+]
+
+
+def denormalize(img: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """Undo ImageNet normalisation of (3, H, W) or (B, 3, H, W); returns float in [0, 1]."""
+    m = torch.tensor(mean, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    return (img * s + m).clamp(0, 1)
+
+
+def normalize(img: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """ImageNet-normalise a float image/batch in [0, 1]."""
+    m = torch.tensor(mean, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    return (img - m) / s
+
+
+class _Plain:
+    """Last step: tv_tensors -> plain tensors (collate into ordinary batches)."""
+
+    def __call__(self, *x):
+        out = tuple(t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t for t in x)
+        return out[0] if len(out) == 1 else out
+
+    def __repr__(self) -> str:
+        return "ToPlainTensor()"
+
+
+def photometric(p: ViewParams) -> list:
+    """CPU (per-image) version of a view's colour recipe, for float images in [0, 1]."""
+    ops: list = []
+    if p.jitter_p > 0 and any(p.jitter):
+        ops.append(v2.RandomApply([v2.ColorJitter(*p.jitter)], p=p.jitter_p))
+    if p.gray_p > 0:
+        ops.append(v2.RandomGrayscale(p=p.gray_p))
+    if p.blur_p > 0:
+        blur = v2.GaussianBlur(kernel_size=blur_kernel_size(p.blur_sigma[1]), sigma=p.blur_sigma)
+        ops.append(blur if p.blur_p >= 1.0 else v2.RandomApply([blur], p=p.blur_p))
+    if p.solarize_p > 0:
+        ops.append(v2.RandomSolarize(threshold=p.solarize_threshold, p=p.solarize_p))
+    return ops
+
+
+def _view(size: int, scale: tuple[float, float], p: ViewParams, gpu_augment: bool) -> v2.Compose:
+    ops = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
+    if not gpu_augment:
+        ops += photometric(p) + [v2.Normalize(MEAN, STD)]
+    ops.append(_Plain())
+    return v2.Compose(ops)
+
+
+class MultiViewTransform:
+    """Apply each view's transform to the same image; returns a tuple of (3, h, w) float tensors."""
+
+    def __init__(self, sizes: Sequence[int], scales: Sequence[tuple[float, float]], view_params: Sequence[ViewParams],
+                 gpu_augment: bool = False):
+        self.sizes = tuple(int(s) for s in sizes)
+        self.scales = tuple(tuple(s) for s in scales)
+        self.view_params = tuple(view_params)
+        self.gpu_augment = bool(gpu_augment)
+        self.views = [_view(s, sc, p, self.gpu_augment) for s, sc, p in zip(self.sizes, self.scales, self.view_params)]
+
+    def __call__(self, img):
+        return tuple(t(img) for t in self.views)
+
+    def batch_augments(self) -> Optional[list[BatchAugment]]:
+        """One BatchAugment per view when gpu_augment, else None (the CPU already did everything)."""
+        return [BatchAugment(p) for p in self.view_params] if self.gpu_augment else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sizes={self.sizes}, gpu_augment={self.gpu_augment})"
+
+
+class BarlowTwinsTransform(MultiViewTransform):
+    """Official Barlow Twins asymmetric two views: ``t(img) -> (view1, view2)``."""
+
+    def __init__(self, size: int, gpu_augment: bool = False, scale: tuple[float, float] = (0.08, 1.0),
+                 view_params: Sequence[ViewParams] = (BT_VIEW1, BT_VIEW2)):
+        super().__init__((size, size), (scale, scale), view_params, gpu_augment)
+        self.size = int(size)
+
+
+def default_local_size(global_size: int, multiple: int = 16) -> int:
+    """DINO's 96/224 local/global ratio, rounded to a multiple of `multiple` (at least `multiple`)."""
+    return max(multiple, int(round(global_size * 96 / 224 / multiple)) * multiple)
+
+
+class DINOTransform(MultiViewTransform):
+    """DINO multi-crop: ``t(img) -> (global1, global2, local_1..local_n)``."""
+
+    def __init__(self, global_size: int, local_size: Optional[int] = None, n_local: int = 2,
+                 gpu_augment: bool = False, global_scale: tuple[float, float] = (0.4, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.4)):
+        local_size = int(local_size or default_local_size(global_size))
+        sizes = [global_size, global_size] + [local_size] * n_local
+        scales = [global_scale, global_scale] + [local_scale] * n_local
+        params = [DINO_GLOBAL1, DINO_GLOBAL2] + [DINO_LOCAL] * n_local
+        super().__init__(sizes, scales, params, gpu_augment)
+        self.global_size, self.local_size, self.n_local = int(global_size), local_size, int(n_local)
+
+
+# --------------------------------------------------------------------------- segmentation
+_TO_FLOAT = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+
+
+class SegTrainTransform:
+    """Joint train transform: random resized crop (scale 0.25-1), flip, float + normalise image.
+
+    Call with ``(tv_tensors.Image uint8, tv_tensors.Mask)``; masks use nearest so 255 stays 255.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.25, 1.0), hflip: float = 0.5):
+        self.size = int(size)
+        self.t = v2.Compose([
+            v2.RandomResizedCrop(self.size, scale=scale, antialias=True),
+            v2.RandomHorizontalFlip(p=hflip),
+            _TO_FLOAT,
+            v2.Normalize(MEAN, STD),
+            _Plain(),
+        ])
+
+    def __call__(self, image, mask):
+        return self.t(_as_image(image), _as_mask(mask))
+
+
+class SegValTransform:
+    """Joint val transform: resize to (size, size) (none when size is None), float + normalise image."""
+
+    def __init__(self, size: Optional[int]):
+        self.size = size
+        ops = [v2.Resize((int(size), int(size)), antialias=True)] if size else []
+        self.t = v2.Compose(ops + [_TO_FLOAT, v2.Normalize(MEAN, STD), _Plain()])
+
+    def __call__(self, image, mask):
+        return self.t(_as_image(image), _as_mask(mask))
+
+
+class EvalImageTransform:
+    """Image-only: resize to (size, size), float, normalise (k-NN monitor, diagnostics)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self.t = v2.Compose([v2.ToImage(), v2.Resize((self.size, self.size), antialias=True),
+                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD), _Plain()])
+
+    def __call__(self, img):
+        return self.t(img)
+
+
+def _as_image(x):
+    return x if isinstance(x, tv_tensors.Image) else tv_tensors.Image(x)
+
+
+def _as_mask(x):
+    if isinstance(x, tv_tensors.Mask):
+        return x
+    x = torch.as_tensor(x)
+    if x.dtype == torch.int64 and x.numel() and int(x.max()) <= 255 and int(x.min()) >= 0:
+        x = x.to(torch.uint8)
+    return tv_tensors.Mask(x)

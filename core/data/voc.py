@@ -1,0 +1,376 @@
+"""PASCAL VOC 2012 semantic segmentation (and the SBD `trainaug` extension).
+
+Layout (standard): ``ROOT/VOCdevkit/VOC2012/{JPEGImages, SegmentationClass,
+ImageSets/Segmentation/{train,val,trainval}.txt}``; optional SBD ``SegmentationClassAug/`` with
+``ImageSets/Segmentation/trainaug.txt``. ``root`` may point at the folder holding ``VOCdevkit/``,
+at ``VOCdevkit/`` or at ``VOC2012/``.
+
+Masks are palette ("P") PNGs whose indices are the class ids 0..20; 255 is "void" (object
+boundaries, difficult regions) and is kept as 255 everywhere (ignored by losses and metrics; the
+seed code mapped it to background, which is wrong).
+
+Errors are one-line `DataError`s naming the path and the fix. Layout is validated at construction;
+file contents lazily at load time (corrupt JPEG/PNG, mask values outside {0..20, 255}, image/mask
+size mismatch). With ``corrupt_policy="skip"`` a bad sample is replaced by the next good one and
+counted (``dataset.skipped``, shared with DataLoader worker processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.errors import DataError
+
+log = logging.getLogger(__name__)
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+NUM_CLASSES = 21
+IGNORE_INDEX = 255
+VOC_SPLITS = ("train", "val", "trainval", "trainaug")
+SSL_SPLITS = ("train", "trainaug", "all_but_val")
+
+HOW_TO_GET = ("generate one with `python -m core.data.synthetic --out DIR` or download VOC 2012 "
+              "(VOCtrainval_11-May-2012.tar) and pass the folder holding VOCdevkit/")
+
+
+def _voc_palette() -> list[int]:
+    """The standard PASCAL VOC colour map (256 entries, flat [r, g, b, ...]); 255 -> (224, 224, 192)."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+VOC_PALETTE: list[int] = _voc_palette()  # flat, 768 ints (PIL putpalette format)
+
+
+def palette_array(palette: Sequence[int] = VOC_PALETTE) -> np.ndarray:
+    """(256, 3) uint8 view of a flat palette: ``palette_array()[mask]`` colours a label map."""
+    return np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+
+
+# --------------------------------------------------------------------------- layout
+def resolve_voc_root(root: Union[str, os.PathLike]) -> Path:
+    """Return the ``VOC2012`` folder for ``root`` (holder of VOCdevkit/, VOCdevkit/ or VOC2012/)."""
+    if root is None:
+        raise DataError(f"VOC root is not set; {HOW_TO_GET}")
+    p = Path(root).expanduser()
+    if not p.exists():
+        raise DataError(f"VOC root {p} does not exist; {HOW_TO_GET}")
+    if not p.is_dir():
+        raise DataError(f"VOC root {p} is not a folder; {HOW_TO_GET}")
+    for cand in (p / "VOCdevkit" / "VOC2012", p / "VOC2012", p):
+        if (cand / "JPEGImages").is_dir() or (cand / "ImageSets").is_dir():
+            return cand
+    raise DataError(
+        f"no VOC 2012 layout under {p}: expected {p / 'VOCdevkit' / 'VOC2012' / 'JPEGImages'}; {HOW_TO_GET}"
+    )
+
+
+def _read_ids(list_file: Path) -> list[str]:
+    try:
+        text = list_file.read_text()
+    except OSError as e:
+        raise DataError(f"cannot read split list {list_file}: {e.strerror or e}; check the file permissions") from None
+    ids = [ln.strip().split()[0] for ln in text.splitlines() if ln.strip()]
+    if not ids:
+        raise DataError(f"split list {list_file} is empty; regenerate the dataset or restore the file")
+    return ids
+
+
+def _split_list_file(voc: Path, split: str) -> Path:
+    seg = voc / "ImageSets" / "Segmentation"
+    if split == "trainaug":
+        for name in ("trainaug.txt", "train_aug.txt"):
+            if (seg / name).is_file():
+                return seg / name
+        raise DataError(
+            f"split 'trainaug' needs {seg / 'trainaug.txt'} and {voc / 'SegmentationClassAug'} (SBD augmented "
+            f"set, 10,582 images); add them or use split 'train'"
+        )
+    f = seg / f"{split}.txt"
+    if not f.is_file():
+        raise DataError(f"split list {f} is missing; {HOW_TO_GET}")
+    return f
+
+
+def split_ids(root: Union[str, os.PathLike], split: str) -> list[str]:
+    """Image ids listed for a segmentation split (train / val / trainval / trainaug)."""
+    if split not in VOC_SPLITS:
+        raise DataError(f"VOC split {split!r} is unknown; choose one of: {', '.join(VOC_SPLITS)}")
+    voc = resolve_voc_root(root)
+    return _read_ids(_split_list_file(voc, split))
+
+
+def validate_voc_root(root: Union[str, os.PathLike], splits: Iterable[str] = ("train", "val")) -> Path:
+    """Check the layout (folders, split lists, listed files) before any training; return VOC2012/."""
+    voc = resolve_voc_root(root)
+    for split in splits:
+        VOCSegmentation(voc, split)
+    return voc
+
+
+# --------------------------------------------------------------------------- loading helpers
+def load_image(path: Path) -> Image.Image:
+    """Open and fully decode an RGB image; DataError naming the file when it is corrupt."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path} is missing; restore it or remove its id from the split list") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"image {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                        f"replace the file or set data.corrupt_policy=skip") from None
+
+
+def load_label_map(path: Path) -> np.ndarray:
+    """Decode a label PNG (palette 'P' or single channel 'L') to an (H, W) uint8 array of class ids."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("P", "L"):
+                raise DataError(
+                    f"mask {path} has mode {im.mode}; expected a palette (P) or single-channel (L) PNG of class "
+                    f"ids (colour-rendered masks are not label maps)"
+                )
+            return np.array(im, dtype=np.uint8)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"mask {path} is missing; restore it or remove its id from the split list") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"mask {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                        f"replace the file or set data.corrupt_policy=skip") from None
+
+
+def check_label_values(mask: np.ndarray, path: Path, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    vals = np.unique(mask)
+    bad = vals[(vals >= num_classes) & (vals != ignore_index)]
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if bad.size > 8 else "")
+        raise DataError(
+            f"mask {path} has values outside the label space {{0..{num_classes - 1}, {ignore_index}}}: {shown}; "
+            f"use class-id masks (not colour/0-255 scaled) or set data.corrupt_policy=skip"
+        )
+
+
+class _SkipCounter:
+    """A skip counter shared with DataLoader workers (fork or spawn); falls back to a local int."""
+
+    def __init__(self) -> None:
+        try:
+            self._v = multiprocessing.Value("i", 0)
+        except (OSError, PermissionError):  # pragma: no cover - e.g. no /dev/shm
+            self._v = None
+        self._local = 0
+
+    def incr(self) -> None:
+        if self._v is not None:
+            with self._v.get_lock():
+                self._v.value += 1
+        else:
+            self._local += 1
+
+    @property
+    def value(self) -> int:
+        return int(self._v.value) if self._v is not None else self._local
+
+    def __getstate__(self):
+        from multiprocessing.context import get_spawning_popen
+
+        # A shared Value can only travel to a process being spawned (DataLoader workers); anything
+        # else that pickles the dataset (Ray, deepcopy) gets a fresh local counter.
+        if get_spawning_popen() is None:
+            return {"_v": None, "_local": self.value}
+        return {"_v": self._v, "_local": self._local}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class _SkippingDataset(torch.utils.data.Dataset):
+    """Base: `__getitem__` loads via `_load(i)`; with policy "skip" bad samples are skipped."""
+
+    corrupt_policy: str = "stop"
+
+    def _init_policy(self, corrupt_policy: str) -> None:
+        if corrupt_policy not in ("stop", "skip"):
+            raise DataError(f"corrupt_policy={corrupt_policy!r} is not allowed; choose stop or skip")
+        self.corrupt_policy = corrupt_policy
+        self._counter = _SkipCounter()
+        self.skipped_files: list[str] = []  # this process only
+        self._bad: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        """Number of bad samples skipped so far (all DataLoader workers together)."""
+        return self._counter.value
+
+    def _load(self, index: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(index)
+        if self.corrupt_policy == "stop":
+            return self._load(index)
+        for k in range(n):
+            j = (index + k) % n
+            if j in self._bad:
+                continue
+            try:
+                return self._load(j)
+            except DataError as e:
+                self._bad.add(j)
+                self._counter.incr()
+                self.skipped_files.append(str(e))
+                log.warning("skipping bad sample: %s", e)
+        raise DataError(f"all {n} samples of {self.describe()} are unreadable; check the dataset files")
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+# --------------------------------------------------------------------------- dataset
+class VOCSegmentation(_SkippingDataset):
+    """VOC 2012 segmentation: ``ds[i] -> (image uint8 (3, H, W), mask int64 (H, W))``.
+
+    ``transform(image, mask)``, when given, is a joint transform called with a
+    ``tv_tensors.Image`` (uint8) and a ``tv_tensors.Mask`` (uint8, H x W); its outputs are returned
+    as plain tensors, the mask cast to int64 (255 stays 255).
+    """
+
+    num_classes = NUM_CLASSES
+    class_names = VOC_CLASSES
+    ignore_index = IGNORE_INDEX
+    palette = VOC_PALETTE
+
+    def __init__(self, root: Union[str, os.PathLike], split: str = "train", transform: Optional[Callable] = None,
+                 corrupt_policy: str = "stop", limit: Optional[int] = None):
+        self._init_policy(corrupt_policy)
+        if split not in VOC_SPLITS:
+            raise DataError(f"VOC split {split!r} is unknown; choose one of: {', '.join(VOC_SPLITS)}")
+        self.voc_dir = resolve_voc_root(root)
+        self.split = split
+        self.transform = transform
+        img_dir = self.voc_dir / "JPEGImages"
+        mask_dir = self.voc_dir / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
+        list_file = _split_list_file(self.voc_dir, split)  # trainaug: explains SBD when missing
+        for d in (img_dir, mask_dir):
+            if not d.is_dir():
+                raise DataError(f"VOC folder {d} is missing; {HOW_TO_GET}")
+        ids = _read_ids(list_file)
+        if limit is not None:
+            ids = ids[: int(limit)]
+        self.ids = ids
+        self.images = [img_dir / f"{i}.jpg" for i in ids]
+        self.masks = [mask_dir / f"{i}.png" for i in ids]
+        missing = [p for pair in zip(self.images, self.masks) for p in pair if not p.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(
+                f"{missing[0]} is missing{more} but its id is listed in {list_file}; restore the files or "
+                f"regenerate the dataset"
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def describe(self) -> str:
+        return f"VOC {self.split} at {self.voc_dir}"
+
+    def load_mask(self, index: int) -> np.ndarray:
+        path = self.masks[index]
+        mask = load_label_map(path)
+        check_label_values(mask, path, NUM_CLASSES)
+        return mask
+
+    def _load(self, index: int):
+        img_path = self.images[index]
+        img = load_image(img_path)
+        mask = self.load_mask(index)
+        if mask.shape != (img.height, img.width):
+            raise DataError(
+                f"mask {self.masks[index]} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} is "
+                f"{img.width}x{img.height}; image and mask must have the same size"
+            )
+        return _to_sample(img, mask, self.transform)
+
+
+def _to_sample(img: Image.Image, mask: np.ndarray, transform: Optional[Callable]):
+    from torchvision import tv_tensors
+
+    image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    m = torch.from_numpy(mask.copy())
+    if transform is None:
+        return image, m.long()
+    image, m = transform(tv_tensors.Image(image), tv_tensors.Mask(m))
+    return image.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor).long()
+
+
+# --------------------------------------------------------------------------- SSL sources / labels
+def voc_ssl_images(root: Union[str, os.PathLike], split: str = "train") -> list[Path]:
+    """JPEGs used for self-supervision; never a seg-val image.
+
+    ``train``: the seg train list; ``trainaug``: SBD trainaug (minus any val id);
+    ``all_but_val``: every JPEG in JPEGImages/ except the seg val ids (detection-only images included).
+    """
+    if split not in SSL_SPLITS:
+        raise DataError(f"SSL split {split!r} is unknown; choose one of: {', '.join(SSL_SPLITS)}")
+    voc = resolve_voc_root(root)
+    img_dir = voc / "JPEGImages"
+    if not img_dir.is_dir():
+        raise DataError(f"VOC folder {img_dir} is missing; {HOW_TO_GET}")
+    val_ids = set(_read_ids(_split_list_file(voc, "val")))
+    if split == "all_but_val":
+        paths = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg") and p.stem not in val_ids)
+        if not paths:
+            raise DataError(f"no JPEG images outside the val list in {img_dir}; {HOW_TO_GET}")
+        return paths
+    ids = [i for i in _read_ids(_split_list_file(voc, split)) if i not in val_ids]
+    paths = [img_dir / f"{i}.jpg" for i in ids]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]} is missing but listed in the {split} split; restore it or regenerate the dataset")
+    return paths
+
+
+def image_label_from_mask(mask, num_classes: int = NUM_CLASSES, background: Optional[int] = 0,
+                          ignore_index: int = IGNORE_INDEX) -> int:
+    """Image-level label for k-NN: the non-background class with the most pixels, 0 if none.
+
+    ``background=None`` counts every class (e.g. COCO-Stuff, where stuff fills the image).
+    255 (void) never counts.
+    """
+    m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    m = m.reshape(-1).astype(np.int64)
+    m = m[(m >= 0) & (m < num_classes) & (m != ignore_index)]
+    counts = np.bincount(m, minlength=num_classes)
+    if background is not None:
+        counts[background] = 0
+    if counts.sum() == 0:
+        return int(background) if background is not None else 0
+    return int(np.argmax(counts))
