@@ -1,0 +1,806 @@
+"""Run the whole study (stage 1 pretraining -> stage 2 segmentation) as one Ray Tune experiment.
+
+    python experiments/grid.py [--grid smoke|paper|FILE] [--data-root DIR] [--output DIR] [--resume]
+                               [--address ADDR] [--wandb offline|online|disabled] [--max-concurrent N]
+                               [--no-report] [--num-cpus N] [--no-dashboard]
+
+Design (see also experiments/gridspec.py and experiments/trial.py):
+* The grid file is validated and expanded into trials (with a dependency graph) before Ray starts;
+  a bad file is one line on stderr and exit 2.
+* ONE Tune experiment runs every trial. Its search algorithm is a small dependency-aware scheduler
+  (`GridScheduler`, a Tune `Searcher`): whenever Tune asks for a trial, it hands out the next trial
+  whose dependencies are done (segmentation trials first, then the pretraining runs that unblock the
+  most segmentation trials), up to `max_concurrent` at once. A stage-2 trial therefore starts as
+  soon as ITS stage-1 trial is done (no barrier between stages), and every trial is a Tune trial
+  (an actor with its own resources, visible in the Ray dashboard).
+* Each trial writes its run folder to `<results>/trials/<id>/`. `metrics.json` present = finished:
+  finished trials are never rerun (also under `--resume`); a retried or resumed trial calls the run
+  function on the same folder, which resumes from `checkpoints/last.ckpt`.
+* Failures: Tune retries a trial `retries` times (FailureConfig.max_failures). A trial that still
+  fails is `failed`; every trial depending on it is `skipped` ("dependency <id> failed: <error>").
+* `summary.json` / `summary.csv` are rewritten atomically after every trial event.
+* Local start: `ray.init` on loopback with the dashboard; Ray's token authentication stays on (Ray
+  creates the token in ~/.ray/auth_token); the URL and where the token is are printed at the start
+  and the end. `--address` joins an existing cluster instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python experiments/grid.py` puts experiments/ first, not the repo
+    sys.path.insert(0, str(REPO_ROOT))
+
+from core.cli import fail, guard  # noqa: E402
+from core.config import WANDB_MODES  # noqa: E402
+from core.errors import ConfigError, DataError, TwinsegError  # noqa: E402
+from experiments import gridspec  # noqa: E402
+from experiments.trial import read_error, read_metrics, scalar_metrics  # noqa: E402
+
+STATUSES = ("done", "failed", "skipped", "pending")
+KEY_METRICS = {"pretrain": ("knn_acc", "final_loss"), "segment": ("mIoU", "aAcc")}
+CSV_CONFIG_KEYS = ("evaluation", "method", "backbone", "source", "lambd", "seed", "head", "fusion", "mode", "epochs")
+
+
+# ============================================================================ console
+class Console:
+    """One line per event, with a time stamp (rich when available, plain text otherwise)."""
+
+    def __init__(self) -> None:
+        try:
+            from rich.console import Console as RichConsole
+
+            self._rich = RichConsole(highlight=False, soft_wrap=True)
+        except ImportError:  # pragma: no cover
+            self._rich = None
+
+    def __getstate__(self) -> dict:  # Tune pickles its searcher/callbacks (which hold the console)
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def line(self, msg: str, style: Optional[str] = None) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        if self._rich is not None:
+            from rich.markup import escape
+
+            text = f"[dim]{stamp}[/dim] " + (f"[{style}]{escape(msg)}[/{style}]" if style else escape(msg))
+            self._rich.print(text)
+        else:
+            print(f"{stamp} {msg}", flush=True)
+        sys.stdout.flush()
+
+
+# ============================================================================ atomic files
+def atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ============================================================================ state
+class GridState:
+    """Status of every trial; the single place that decides what may run next."""
+
+    def __init__(self, spec: gridspec.GridSpec, results_dir: Path, created: str, console: Console,
+                 group: str, wandb: str):
+        self.spec = spec
+        self.results_dir = results_dir
+        self.created = created
+        self.console = console
+        self.group = group
+        self.wandb = wandb
+        self.trials = spec.by_id()
+        self.order = [t.id for t in spec.trials]
+        self.dependants = spec.dependants()
+        self.status: dict[str, str] = {}
+        self.reason: dict[str, str] = {}
+        self.metrics: dict[str, dict] = {}
+        self.launched: set[str] = set()  # handed to Tune during this driver run and not finished
+        self.tune_ids: dict[str, str] = {}  # Tune trial_id -> our id
+        self.started: dict[str, float] = {}
+        self.dashboard_url = ""
+        self.interrupted = False
+        self.ray_started = False
+        for tid in self.order:
+            m = read_metrics(self.trial_dir(tid))
+            if m is not None:
+                self.status[tid], self.metrics[tid] = "done", m
+                self.reason[tid] = "finished earlier (metrics.json present); not rerun"
+            else:
+                self.status[tid], self.reason[tid] = "pending", ""
+        self._priority = self._make_priority()
+
+    # --------------------------------------------------------------- queries
+    def trial_dir(self, tid: str) -> Path:
+        return self.results_dir / "trials" / tid
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in STATUSES}
+        for s in self.status.values():
+            out[s] = out.get(s, 0) + 1
+        return out
+
+    def _make_priority(self) -> dict[str, tuple]:
+        # segmentation first (end products), then pretraining runs that unblock the most trials.
+        pr = {}
+        for i, tid in enumerate(self.order):
+            t = self.trials[tid]
+            pr[tid] = (0 if t.stage == "segment" else 1, -len(self.dependants[tid]), i)
+        return pr
+
+    def ready(self) -> list[str]:
+        out = []
+        for tid in self.order:
+            if self.status[tid] != "pending" or tid in self.launched:
+                continue
+            if all(self.status[d] == "done" for d in self.trials[tid].depends_on):
+                out.append(tid)
+        return sorted(out, key=self._priority.__getitem__)
+
+    def unlaunched_pending(self) -> list[str]:
+        return [t for t in self.order if self.status[t] == "pending" and t not in self.launched]
+
+    # --------------------------------------------------------------- transitions
+    def payload(self, tid: str) -> dict:
+        t = self.trials[tid]
+        return {
+            "id": tid,
+            "stage": t.stage,
+            "config": t.config,
+            "depends_on": list(t.depends_on),
+            "resources": dict(t.resources),
+            "dir": str(self.trial_dir(tid)),
+            "wandb": self.wandb,
+            "group": self.group,
+            "cwd": os.getcwd(),
+        }
+
+    def launch(self, tid: str, tune_id: str) -> None:
+        self.launched.add(tid)
+        self.tune_ids[tune_id] = tid
+        self.started[tid] = time.time()
+
+    def finish(self, tid: str, error: bool, completed: bool = True, tune_error: Optional[str] = None) -> bool:
+        """Record the end of a launched trial; False if it was already recorded (idempotent).
+
+        `completed`: the trainable returned normally (its last report has done_run=1); a trial Tune
+        stopped without error (Ctrl-C) stays pending, to be resumed with --resume."""
+        if tid not in self.launched:
+            return False
+        self.launched.discard(tid)
+        m = read_metrics(self.trial_dir(tid))
+        if not error and not completed and m is None:
+            self.interrupted = True
+            self.reason[tid] = "stopped before finishing; continue with --resume"
+            self.console.line(f"stopped  {tid}: {self.reason[tid]}", "yellow")
+            self.write_summary()
+            return True
+        if not error and m is not None:
+            self.status[tid], self.reason[tid], self.metrics[tid] = "done", "", m
+            secs = time.time() - self.started.get(tid, time.time())
+            keys = KEY_METRICS[self.trials[tid].stage]
+            shown = ", ".join(f"{k}={_fmt(m.get(k))}" for k in keys if k in m)
+            self.console.line(f"done     {tid} in {secs:.0f}s" + (f": {shown}" if shown else ""), "green")
+        else:
+            why = read_error(self.trial_dir(tid)) or tune_error
+            if not why:
+                why = "finished without writing metrics.json" if not error else "the trial raised (see error.log)"
+            self.status[tid], self.reason[tid] = "failed", why
+            self.console.line(f"FAILED   {tid}: {why} (log: {self.trial_dir(tid) / 'error.log'})", "bold red")
+            self._skip_dependants(tid, f"dependency {tid} failed: {why}")
+        self.write_summary()
+        return True
+
+    def _skip_dependants(self, tid: str, reason: str) -> None:
+        for d in self.dependants.get(tid, []):
+            if self.status[d] == "pending" and d not in self.launched:
+                self.status[d], self.reason[d] = "skipped", reason
+                self.console.line(f"skipped  {d}: {reason}", "yellow")
+                self._skip_dependants(d, reason)
+
+    def mark_interrupted(self) -> None:
+        for tid in self.order:
+            if self.status[tid] == "pending":
+                self.reason[tid] = ("interrupted; continue with --resume" if tid in self.launched
+                                    else "not started; continue with --resume")
+        self.launched.clear()
+
+    # --------------------------------------------------------------- summary
+    def entries(self) -> list[dict]:
+        out = []
+        for tid in self.order:
+            t = self.trials[tid]
+            out.append({
+                "id": tid,
+                "stage": t.stage,
+                "status": self.status[tid],
+                "reason": self.reason.get(tid, ""),
+                "depends_on": list(t.depends_on),
+                "config": t.config,
+                "metrics": self.metrics.get(tid, {}),
+                "dir": f"trials/{tid}",
+                "resources": t.resources,
+                "labels": t.labels,
+            })
+        return out
+
+    def write_summary(self) -> None:
+        entries = self.entries()
+        doc = {
+            "grid": self.spec.name,
+            "created": self.created,
+            "updated": _now_iso(),
+            "grid_file": "grid.yaml",
+            "wandb_group": self.group,
+            "dashboard": self.dashboard_url or None,
+            "counts": self.counts(),
+            "trials": entries,
+        }
+        atomic_write(self.results_dir / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
+        atomic_write(self.results_dir / "summary.csv", summary_csv(entries))
+
+
+def summary_csv(entries: list[dict]) -> str:
+    metric_keys: list[str] = []
+    for e in entries:
+        for k in scalar_metrics(e["metrics"]):
+            if k not in metric_keys and k not in CSV_CONFIG_KEYS:
+                metric_keys.append(k)
+    cols = ["id", "stage", "status", "reason", "depends_on", "dir", *CSV_CONFIG_KEYS, *metric_keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for e in entries:
+        row = {k: e.get(k, "") for k in ("id", "stage", "status", "reason", "dir")}
+        row["depends_on"] = ";".join(e["depends_on"])
+        for k in CSV_CONFIG_KEYS:
+            v = e["metrics"].get(k, e["config"].get(k, ""))
+            row[k] = "" if v is None else v
+        row.update(scalar_metrics(e["metrics"]))
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ============================================================================ Tune glue
+def make_scheduler(state: GridState, max_concurrent: int):
+    from ray.tune.search import Searcher
+
+    class GridScheduler(Searcher):
+        """Hands out trials in dependency order; never more than `max_concurrent` at once."""
+
+        def __init__(self) -> None:
+            super().__init__(metric=None, mode=None)
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True
+
+        def suggest(self, trial_id: str):
+            if len(state.launched) >= max_concurrent:
+                return None
+            ready = state.ready()
+            if not ready:
+                # Nothing can start now: finished if nothing is left to hand out, else wait for the
+                # running trials (their dependants become ready, or get skipped, when they end).
+                return Searcher.FINISHED if not state.unlaunched_pending() else None
+            tid = ready[0]
+            state.launch(tid, trial_id)
+            return {"trial": state.payload(tid)}
+
+        def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+            tid = state.tune_ids.get(trial_id)
+            if tid is not None:
+                state.finish(tid, error, completed=(result or {}).get("done_run") == 1)
+
+        def save(self, checkpoint_path: str) -> None:  # state lives in the results folder
+            pass
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+    return GridScheduler()
+
+
+def make_console_callback(state: GridState, retries: int):
+    from ray.tune import Callback
+
+    class ConsoleCallback(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            tid = trial.config["trial"]["id"]
+            t = state.trials[tid]
+            res = ", ".join(f"{k}={_fmt(v)}" for k, v in t.resources.items())
+            running = len(state.launched)
+            state.console.line(f"start    {tid} [{t.stage}; {res}; {running} running]", "cyan")
+            state.write_summary()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("done_run") != 0 or "epoch" not in result:
+                return
+            tid = trial.config["trial"]["id"]
+            skip = {"trial", "epoch", "done_run"}
+            vals = [(k, v) for k, v in result.items() if k not in skip and isinstance(v, (int, float))
+                    and not isinstance(v, bool) and not k.startswith(("time_", "timestamp", "training_iteration",
+                                                                        "pid", "iterations", "date", "node", "hostname",
+                                                                        "config", "timesteps", "episodes", "warmup"))]
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in vals[:4])
+            state.console.line(f"  epoch {result['epoch']:>3} {tid}" + (f": {shown}" if shown else ""), "dim")
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            tid = trial.config["trial"]["id"]
+            why = read_error(state.trial_dir(tid)) or "error"
+            n = int(trial.run_metadata.num_failures)
+            state.console.line(f"retry    {tid} (attempt {n + 1} of {retries + 1}) after {why}; "
+                               "it resumes from its last checkpoint", "yellow")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            tid = trial.config["trial"]["id"]
+            state.finish(tid, True, tune_error=_tune_error_line(trial))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            tid = trial.config["trial"]["id"]
+            state.finish(tid, False, completed=(trial.last_result or {}).get("done_run") == 1)
+
+    return ConsoleCallback()
+
+
+def _tune_error_line(trial) -> Optional[str]:
+    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    try:
+        if path and Path(path).is_file():
+            lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+            return lines[-1][:400] if lines else None
+    except OSError:
+        pass
+    return None
+
+
+# ============================================================================ Ray start
+def _token_hint() -> str:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        where = "in $RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        where = f"in {os.environ['RAY_AUTH_TOKEN_PATH']}"
+    else:
+        where = f"in {Path.home() / '.ray' / 'auth_token'}"
+    return f"token auth on: the page asks for the token, stored {where} (print it with `ray get-auth-token`)"
+
+
+def dashboard_line(url: str, auth_mode: Optional[str]) -> str:
+    """The dashboard line printed at the start and the end (never prints the token itself)."""
+    if not url:
+        return "dashboard: not running (Ray started without it); progress is in this console and summary.json"
+    if not url.startswith("http"):
+        url = f"http://{url}"
+    if (auth_mode or "").lower() == "token":
+        return f"dashboard: {url} ({_token_hint()})"
+    return (f"dashboard: {url} (WARNING: token authentication is disabled (RAY_AUTH_MODE={auth_mode}); "
+            "unset RAY_AUTH_MODE to let Ray protect the dashboard)")
+
+
+class RayStartError(TwinsegError):
+    """Ray itself could not start (one line instead of Ray's traceback)."""
+
+    exit_code = 1
+
+
+class _QuietTune:
+    """logging filter: drop Tune's own per-trial error tracebacks and end-of-run noise (this driver
+    prints one line per trial event; the full traceback is in trials/<id>/error.log)."""
+
+    DROP = ("Trial task failed for trial", "Trials did not complete", "Failed to fetch metrics",
+            "save not implemented for Searcher")
+
+    def filter(self, record) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001
+            return True
+        return not any(d in msg for d in self.DROP)
+
+
+def quiet_tune_logs() -> None:
+    import logging
+
+    f = _QuietTune()
+    for name in ("ray", ""):
+        for h in logging.getLogger(name).handlers:
+            if not any(isinstance(x, _QuietTune) for x in h.filters):
+                h.addFilter(f)
+
+
+def start_ray(args, console: Console, env_vars: dict) -> str:
+    import logging
+
+    import ray
+
+    common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+    if args.address:
+        try:
+            ctx = ray.init(address=args.address, runtime_env={"env_vars": env_vars}, **common)
+        except Exception as e:  # noqa: BLE001 - any connection problem is a user error here
+            raise ConfigError(f"--address {args.address}: cannot join the Ray cluster ({' '.join(str(e).split())[:300]}); "
+                              "check the address (ray status on the head node) and the auth token") from None
+        return getattr(ctx, "dashboard_url", "") or ""
+    # A NEW local instance ("local": never silently join a cluster started by `ray start`), dashboard on
+    # loopback only. Token authentication: Ray 2.60 turns it on for new local clusters (RAY_AUTH_MODE
+    # unset) and creates the token in ~/.ray/auth_token. Do not set RAY_AUTH_MODE here: Ray caches
+    # the mode at import, and only its own default path refreshes that cache.
+    kw = dict(address="local", num_cpus=args.num_cpus, dashboard_host="127.0.0.1", **common)
+
+    def _init(include_dashboard: bool):
+        try:
+            return ray.init(include_dashboard=include_dashboard, **kw)
+        except Exception as e:  # noqa: BLE001
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            raise RayStartError(f"could not start a local Ray instance ({' '.join(str(e).split())[:300]}); "
+                                "see the logs under /tmp/ray/session_latest/logs") from None
+
+    if args.no_dashboard:
+        _init(False)
+        return ""
+    try:
+        ctx = _init(True)
+    except RayStartError as e:  # missing dashboard dependencies and the like: go on without it
+        console.line(f"dashboard: could not start ({str(e)[:200]}); continuing without it", "yellow")
+        _init(False)
+        return ""
+    url = getattr(ctx, "dashboard_url", "") or ""
+    if not url:
+        console.line("dashboard: could not start (missing dashboard dependencies?); continuing without it", "yellow")
+    return url
+
+
+def check_cluster_fits(spec: gridspec.GridSpec, strict: bool) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    for stage, key in (("pretrain", "stage1"), ("segment", "stage2")):
+        ts = spec.stage(stage)
+        if not ts:
+            continue
+        r = ts[0].resources
+        problem = None
+        if r["gpu"] > gpus:
+            problem = (f"{key}.resources.gpu={_fmt(r['gpu'])} but the Ray cluster has {_fmt(gpus)} GPU(s); "
+                       "use --grid smoke (CPU) or run on a GPU machine / cluster")
+        elif r["cpu"] > cpus:
+            problem = (f"{key}.resources.cpu={_fmt(r['cpu'])} but the Ray cluster has {_fmt(cpus)} CPU(s); "
+                       f"lower {key}.resources.cpu or add CPUs (--num-cpus)")
+        if problem:
+            if strict:
+                raise ConfigError(f"{spec.path.name}: {problem}")
+            print(f"twinseg: warning: {problem} (waiting for the autoscaler)", file=sys.stderr)
+
+
+# ============================================================================ data pre-checks
+def prepare_data(spec: gridspec.GridSpec, console: Console, fake: bool) -> None:
+    """Check given dataset folders and generate the synthetic dataset ONCE, before trials start
+    (so that concurrent trials never race to generate it)."""
+    from core.config import DataConfig
+
+    seen: set[str] = set()
+    for t in spec.trials:
+        d = t.config.get("data") or {}
+        key = json.dumps(d, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        root = d.get("root")
+        if root is not None:
+            if not Path(root).exists():
+                raise DataError(f"data.root={root} does not exist (trial {t.id}); pass --data-root DIR pointing to the "
+                                "folder that holds VOCdevkit/ (or set data.root in the grid file)")
+            continue
+        if fake:
+            continue
+        try:
+            from core.data.synthetic import default_voc_root
+        except ImportError:
+            continue  # the runs generate it themselves
+        path = default_voc_root(DataConfig.from_dict(d))
+        console.line(f"data     generated dataset ready at {path}", "dim")
+
+
+def _absolute_data_root(raw: dict) -> None:
+    """Relative data roots are resolved against the current folder (trials run elsewhere)."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("root"), str) and data["root"]:
+        data["root"] = str(Path(data["root"]).expanduser().resolve())
+
+
+# ============================================================================ results folder
+def _latest_results(base: Path, name: str) -> Optional[Path]:
+    cands = sorted(p for p in base.glob(f"{name}-*") if p.is_dir() and (p / "grid.yaml").is_file())
+    return cands[-1] if cands else None
+
+
+def choose_results_dir(args, name: str) -> tuple[Path, bool]:
+    """(results folder, resuming?)."""
+    base = Path("results")
+    if args.resume:
+        if args.output:
+            out = Path(args.output).expanduser()
+            if not (out / "grid.yaml").is_file():
+                raise ConfigError(f"--resume --output {out}: no grid.yaml there (not a grid results folder); "
+                                  "pass the folder of an earlier run or drop --resume to start a new one")
+            return out.resolve(), True
+        out = _latest_results(base, name)
+        if out is None:
+            raise ConfigError(f"--resume: no earlier {base / (name + '-*')} folder to continue; run without --resume "
+                              "first, or pass --output DIR")
+        return out.resolve(), True
+    if args.output:
+        out = Path(args.output).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output {out} is a file; pass a folder")
+        if (out / "summary.json").exists() or (out / "grid.yaml").exists():
+            raise ConfigError(f"--output {out} already holds a grid run; add --resume to continue it, or choose a new folder")
+        return out.resolve(), False
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = base / f"{name}-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = base / f"{name}-{stamp}-{n}"
+    return out.resolve(), False
+
+
+# ============================================================================ wandb
+def check_wandb(mode: str) -> None:
+    if mode != "online":
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text(errors="ignore"):
+            return
+    except OSError:
+        pass
+    raise ConfigError("--wandb online needs wandb credentials (run `wandb login` or export WANDB_API_KEY); "
+                      "or use --wandb offline and `wandb sync` later")
+
+
+# ============================================================================ CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage block
+        fail(f"{message} (see python experiments/grid.py --help)")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = _Parser(prog="python experiments/grid.py", description="Run the twinseg study grid on Ray Tune.")
+    p.add_argument("--grid", default=None, help="smoke (default), paper, or a grid YAML file")
+    p.add_argument("--data-root", default=None, help="dataset folder for every trial (overrides data.root)")
+    p.add_argument("--output", default=None, help="results folder (default results/<grid>-<timestamp>/)")
+    p.add_argument("--resume", action="store_true", help="continue --output DIR or the latest results/<grid>-* run")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or HOST:6379)")
+    p.add_argument("--wandb", default=None, choices=WANDB_MODES, help="wandb mode (default: the grid's, offline)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (overrides the grid)")
+    p.add_argument("--no-report", action="store_true", help="do not build report.md at the end")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray start (default: all)")
+    p.add_argument("--no-dashboard", action="store_true", help="local start without the Ray dashboard")
+    a = p.parse_args(argv)
+    if a.max_concurrent is not None and a.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {a.max_concurrent} must be >= 1")
+    if a.num_cpus is not None and a.num_cpus < 1:
+        raise ConfigError(f"--num-cpus {a.num_cpus} must be >= 1")
+    if a.address and a.num_cpus is not None:
+        raise ConfigError("--num-cpus is for a local start; drop it with --address (the cluster has its own CPUs)")
+    if a.data_root is not None:
+        root = Path(a.data_root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"--data-root {a.data_root} is not a folder; pass the folder that holds VOCdevkit/")
+        a.data_root = str(root.resolve())
+    return a
+
+
+def _grid_name_hint(args) -> str:
+    """Name of the grid for --resume without --output: the --grid's name (default smoke)."""
+    path = gridspec.resolve_grid(args.grid)
+    doc = gridspec.read_yaml(path)
+    name = doc.get("name", path.stem) if isinstance(doc, dict) else path.stem
+    return str(name)
+
+
+@guard
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    overrides = {"data_root": args.data_root, "wandb": args.wandb, "max_concurrent": args.max_concurrent}
+
+    # ---- resolve and validate everything before anything is written or started
+    if args.resume:
+        results_dir, resuming = choose_results_dir(args, _grid_name_hint(args))
+        grid_path = results_dir / "grid.yaml"
+        if args.grid:
+            console.line(f"resume   using the grid stored in {grid_path} (--grid {args.grid} is ignored)", "dim")
+    else:
+        grid_path = gridspec.resolve_grid(args.grid)
+        results_dir, resuming = None, False
+    doc = gridspec.read_yaml(grid_path)
+    doc = gridspec.apply_overrides(doc, overrides)
+    _absolute_data_root(doc)
+    if not resuming:
+        probe = gridspec.build_grid(doc, grid_path, None, check_models=False)
+        results_dir, resuming = choose_results_dir(args, probe.name)
+    spec = gridspec.build_grid(doc, grid_path, None, trials_root=results_dir / "trials")
+    check_wandb(spec.wandb)
+    console.line(f"grid     {gridspec.describe(spec)}", "bold")
+    fake = os.environ.get("TWINSEG_FAKE_RUNS") == "1"
+    prepare_data(spec, console, fake)
+
+    # ---- results folder
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "trials").mkdir(exist_ok=True)
+    created = _now_iso()
+    if resuming:
+        try:
+            created = json.loads((results_dir / "summary.json").read_text()).get("created") or created
+        except (OSError, ValueError):
+            pass
+    else:
+        import yaml
+
+        atomic_write(results_dir / "grid.yaml", f"# effective grid (from {grid_path}, CLI overrides applied)\n"
+                     + yaml.safe_dump(spec.raw, sort_keys=False))
+    group = results_dir.name
+    state = GridState(spec, results_dir, created, console, group=group, wandb=spec.wandb)
+    state.write_summary()
+    n_done = state.counts()["done"]
+    console.line(f"results  {results_dir}" + (f" (resuming: {n_done} trial(s) already done)" if resuming else ""))
+
+    if state.unlaunched_pending():
+        run_on_ray(args, spec, state, console)
+    else:
+        console.line("nothing to run: every trial is already finished")
+
+    # ---- end
+    state.write_summary()
+    c = state.counts()
+    console.line(f"summary  {c['done']} done, {c['failed']} failed, {c['skipped']} skipped, {c['pending']} pending "
+                 f"-> {results_dir / 'summary.json'}", "bold")
+    if not args.no_report:
+        build_report(results_dir, console)
+    if state.ray_started:
+        line = dashboard_line(state.dashboard_url, os.environ.get("RAY_AUTH_MODE"))
+        if state.dashboard_url and not args.address:
+            line = line.replace("dashboard: ", "dashboard (used by this run; stopped with it): ", 1)
+        console.line(line)
+    if c["pending"]:
+        print(f"twinseg: error: grid interrupted with {c['pending']} trial(s) not finished; continue with "
+              f"python experiments/grid.py --resume --output {results_dir}", file=sys.stderr)
+        return 130 if state.interrupted else 1
+    if c["failed"] or c["skipped"]:
+        bad = [t for t in state.order if state.status[t] in ("failed", "skipped")]
+        print(f"twinseg: error: {c['failed']} trial(s) failed and {c['skipped']} skipped ({', '.join(bad[:5])}"
+              f"{'...' if len(bad) > 5 else ''}); see {results_dir / 'summary.json'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console) -> None:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Tune creates one pending trial at a time for custom searchers; allow max_concurrent at once.
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(spec.max_concurrent))
+    os.environ["WANDB_SILENT"] = "true"
+    # Trials import experiments.trial: make the repo importable in Ray workers.
+    pp = os.environ.get("PYTHONPATH", "")
+    if str(REPO_ROOT) not in pp.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([pp] if pp else []))
+    env_vars = {"PYTHONPATH": os.environ["PYTHONPATH"], "WANDB_SILENT": "true"}
+    # Project settings (data cache, test hooks) reach the workers of a joined cluster too; secrets
+    # (e.g. WANDB_API_KEY) are never put into the Ray job config: cluster nodes log in themselves.
+    for k, v in os.environ.items():
+        if k.startswith("TWINSEG_"):
+            env_vars[k] = v
+
+    import ray
+    from ray import tune
+
+    from experiments.trial import grid_trial
+
+    url = start_ray(args, console, env_vars)
+    quiet_tune_logs()
+    state.dashboard_url = url
+    state.ray_started = True
+    try:
+        auth = os.environ.get("RAY_AUTH_MODE")
+        console.line(dashboard_line(url, auth), "bold")
+        check_cluster_fits(spec, strict=not args.address)
+        state.write_summary()
+
+        def resources(config: dict) -> dict:
+            r = config["trial"]["resources"]
+            return {"cpu": r["cpu"], "gpu": r["gpu"]}
+
+        trainable = tune.with_resources(grid_trial, resources=resources)
+        name_of = lambda trial: trial.config["trial"]["id"]  # noqa: E731
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_scheduler(state, spec.max_concurrent),
+                num_samples=-1,
+                reuse_actors=False,
+                trial_name_creator=name_of,
+                trial_dirname_creator=name_of,
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(state.results_dir / "ray"),
+                failure_config=tune.FailureConfig(max_failures=spec.retries),
+                callbacks=[make_console_callback(state, spec.retries)],
+                verbose=0,
+                log_to_file=True,
+            ),
+        )
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            state.interrupted = True
+        if state.launched:
+            state.interrupted = True
+        if state.launched or state.unlaunched_pending():
+            state.mark_interrupted()
+    finally:
+        state.write_summary()
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def build_report(results_dir: Path, console: Console) -> None:
+    try:
+        from analysis.report import build_report as _build
+    except ImportError:
+        console.line("report: analysis.report is not available; run python analysis/report.py "
+                     f"{results_dir} later", "yellow")
+        return
+    try:
+        out = _build(results_dir)
+    except TwinsegError as e:
+        console.line(f"report: not built ({e})", "yellow")
+        return
+    except Exception as e:  # noqa: BLE001 - the results stay valid; say why in one line
+        console.line(f"report: not built ({type(e).__name__}: {' '.join(str(e).split())[:300]})", "yellow")
+        return
+    path = Path(out) if isinstance(out, (str, Path)) else results_dir / "report.md"
+    if path.is_dir():
+        path = path / "report.md"
+    console.line(f"report: {path}", "bold")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,646 @@
+"""Grid files: load, validate and expand a declarative study grid (no Ray here).
+
+A grid file (YAML, no code) describes the whole study; see `experiments/grids/smoke.yaml` for a
+commented example. Schema (every key optional unless marked):
+
+    name: smoke                      # results/<name>-<timestamp>/ (default: the file's stem)
+    description: "..."
+    wandb: offline                   # offline | online | disabled (one wandb run per trial)
+    max_concurrent: 2                # trials running at once (>= 1)
+    retries: 1                       # Ray Tune max_failures per trial (>= 0; retry resumes last.ckpt)
+    data: {DataConfig fields}        # shared by both stages
+    stage1:                          # self-supervised pretraining
+      resources: {cpu: 1, gpu: 0}    # per trial; gpu may be a fraction (several trials per GPU)
+      settings: {PretrainConfig fields}      # shared; `data:` here merges over the top-level data
+      axes:                          # product of lists; or a LIST of such blocks (union of products)
+        backbone: [vit_nano_patch8]
+        source: [random]
+        lambd: [0.0051]              # ignored (collapsed) for method dino
+        method: [barlow_twins]
+        seed: [0]
+      exclude: [{backbone: resnet_tiny, method: dino}]   # drop matching combinations
+      overrides: [{match: {method: dino}, set: {optimizer: adamw}}]   # per-variant settings
+    stage2:                          # segmentation, one trial per (evaluation, matched stage-1 trial)
+      resources: {cpu: 1, gpu: 0}
+      settings: {SegmentConfig fields}
+      overrides: [{match: {evaluation: E1}, set: {batch_size: 8}}]  # keys: evaluation + stage-1 axes
+      evaluations:
+        - evaluation: E1             # preset of core.evaluations (E1..E5)
+          from: {backbone: resnet_tiny, method: barlow_twins}  # stage-1 trials it consumes
+          settings: {...}            # optional SegmentConfig fields for this entry
+          tag: pup                   # optional, disambiguates ids of two entries of one evaluation
+        - evaluation: E5
+          from: none                 # standalone: no stage-1 dependency (settings give source)
+
+A `from` match maps stage-1 axis names to a value or a list of values; it selects EVERY matching
+stage-1 trial (one segmentation trial each, which inherits its backbone and seed and consumes its
+`backbone.pt`). When `method` is not given it defaults to the preset's `pretrain_method`.
+
+Validation happens before anything starts: every trial's `PretrainConfig` / `SegmentConfig` is
+built with `from_dict`; errors are ONE line `<file>: <key path> ...` (ConfigError).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from core.config import WANDB_MODES, DataConfig, PretrainConfig, SegmentConfig
+from core.errors import ConfigError, TwinsegError
+
+GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+AXES = ("backbone", "source", "lambd", "method", "seed")
+STAGE2_MATCH_KEYS = ("evaluation",) + AXES
+METHOD_SHORT = {"barlow_twins": "bt", "dino": "dino"}
+
+TOP_KEYS = ("name", "description", "wandb", "max_concurrent", "retries", "data", "stage1", "stage2")
+STAGE1_KEYS = ("resources", "settings", "axes", "exclude", "overrides")
+STAGE2_KEYS = ("resources", "settings", "overrides", "evaluations")
+ENTRY_KEYS = ("evaluation", "from", "settings", "tag")
+RESOURCE_KEYS = ("cpu", "gpu")
+# Fields a grid sets itself (per trial): refusing them in `settings` avoids silent no-ops.
+STAGE1_AXIS_FIELDS = set(AXES)
+STAGE2_OWN_FIELDS = {"evaluation"}
+
+
+# ----------------------------------------------------------------------------- data types
+@dataclass
+class TrialSpec:
+    """One trial of the grid (a run folder under trials/<id>/)."""
+
+    id: str
+    stage: str  # "pretrain" | "segment"
+    config: dict  # the validated config (to_dict); source of a segment trial = checkpoint:<dep>/backbone.pt
+    depends_on: list[str] = field(default_factory=list)
+    resources: dict = field(default_factory=dict)  # {"cpu": float, "gpu": float}
+    labels: dict = field(default_factory=dict)  # axis values (pretrain) / evaluation + from (segment)
+
+
+@dataclass
+class GridSpec:
+    name: str
+    path: Path
+    raw: dict  # the parsed (and CLI-overridden) YAML document
+    wandb: str
+    max_concurrent: int
+    retries: int
+    trials: list[TrialSpec]
+
+    def by_id(self) -> dict[str, TrialSpec]:
+        return {t.id: t for t in self.trials}
+
+    def dependants(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {t.id: [] for t in self.trials}
+        for t in self.trials:
+            for d in t.depends_on:
+                out[d].append(t.id)
+        return out
+
+    def stage(self, stage: str) -> list[TrialSpec]:
+        return [t for t in self.trials if t.stage == stage]
+
+
+# ----------------------------------------------------------------------------- resolution
+def list_grids() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+
+
+def resolve_grid(arg: Optional[str]) -> Path:
+    """`smoke` / `paper` -> experiments/grids/NAME.yaml; anything path-like -> that file."""
+    arg = "smoke" if arg in (None, "") else str(arg)
+    looks_like_path = ("/" in arg) or ("\\" in arg) or arg.endswith((".yaml", ".yml")) or Path(arg).is_file()
+    if looks_like_path:
+        p = Path(arg).expanduser()
+        if not p.is_file():
+            raise ConfigError(
+                f"--grid {arg}: no such grid file; pass an existing YAML file or one of: {', '.join(list_grids())}"
+            )
+        return p
+    p = GRIDS_DIR / f"{arg}.yaml"
+    if not p.is_file():
+        hint = difflib.get_close_matches(arg, list_grids(), n=1)
+        dym = f" (did you mean {hint[0]}?)" if hint else ""
+        raise ConfigError(
+            f"--grid {arg}: unknown grid{dym}; choose one of: {', '.join(list_grids())}, or pass a YAML file path"
+        )
+    return p
+
+
+def read_yaml(path: Path) -> dict:
+    fname = Path(path).name
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the grid file ({e.strerror or e}); check the path") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{fname}:{where} is not valid YAML ({problem}); fix the syntax") from None
+    if doc is None:
+        raise ConfigError(f"{fname}: the grid file is empty; see experiments/grids/smoke.yaml for the format")
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{fname}: a grid file must be a mapping of keys ({', '.join(TOP_KEYS)}), not a {type(doc).__name__}")
+    return doc
+
+
+# ----------------------------------------------------------------------------- small checks
+class _Ctx:
+    """Error helper: every message is `<file>: <key path> <problem>; <fix>`."""
+
+    def __init__(self, fname: str):
+        self.fname = fname
+
+    def err(self, path: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.fname}: {path} {msg}" if path else f"{self.fname}: {msg}")
+
+    def mapping(self, path: str, v: Any, allowed: Optional[tuple] = None, *, allow_none: bool = True) -> dict:
+        if v is None and allow_none:
+            return {}
+        if not isinstance(v, dict):
+            raise self.err(path, f"must be a mapping (key: value), got {_short(v)}")
+        if allowed is not None:
+            for k in v:
+                if k not in allowed:
+                    raise self.err(f"{path}.{k}" if path else str(k), f"is not a known key; {_choices(k, allowed)}")
+        return v
+
+    def number(self, path: str, v: Any, *, minimum: float = 0.0, strict: bool = False, integer: bool = False) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            kind = "an integer" if integer else "a number"
+            raise self.err(f"{path}={_short(v)}", f"must be {kind}; write e.g. {path.rsplit('.', 1)[-1]}: 1")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise self.err(f"{path}={v!r}", "must be a finite number")
+        if integer and float(v) != int(v):
+            raise self.err(f"{path}={v!r}", "must be an integer")
+        if (strict and not v > minimum) or (not strict and v < minimum):
+            raise self.err(f"{path}={v!r}", f"must be {'>' if strict else '>='} {minimum:g}")
+        return int(v) if integer else float(v)
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _choices(k: Any, allowed) -> str:
+    hint = difflib.get_close_matches(str(k), [str(a) for a in allowed], n=1)
+    dym = f"did you mean {hint[0]}? " if hint else ""
+    return f"{dym}allowed: {', '.join(map(str, allowed))}"
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Settings merge; the `data` sub-mapping merges key by key."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if k == "data" and isinstance(v, dict) and isinstance(out.get("data"), dict):
+            out["data"] = {**out["data"], **copy.deepcopy(v)}
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Axis value equality that treats 0.0051 and '0.0051' and 1 / 1.0 alike."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def _matches(match: dict, labels: dict) -> bool:
+    for k, want in match.items():
+        have = labels.get(k)
+        if not any(_same(have, w) for w in _as_list(want)):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- ids
+def _fmt_num(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return str(int(f)) if f.is_integer() and abs(f) < 1e15 else format(f, "g")
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "_", str(s)).strip("_") or "x"
+
+
+def _source_tag(source: str) -> str:
+    if str(source).startswith("checkpoint:"):
+        p = Path(str(source)[len("checkpoint:"):])
+        stem = p.parent.name if p.name in ("backbone.pt", "last.ckpt") else p.stem
+        digest = hashlib.sha1(str(source).encode()).hexdigest()[:6]
+        return f"ckpt_{_safe(stem)[:40]}_{digest}"
+    return _safe(source)
+
+
+def pretrain_id(labels: dict) -> str:
+    m = METHOD_SHORT.get(labels["method"], _safe(labels["method"]))
+    parts = ["pt", _safe(labels["backbone"]), _source_tag(labels["source"]), m]
+    if labels["method"] == "barlow_twins":
+        parts.append(f"l{_fmt_num(labels['lambd'])}")
+    parts.append(f"s{_fmt_num(labels['seed'])}")
+    return "-".join(parts)
+
+
+# ----------------------------------------------------------------------------- config errors -> key paths
+_FIELD_RE = re.compile(r"^(?:(?:PretrainConfig|SegmentConfig|DataConfig)\.)?([A-Za-z_][\w.]*)=(.*)$", re.S)
+
+
+def _locate(msg: str, origins: dict[str, str]) -> str:
+    """Rewrite `field=value rest` into `<key path>=value rest` using `origins` (field -> key path)."""
+    m = _FIELD_RE.match(msg)
+    if not m:
+        return msg
+    fieldname, rest = m.group(1), m.group(2)
+    key = fieldname
+    if key.startswith("data.") or key in origins:
+        pass
+    elif f"data.{key}" in origins:  # DataConfig coercion messages say "DataConfig.image_size="
+        key = f"data.{key}"
+    path = origins.get(key)
+    if path is None:
+        return msg
+    return f"{path}={rest}"
+
+
+def _origins_for(prefix: str, d: dict) -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if k == "data" and isinstance(v, dict):
+            for dk in v:
+                out[f"data.{dk}"] = f"{prefix}.data.{dk}"
+        else:
+            out[k] = f"{prefix}.{k}"
+    return out
+
+
+# ----------------------------------------------------------------------------- backbone-level checks (cached)
+class _ModelChecks:
+    """Checks that need a backbone instance (input size, fusion, head fit); one build per name/size."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], Any] = {}
+
+    def backbone(self, name: str, size: int):
+        key = (name, int(size))
+        if key not in self._cache:
+            from core.models.registry import create_backbone
+
+            self._cache[key] = create_backbone(name, image_size=int(size))
+        return self._cache[key]
+
+    def input_size(self, name: str, size: int) -> None:
+        self.backbone(name, size).check_input_size(size, size)
+
+    def segment(self, cfg: SegmentConfig) -> None:
+        bb = self.backbone(cfg.backbone, cfg.data.image_size)
+        bb.check_input_size(cfg.data.image_size, cfg.data.image_size)
+        from core.models.heads import head_refusal
+        from core.models.heads.fusion import fusion_refusal
+
+        err = fusion_refusal(cfg.fusion, bb, cfg.fusion_blocks)
+        if err is None:
+            err = head_refusal(cfg.head, bb)
+        if err is not None:
+            raise err
+
+
+# ----------------------------------------------------------------------------- loading
+def load_grid(path: Path | str, overrides: Optional[dict] = None, *, trials_root: Path | str = "trials",
+              check_models: bool = True) -> GridSpec:
+    """Read, validate and expand a grid file. `overrides`: CLI values (`data_root`, `wandb`,
+    `max_concurrent`). `trials_root`: folder of the trial dirs (segment sources point into it)."""
+    path = Path(path)
+    doc = read_yaml(path)
+    return build_grid(doc, path, overrides, trials_root=trials_root, check_models=check_models)
+
+
+def apply_overrides(doc: dict, overrides: Optional[dict]) -> dict:
+    doc = copy.deepcopy(doc)
+    ov = overrides or {}
+    if ov.get("data_root") is not None:
+        data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+        data = dict(data or {})
+        data["root"] = str(ov["data_root"])
+        doc["data"] = data
+    if ov.get("wandb") is not None:
+        doc["wandb"] = ov["wandb"]
+    if ov.get("max_concurrent") is not None:
+        doc["max_concurrent"] = ov["max_concurrent"]
+    return doc
+
+
+def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, trials_root: Path | str = "trials",
+               check_models: bool = True) -> GridSpec:
+    path = Path(path)
+    c = _Ctx(path.name)
+    doc = apply_overrides(doc, overrides)
+    c.mapping("", doc, TOP_KEYS)
+
+    name = doc.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise c.err(f"name={_short(name)}", "must be a simple name (letters, digits, . _ -); it names results/<name>-<time>/")
+    wandb = doc.get("wandb", "offline")
+    if wandb not in WANDB_MODES:
+        raise c.err(f"wandb={_short(wandb)}", f"is not allowed; choose one of: {', '.join(WANDB_MODES)}")
+    max_conc = c.number("max_concurrent", doc.get("max_concurrent", 1), minimum=1, integer=True)
+    retries = c.number("retries", doc.get("retries", 0), minimum=0, integer=True)
+    data = c.mapping("data", doc.get("data"))
+    if data.get("root") is not None and not isinstance(data.get("root"), str):
+        raise c.err(f"data.root={_short(data.get('root'))}", "must be a folder path (a string) or null for the generated dataset")
+    try:
+        DataConfig.from_dict(data)
+    except ConfigError as e:
+        raise c.err("", _locate(str(e), _origins_for("data", {"data": data})).replace("DataConfig: ", "data: ")) from None
+
+    checks = _ModelChecks() if check_models else None
+    s1 = doc.get("stage1")
+    s2 = doc.get("stage2")
+    if s1 is None and s2 is None:
+        raise c.err("", "has neither stage1 nor stage2; add at least one (see experiments/grids/smoke.yaml)")
+    pre = _expand_stage1(c, s1, data, wandb, checks) if s1 is not None else []
+    seg = _expand_stage2(c, s2, data, wandb, pre, Path(trials_root), checks) if s2 is not None else []
+    trials = pre + seg
+    if not trials:
+        raise c.err("", "expands to no trial; check stage1.axes and stage2.evaluations")
+    seen: set[str] = set()
+    for t in trials:
+        if t.id in seen:  # only possible through odd names; keep ids unique and stable
+            raise c.err("", f"two trials get the same id {t.id}; remove the duplicate axis value or add a tag")
+        seen.add(t.id)
+    return GridSpec(name=name, path=path, raw=doc, wandb=wandb, max_concurrent=int(max_conc),
+                    retries=int(retries), trials=trials)
+
+
+def _resources(c: _Ctx, path: str, v: Any) -> dict:
+    r = c.mapping(path, v, RESOURCE_KEYS)
+    cpu = c.number(f"{path}.cpu", r.get("cpu", 1), minimum=0, strict=True)
+    gpu = c.number(f"{path}.gpu", r.get("gpu", 0), minimum=0)
+    if gpu > 1 and not float(gpu).is_integer():
+        raise c.err(f"{path}.gpu={gpu!r}", "must be a fraction <= 1 or a whole number of GPUs")
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def _check_devices(c: _Ctx, path: str, settings: dict, res: dict) -> None:
+    dev = settings.get("devices", 1)
+    if isinstance(dev, (int, float)) and not isinstance(dev, bool) and dev > 1:
+        raise c.err(
+            f"{path}.settings.devices={dev!r}",
+            "(several GPUs per trial through Ray Train + DDP) is not supported by grid.py yet; "
+            "use devices: 1 and pack trials with fractional resources.gpu",
+        )
+    device = settings.get("device", "auto")
+    if device == "cuda" and res["gpu"] == 0:
+        raise c.err(f"{path}.settings.device='cuda'", f"needs a GPU but {path}.resources.gpu=0; set resources.gpu > 0 or device: auto")
+
+
+def _check_settings_keys(c: _Ctx, path: str, settings: dict, cls, own: set) -> None:
+    names = [f for f in cls.__dataclass_fields__ if f not in own]
+    for k in settings:
+        if k in own:
+            raise c.err(f"{path}.{k}", f"is set by the grid itself ({'an axis' if k in AXES else 'per entry'}); remove it from {path}")
+        if k not in names:
+            raise c.err(f"{path}.{k}", f"is not a {cls.__name__} field; {_choices(k, sorted(names))}")
+    if "data" in settings:
+        d = c.mapping(f"{path}.data", settings["data"])
+        for k in d:
+            if k not in DataConfig.__dataclass_fields__:
+                raise c.err(f"{path}.data.{k}", f"is not a DataConfig field; {_choices(k, sorted(DataConfig.__dataclass_fields__))}")
+
+
+def _overrides(c: _Ctx, path: str, v: Any, match_keys: tuple, cls, own: set) -> list[tuple[dict, dict, int]]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise c.err(path, "must be a list of {match: {...}, set: {...}}")
+    out = []
+    for i, o in enumerate(v):
+        p = f"{path}[{i}]"
+        o = c.mapping(p, o, ("match", "set"), allow_none=False)
+        match = c.mapping(f"{p}.match", o.get("match"), match_keys)
+        st = c.mapping(f"{p}.set", o.get("set"))
+        _check_settings_keys(c, f"{p}.set", st, cls, own)
+        out.append((match, st, i))
+    return out
+
+
+def _axis_blocks(c: _Ctx, axes: Any) -> list[tuple[str, dict]]:
+    if axes is None:
+        raise c.err("stage1.axes", "is missing; list at least backbone and method, e.g. axes: {backbone: [vit_nano_patch8], method: [barlow_twins]}")
+    blocks = [("stage1.axes", axes)] if isinstance(axes, dict) else None
+    if blocks is None:
+        if not isinstance(axes, list) or not axes:
+            raise c.err("stage1.axes", "must be a mapping of axis lists, or a non-empty list of such mappings")
+        blocks = [(f"stage1.axes[{i}]", b) for i, b in enumerate(axes)]
+    out = []
+    for p, b in blocks:
+        b = c.mapping(p, b, AXES, allow_none=False)
+        norm = {}
+        for k in AXES:
+            if k not in b:
+                continue
+            vals = b[k]
+            if not isinstance(vals, list):
+                vals = [vals]
+            if not vals:
+                raise c.err(f"{p}.{k}", "is an empty list; give at least one value (or remove the axis to use the default)")
+            for j, v in enumerate(vals):
+                if v is None or isinstance(v, (dict, list)):
+                    raise c.err(f"{p}.{k}[{j}]={_short(v)}", "must be a single value")
+                if any(_same(v, w) for w in vals[:j]):
+                    raise c.err(f"{p}.{k}[{j}]={_short(v)}", "is listed twice; remove the duplicate")
+            norm[k] = vals
+        out.append((p, norm))
+    return out
+
+
+def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_ModelChecks]) -> list[TrialSpec]:
+    s1 = c.mapping("stage1", s1, STAGE1_KEYS, allow_none=False)
+    res = _resources(c, "stage1.resources", s1.get("resources"))
+    settings = c.mapping("stage1.settings", s1.get("settings"))
+    _check_settings_keys(c, "stage1.settings", settings, PretrainConfig, STAGE1_AXIS_FIELDS | {"wandb"})
+    _check_devices(c, "stage1", settings, res)
+    overrides = _overrides(c, "stage1.overrides", s1.get("overrides"), AXES, PretrainConfig, STAGE1_AXIS_FIELDS | {"wandb"})
+    excl = s1.get("exclude")
+    if excl is not None and not isinstance(excl, list):
+        raise c.err("stage1.exclude", "must be a list of matches, e.g. [{backbone: resnet_tiny, method: dino}]")
+    excludes = [(c.mapping(f"stage1.exclude[{i}]", e, AXES, allow_none=False), i) for i, e in enumerate(excl or [])]
+    defaults = PretrainConfig.__dataclass_fields__
+    base = _merge({"data": copy.deepcopy(data)}, settings)
+
+    trials: list[TrialSpec] = []
+    ids: set[str] = set()
+    used_excl: set[int] = set()
+    for bpath, block in _axis_blocks(c, s1.get("axes")):
+        names = list(block)
+        for combo in itertools.product(*(list(enumerate(block[k])) for k in names)):
+            labels = {k: defaults[k].default for k in AXES}
+            idx = {}
+            for k, (j, v) in zip(names, combo):
+                labels[k] = v
+                idx[k] = j
+            hit = [i for e, i in excludes if _matches(e, labels)]
+            if hit:
+                used_excl.update(hit)
+                continue
+            d = copy.deepcopy(base)
+            origins = _origins_for("stage1.settings", settings)
+            origins.update({f"data.{k}": f"data.{k}" for k in data if f"data.{k}" not in origins})
+            for match, st, oi in overrides:
+                if _matches(match, labels):
+                    d = _merge(d, st)
+                    origins.update(_origins_for(f"stage1.overrides[{oi}].set", st))
+            for k in AXES:
+                d[k] = labels[k]
+                if k in idx:
+                    origins[k] = f"{bpath}.{k}[{idx[k]}]"
+                else:
+                    origins[k] = f"stage1 default {k}"
+            d["wandb"] = wandb
+            try:
+                cfg = PretrainConfig.from_dict(d)
+            except ConfigError as e:
+                raise c.err("", _locate(str(e), origins)) from None
+            if checks is not None:
+                try:
+                    checks.input_size(cfg.backbone, cfg.data.image_size)
+                except ConfigError as e:
+                    where = origins.get("data.image_size", "data.image_size (default)")
+                    raise c.err(f"{where}={cfg.data.image_size}", f"does not fit backbone {cfg.backbone} ({origins['backbone']}): {e}") from None
+            norm_labels = {"backbone": cfg.backbone, "source": cfg.source, "lambd": cfg.lambd,
+                           "method": cfg.method, "seed": cfg.seed}
+            tid = pretrain_id(norm_labels)
+            if tid in ids:  # e.g. DINO across lambdas: lambd does not apply, one trial
+                continue
+            ids.add(tid)
+            trials.append(TrialSpec(id=tid, stage="pretrain", config=cfg.to_dict(), resources=dict(res),
+                                    labels=norm_labels))
+    for e, i in excludes:
+        if i not in used_excl:
+            raise c.err(f"stage1.exclude[{i}]={_short(e)}", "matches no stage-1 combination; fix or remove it")
+    if not trials:
+        raise c.err("stage1", "expands to no trial (every combination excluded); check stage1.axes and stage1.exclude")
+    return trials
+
+
+def _evaluations():
+    try:
+        from core.evaluations import EVALUATIONS, apply_evaluation
+    except ImportError as e:  # pragma: no cover - the module is part of core
+        raise TwinsegError(f"core.evaluations is not importable ({e}); the install is incomplete") from None
+    return EVALUATIONS, apply_evaluation
+
+
+def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec], trials_root: Path,
+                   checks: Optional[_ModelChecks]) -> list[TrialSpec]:
+    EVALUATIONS, apply_evaluation = _evaluations()
+    s2 = c.mapping("stage2", s2, STAGE2_KEYS, allow_none=False)
+    res = _resources(c, "stage2.resources", s2.get("resources"))
+    settings = c.mapping("stage2.settings", s2.get("settings"))
+    own = STAGE2_OWN_FIELDS | {"wandb"}
+    _check_settings_keys(c, "stage2.settings", settings, SegmentConfig, own)
+    _check_devices(c, "stage2", settings, res)
+    overrides = _overrides(c, "stage2.overrides", s2.get("overrides"), STAGE2_MATCH_KEYS, SegmentConfig, own)
+    entries = s2.get("evaluations")
+    if not isinstance(entries, list) or not entries:
+        raise c.err("stage2.evaluations", "must be a non-empty list, e.g. [{evaluation: E2, from: {method: barlow_twins}}]")
+
+    trials: list[TrialSpec] = []
+    for i, ent in enumerate(entries):
+        p = f"stage2.evaluations[{i}]"
+        ent = c.mapping(p, ent, ENTRY_KEYS, allow_none=False)
+        ev = ent.get("evaluation")
+        if ev not in EVALUATIONS:
+            raise c.err(f"{p}.evaluation={_short(ev)}", f"is not a preset; choose one of: {', '.join(EVALUATIONS)}")
+        tag = ent.get("tag")
+        if tag is not None and (not isinstance(tag, str) or not re.fullmatch(r"[A-Za-z0-9._]+", tag)):
+            raise c.err(f"{p}.tag={_short(tag)}", "must be a short name (letters, digits, . _)")
+        esettings = c.mapping(f"{p}.settings", ent.get("settings"))
+        _check_settings_keys(c, f"{p}.settings", esettings, SegmentConfig, own)
+        _check_devices(c, p, esettings, res)
+        if "from" not in ent:
+            raise c.err(f"{p}.from", "is missing; give the stage-1 trials it consumes, e.g. from: {backbone: vit_nano_patch8}, or from: none")
+        src = ent.get("from")
+        label = f"{ev}-{tag}" if tag else ev
+        if src is None or (isinstance(src, str) and src.lower() == "none"):
+            deps: list[Optional[TrialSpec]] = [None]
+        else:
+            match = dict(c.mapping(f"{p}.from", src, AXES, allow_none=False))
+            if not match:
+                raise c.err(f"{p}.from", "is empty; name at least one stage-1 axis (e.g. backbone) or write from: none")
+            match.setdefault("method", EVALUATIONS[ev].get("pretrain_method"))
+            deps = [t for t in pre if _matches(match, t.labels)]
+            if not deps:
+                have = {k: sorted({str(t.labels[k]) for t in pre}) for k in AXES}
+                avail = "; ".join(f"{k} in [{', '.join(have[k])}]" for k in match)
+                raise c.err(f"{p}.from={_short(match, 120)}", f"selects no stage-1 trial (stage-1 has {avail or 'no trial'}); fix the match or the stage-1 axes")
+        for dep in deps:
+            d = _merge({"data": copy.deepcopy(data)}, settings)
+            origins = _origins_for("stage2.settings", settings)
+            origins.update({f"data.{k}": f"data.{k}" for k in data if f"data.{k}" not in origins})
+            d = _merge(d, esettings)
+            origins.update(_origins_for(f"{p}.settings", esettings))
+            labels = {"evaluation": ev}
+            if dep is not None:
+                labels.update(dep.labels)
+                d["backbone"] = dep.config["backbone"]
+                d["seed"] = dep.config["seed"]
+                d["source"] = f"checkpoint:{(trials_root / dep.id / 'backbone.pt').as_posix()}"
+                for k in ("backbone", "seed", "source"):
+                    origins[k] = f"{p}.from (stage-1 trial {dep.id})"
+            for match, st, oi in overrides:
+                if _matches(match, {**labels, "backbone": d.get("backbone"), "seed": d.get("seed")}):
+                    d = _merge(d, st)
+                    origins.update(_origins_for(f"stage2.overrides[{oi}].set", st))
+            d["wandb"] = wandb
+            explicit = {k: v for k, v in d.items() if v is not None}
+            d = apply_evaluation(d, ev)
+            d.update(explicit)  # explicit values always win over the preset
+            d.pop("pretrain_method", None)
+            d.pop("description", None)
+            for k in d:
+                origins.setdefault(k, f"{p} (preset {ev}) {k}")
+            try:
+                cfg = SegmentConfig.from_dict(d)
+            except ConfigError as e:
+                raise c.err("", _locate(str(e), origins)) from None
+            if checks is not None:
+                try:
+                    checks.segment(cfg)
+                except ConfigError as e:
+                    ctx = f" (stage-1 trial {dep.id})" if dep is not None else ""
+                    raise c.err(p, f"evaluation {ev} on backbone {cfg.backbone}{ctx}: {e}") from None
+            if dep is not None:
+                tid = f"seg-{label}-from-{dep.id}"
+            else:
+                tid = "-".join(["seg", label, _safe(cfg.backbone), _source_tag(cfg.source), f"s{_fmt_num(cfg.seed)}"])
+            labels = {**labels, "from": dep.id if dep else None}
+            trials.append(TrialSpec(id=tid, stage="segment", config=cfg.to_dict(),
+                                    depends_on=[dep.id] if dep else [], resources=dict(res), labels=labels))
+    return trials
+
+
+def describe(spec: GridSpec) -> str:
+    n1, n2 = len(spec.stage("pretrain")), len(spec.stage("segment"))
+    return f"grid {spec.name} ({spec.path.name}): {n1} pretraining + {n2} segmentation trials"
