@@ -13,7 +13,7 @@ NAMES = ["resnet50", "resnet18", "resnet_tiny", "vit_tiny_patch16", "vit_small_p
 FAST = ["resnet_tiny", "resnet18", "vit_nano_patch8", "vit_small_patch16", "swin_nano",
         "vitpytorch_small"]
 EXPECTED = {  # name: (embed_dim, dense_dim, stride)
-    "resnet50": (2048, 2048, 32), "resnet18": (512, 512, 32), "resnet_tiny": (256, 256, 32),
+    "resnet50": (2048, 2048, 32), "resnet18": (512, 512, 32), "resnet_tiny": (256, 256, 8),
     "vit_tiny_patch16": (192, 192, 16), "vit_small_patch16": (384, 384, 16),
     "vit_small_patch8": (384, 384, 8), "vit_base_patch16": (768, 768, 16),
     "vit_base_patch8": (768, 768, 8), "vit_nano_patch8": (96, 96, 8), "swin_tiny": (768, 768, 32),

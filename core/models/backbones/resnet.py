@@ -9,7 +9,8 @@
   torchvision's BasicBlock (resnet18, resnet_tiny) does not support dilation, so these stay at 32.
 - intermediates: outputs of layer1..layer4 (block indices 0..3, negative allowed).
 - `resnet_tiny`: torchvision-compatible ResNet with BasicBlock, layers [1, 1, 1, 1] and half width
-  (32, 64, 128, 256): a few M-FLOPs at 64 px, for CPU tests and the smoke grid.
+  (32, 64, 128, 256) and a small-image stem (3x3 stride-1 conv, no max-pool, as CIFAR ResNets):
+  output stride 8, so a 64 px image still gives an 8x8 dense map; for CPU tests and the smoke grid.
 Channels-last friendly: call ``backbone.to(memory_format=torch.channels_last)`` and feed
 channels-last input; nothing here forces a contiguous layout.
 """
@@ -29,7 +30,7 @@ from core.models.backbones.base import Backbone, BackboneOutput
 class NarrowResNet(ResNet):
     """torchvision `ResNet` with configurable stage widths (same key names as torchvision)."""
 
-    def __init__(self, block, layers, widths=(32, 64, 128, 256), num_classes=1000):
+    def __init__(self, block, layers, widths=(32, 64, 128, 256), num_classes=1000, small_stem=False):
         nn.Module.__init__(self)
         norm_layer = nn.BatchNorm2d
         self._norm_layer = norm_layer
@@ -37,10 +38,13 @@ class NarrowResNet(ResNet):
         self.dilation = 1
         self.groups = 1
         self.base_width = 64
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        if small_stem:  # stride 1 stem for small images: total stride 8 instead of 32
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, widths[0], layers[0])
         self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
         self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
@@ -84,20 +88,21 @@ class ResNetBackbone(Backbone):
             block, layers, widths = BasicBlock, [1, 1, 1, 1], (32, 64, 128, 256)
         else:  # pragma: no cover - registry only passes known archs
             raise ConfigError(f"unknown ResNet arch {arch!r}")
+        self._stem_stride = 1 if arch == "resnet_tiny" else 4
         if output_stride != 32 and block is BasicBlock:
             raise ConfigError(
                 f"output_stride={output_stride} needs dilated Bottleneck blocks; {name} uses "
                 f"BasicBlock and only supports output_stride=32 (use resnet50 for 8/16)"
             )
         if arch == "resnet_tiny":
-            model = NarrowResNet(block, layers, widths)
+            model = NarrowResNet(block, layers, widths, small_stem=True)
         else:
             model = ResNet(block, layers, replace_stride_with_dilation=_DILATION[output_stride],
                            zero_init_residual=zero_init_residual)
         model.fc = nn.Identity()
         self.tv_model = model
-        self.output_stride = output_stride
-        self.stride = output_stride
+        self.output_stride = output_stride * self._stem_stride // 4
+        self.stride = self.output_stride
         self._stage_dims = [w * block.expansion for w in widths]
         self.embed_dim = self.dense_dim = self._stage_dims[-1]
         self.image_size = image_size
@@ -107,14 +112,14 @@ class ResNetBackbone(Backbone):
 
     def _stage_strides(self) -> list[int]:
         s = [4, 8, 16, 32]
-        if self.output_stride <= 16:
+        if self.output_stride * 4 // self._stem_stride <= 16:
             s[3] = 16
-        if self.output_stride == 8:
+        if self.output_stride * 4 // self._stem_stride == 8:
             s[2] = s[3] = 8
-        return s
+        return [v * self._stem_stride // 4 for v in s]
 
     def grid_size(self, h: int, w: int) -> tuple[int, int]:
-        # conv1 (s2) and maxpool (s2) and each strided stage round up: ceil(h / stride)
+        # the stem and each strided stage round up: ceil(h / stride)
         return -(-h // self.stride), -(-w // self.stride)
 
     def layers(self) -> dict[str, nn.Module]:

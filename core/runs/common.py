@@ -1,0 +1,219 @@
+"""What every run (pretrain, segment) shares: device choice, loggers, trainer, atomic files, resume.
+
+A run folder (see ARCHITECTURE.md) holds config.json, history.csv, checkpoints/last.ckpt,
+backbone.pt, figures/ and, written last and atomically, metrics.json: its presence means finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from core.errors import ConfigError
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+
+
+# --------------------------------------------------------------------------- atomic files
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder + os.replace: a kill never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def is_finished(out_dir: Path) -> bool:
+    return (Path(out_dir) / "metrics.json").is_file()
+
+
+def last_checkpoint(out_dir: Path) -> Optional[Path]:
+    p = Path(out_dir) / CHECKPOINT_DIR / LAST_CKPT
+    return p if p.is_file() else None
+
+
+# --------------------------------------------------------------------------- device / trainer
+def resolve_accelerator(device: str, devices: int) -> tuple[str, int]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible; use device=auto or device=cpu")
+    if device == "cuda" and devices > torch.cuda.device_count():
+        raise ConfigError(f"devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if device == "cpu":
+        return "cpu", 1
+    return "gpu", devices
+
+
+def effective_precision(precision: str, accelerator: str) -> str:
+    """bf16 autocast on CPU is slow and numerically pointless for tiny runs: fall back to 32 there."""
+    if accelerator == "cpu" and precision != "32":
+        return "32"
+    return precision
+
+
+def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str, config: dict) -> list:
+    """CSV always; wandb offline by default (never prompts for a login), online on request."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list = [CSVLogger(save_dir=str(out_dir), name="logs", version=0)]
+    if wandb_mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_CONSOLE", "off")
+        if wandb_mode == "offline":
+            os.environ["WANDB_MODE"] = "offline"
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                project=os.environ.get("WANDB_PROJECT", "twinseg"),
+                name=name,
+                group=group,
+                save_dir=str(out_dir),
+                mode=wandb_mode,
+                config=config,
+                id=_wandb_id(out_dir),
+                resume="allow",
+                settings=None,
+            )
+        )
+    return loggers
+
+
+def _wandb_id(out_dir: Path) -> str:
+    """A stable run id per run folder, so a resumed trial continues its wandb run."""
+    import hashlib
+
+    return hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def make_trainer(
+    *,
+    out_dir: Path,
+    max_epochs: int,
+    device: str,
+    devices: int,
+    precision: str,
+    loggers: list,
+    callbacks: Iterable = (),
+    progress: bool = True,
+    val_every: int = 1,
+):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    accelerator, n = resolve_accelerator(device, devices)
+    # monitor=None + save_top_k=1 keeps exactly one checkpoint, the latest, named last.ckpt
+    # (save_last with save_top_k=0 writes nothing in Lightning 2.6).
+    ckpt = ModelCheckpoint(
+        dirpath=str(Path(out_dir) / CHECKPOINT_DIR),
+        filename=Path(LAST_CKPT).stem,
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=1,
+        enable_version_counter=False,
+    )
+    cbs = [ckpt]
+    if progress:
+        cbs.append(RichProgressBar(leave=True))
+    cbs.extend(callbacks)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*is deprecated.*")
+    return pl.Trainer(
+        default_root_dir=str(out_dir),
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=n,
+        strategy="ddp" if n > 1 else "auto",
+        precision=effective_precision(precision, accelerator),
+        logger=loggers,
+        callbacks=cbs,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=val_every,
+    )
+
+
+# --------------------------------------------------------------------------- history
+def write_history(out_dir: Path) -> Path:
+    """Flatten Lightning's CSVLogger file (one row per logging call) into one row per epoch/step.
+
+    Rows with a `step` only (per-step logs) are kept; epoch-level values are merged on their row.
+    """
+    out_dir = Path(out_dir)
+    src = out_dir / "logs" / "version_0" / "metrics.csv"
+    dst = out_dir / "history.csv"
+    if not src.is_file():
+        atomic_write_text(dst, "")
+        return dst
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r.get("epoch", ""), r.get("step", ""))
+        m = merged.setdefault(key, {})
+        m.update({k: v for k, v in r.items() if v not in ("", None)})
+    cols: list[str] = []
+    for m in merged.values():
+        cols.extend(c for c in m if c not in cols)
+    lead = [c for c in ("epoch", "step") if c in cols]
+    cols = lead + sorted(c for c in cols if c not in lead)
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for m in merged.values():
+        w.writerow(m)
+    atomic_write_text(dst, buf.getvalue())
+    return dst
+
+
+def finish_wandb(loggers: list) -> None:
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish(quiet=True)
+            except Exception:  # noqa: BLE001 - logging must never fail a finished run
+                pass
