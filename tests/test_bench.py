@@ -1,0 +1,113 @@
+"""experiments/bench.py: in-process runs on tiny settings, twinseg vs lightly loss agreement, bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from experiments import bench  # noqa: E402
+
+TINY = dict(image_size=32, batch_size=4, warmup=1, iters=1, repeats=1, device="cpu", workers=0,
+            projector=(64, 64, 64), dino_out_dim=64, dino_local_crops=2)
+
+
+def _check_rows(rows, expected):
+    assert len(rows) == expected
+    for r in rows:
+        assert r.img_per_s > 0 and math.isfinite(r.img_per_s), r
+        assert r.step_ms > 0 and r.best_step_ms > 0
+        assert r.peak_mem_mb > 0, r
+        assert r.mem_kind == "cpu_peak_rss"
+        assert math.isfinite(r.loss), r
+        assert r.machine and r.torch and r.command and r.date
+
+
+def test_model_mode_all_tasks_and_lightly_side_by_side():
+    s = bench.BenchSettings(backbones=("vit_nano_patch8",), tasks=bench.TASKS, modes=("model",), **TINY)
+    rep = bench.run_bench(s, command="python experiments/bench.py --test")
+    # barlow_twins (twinseg + lightly), dino, segment
+    _check_rows(rep.rows, 4)
+    assert {(r.task, r.impl) for r in rep.rows} == {("barlow_twins", "twinseg"), ("barlow_twins", "lightly"),
+                                                     ("dino", "twinseg"), ("segment", "twinseg")}
+    assert all(r.data_wait_frac is None for r in rep.rows)
+    (ratio,) = rep.ratios
+    assert ratio["ratio"] > 0 and ratio["backbone"] == "vit_nano_patch8" and ratio["mode"] == "model"
+    (check,) = rep.loss_checks
+    assert check["rel_diff"] < 1e-5
+    md = bench.markdown_rows(rep)
+    assert md.startswith(bench.MD_HEADER) and md.count("\n") == 1 + len(rep.rows)
+    json.dumps(rep.to_dict(), default=str)  # serialisable
+
+
+def test_pipeline_mode_on_generated_voc(voc_root):
+    s = bench.BenchSettings(backbones=("resnet_tiny",), tasks=("barlow_twins", "segment"), modes=("pipeline",),
+                            data_root=str(voc_root), **dict(TINY, image_size=64))
+    rep = bench.run_bench(s)
+    _check_rows(rep.rows, 3)
+    for r in rep.rows:
+        assert r.mode == "pipeline" and 0.0 <= r.data_wait_frac <= 1.0
+
+
+@pytest.mark.parametrize("n,d", [(8, 32), (64, 128)])
+def test_twinseg_and_lightly_losses_agree(n, d):
+    c = bench.compare_bt_losses(n, d, seed=1)
+    # same definition (batch-normalised with biased variance, eps 1e-5; same lambda): equal values
+    assert c["rel_diff"] < 1e-5, c
+    assert c["factor"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_main_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    md = tmp_path / "b.md"
+    rc = bench.main(["--backbone", "vit_nano_patch8", "--tasks", "barlow_twins", "--mode", "model",
+                     "--image-size", "32", "--batch-size", "4", "--warmup", "0", "--iters", "1", "--repeats", "1",
+                     "--projector", "32-32-32", "--device", "cpu", "--json", str(out), "--markdown", str(md)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python experiments/bench.py --backbone vit_nano_patch8")
+    assert len(data["rows"]) == 2 and data["ratios"][0]["ratio"] > 0
+    assert md.read_text().startswith(bench.MD_HEADER)
+    assert "twinseg/lightly" in capsys.readouterr().out
+
+
+BAD_FLAGS = {  # name: (flags, a word the one-line message must contain)
+    "negative_batch": (["--batch-size", "-4"], "--batch-size"),
+    "unknown_backbone": (["--backbone", "no_such_net"], "no_such_net"),
+    "size_not_divisible_by_patch": (["--backbone", "vit_nano_patch8", "--image-size", "60"], "divisible"),
+    "not_an_int": (["--iters", "many"], "--iters"),
+}
+
+
+def test_bad_flags_exit_2_with_one_line():
+    # started together: each pays the interpreter + torch import once, in parallel
+    procs = {k: subprocess.Popen([sys.executable, str(REPO / "experiments" / "bench.py"), *v[0]], cwd=str(REPO),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, v in BAD_FLAGS.items()}
+    for k, p in procs.items():
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 2, (k, p.returncode, err)
+        assert "Traceback" not in err and "Traceback" not in out, (k, err)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("twinseg: error: "), (k, err)
+        assert BAD_FLAGS[k][1] in lines[0], (k, lines[0])
+
+
+def test_settings_validation_in_process():
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch-size"):
+        bench.BenchSettings(batch_size=1).validate()
+    with pytest.raises(ConfigError, match="no_such_net"):
+        bench.BenchSettings(backbones=("no_such_net",)).validate()
+    with pytest.raises(ConfigError, match="lightly"):
+        bench.BenchSettings(projector=(64, 32, 16)).validate()
+    with pytest.raises(ConfigError, match="divisible"):
+        bench.check_backbone_settings(bench.BenchSettings(backbones=("vit_nano_patch8",), image_size=60))
