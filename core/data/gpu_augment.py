@@ -141,12 +141,11 @@ class BatchAugment:
                 elif op == 2 and s > 0:
                     gr = _gray(x)
                     x = (sf.view(view) * x + (1 - sf.view(view)) * gr).clamp(0, 1)
-                elif op == 3 and h > 0 and bool(on.any()):
-                    idx = on.nonzero().squeeze(1)
-                    hsv = _rgb_to_hsv(x[idx])
-                    hsv[:, 0] = torch.remainder(hsv[:, 0] + hf[idx].view(-1, 1, 1), 1.0)
-                    x = x.clone()
-                    x[idx] = _hsv_to_rgb(hsv)
+                elif op == 3 and h > 0:
+                    # whole batch + select: no data-dependent host sync on the hot path
+                    hsv = _rgb_to_hsv(x)
+                    hsv[:, 0] = torch.remainder(hsv[:, 0] + hf.view(-1, 1, 1), 1.0)
+                    x = torch.where(on.view(view), _hsv_to_rgb(hsv), x)
         # grayscale
         if p.gray_p > 0:
             on = (torch.rand(B, device=dev, generator=g) < p.gray_p).view(view)
@@ -154,8 +153,7 @@ class BatchAugment:
         # gaussian blur (per-sample sigma)
         if p.blur_p > 0:
             on = torch.rand(B, device=dev, generator=g) < p.blur_p
-            if bool(on.any()):
-                x = torch.where(on.view(view), self._blur(x, g).clamp(0, 1), x)
+            x = torch.where(on.view(view), self._blur(x, g).clamp(0, 1), x)
         # solarize
         if p.solarize_p > 0:
             on = (torch.rand(B, device=dev, generator=g) < p.solarize_p).view(view)

@@ -30,9 +30,11 @@ class CrossEntropySegLoss(nn.Module):
         self.num_classes, self.ignore_index = num_classes, ignore_index
 
     def forward(self, logits, target):
-        if not (target != self.ignore_index).any():
-            return _zero(logits)
-        return F.cross_entropy(logits.float(), target.long(), ignore_index=self.ignore_index)
+        # Sum / count instead of mean: no host-device sync on the hot path, and an all-ignored
+        # batch gives 0 (not NaN) without a data-dependent branch.
+        target = target.long()
+        total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
+        return total / (target != self.ignore_index).sum().clamp_min(1)
 
 
 class DiceSegLoss(nn.Module):

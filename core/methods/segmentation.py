@@ -70,6 +70,9 @@ class SegmentationMethod(pl.LightningModule):
         self.channels_last = not bool(getattr(self.backbone, "is_transformer", False))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # optional torch.compile of the training forward (kept outside the module tree, so
+        # checkpoints and state dicts keep their plain keys)
+        self.__dict__["_train_forward"] = torch.compile(self.model) if cfg.compile else self.model
 
     # ------------------------------------------------------------------ structure
     @property
@@ -110,7 +113,7 @@ class SegmentationMethod(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
         x, y = _split_batch(batch)
-        logits = self.model(self._prep(x))
+        logits = self._train_forward(self._prep(x))
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         loss = self.criterion(logits, y.long())

@@ -138,6 +138,9 @@ def make_trainer(
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     accelerator, n = resolve_accelerator(device, devices)
+    if accelerator == "gpu":  # TF32 matmuls for fp32 parts (e.g. the D x D cross-correlation), tuned convs
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
     # monitor=None + save_top_k=1 keeps exactly one checkpoint, the latest, named last.ckpt
     # (save_last with save_top_k=0 writes nothing in Lightning 2.6).
     ckpt = ModelCheckpoint(
