@@ -1,0 +1,151 @@
+"""Barlow Twins pretraining as a LightningModule (official recipe, see core/losses/barlow_twins.py).
+
+`SSLMethod` is the part shared with DINO (core/methods/dino.py): backbone construction
+(channels_last for CNNs, optional torch.compile), optional GPU batch augmentation of the views,
+optimiser + per-step warmup/cosine schedule (core/methods/optim.py), and the k-NN monitor on the
+validation loaders `[knn_train, knn_val]` (core/methods/knn_monitor.py) that logs `val/knn_acc`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from core.config import PretrainConfig
+from core.losses.barlow_twins import BarlowTwinsLoss, off_diagonal
+from core.methods.knn_monitor import KNNMonitorMixin, prepare_images
+from core.methods.optim import configure_optimizers
+
+
+def unpack_views(batch: Any) -> list[Tensor]:
+    """The list of augmented views in an SSL batch.
+
+    Accepted layouts: `[v1, v2, ...]` (list/tuple of image tensors), `(views, ...)` where `views` is
+    such a list (lightly style `(views, targets, names)`), or a dict with a "views" key.
+    """
+    if isinstance(batch, dict):
+        batch = batch["views"]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple)):
+        batch = batch[0]
+    if isinstance(batch, Tensor):
+        raise TypeError("an SSL batch must hold several views, got a single tensor")
+    return list(batch)
+
+
+class SSLMethod(KNNMonitorMixin, pl.LightningModule):
+    """Shared plumbing of the pretraining methods. Subclasses build heads and `training_step`."""
+
+    method_name = "ssl"
+
+    def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
+                 backbone: Optional[nn.Module] = None):
+        """`gpu_augment`: one callable per view (`core.data.gpu_augment.BatchAugment`, from the data
+        loaders' `batch_augment`) applied to each view's batch on the device, or None when the CPU
+        pipeline already did the whole recipe."""
+        super().__init__()
+        self.cfg = cfg
+        self.num_train_batches = max(int(num_train_batches), 1)
+        self.knn_k = cfg.knn_k
+        if backbone is None:
+            from core.models.registry import create_backbone
+
+            backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size)
+            backbone.check_input_size(cfg.data.image_size, cfg.data.image_size)
+        self.backbone = backbone
+        self.channels_last = not getattr(backbone, "is_transformer", True)
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        # kept out of the state dict / module tree (a plain tuple)
+        self._gpu_aug = tuple(gpu_augment) if gpu_augment else ()
+        self._compiled: Optional[tuple] = None
+        self.last_knn_acc: Optional[float] = None
+
+    # ------------------------------------------------------------------ helpers
+    def encoder(self) -> nn.Module:
+        """The backbone used in the training forward (compiled when cfg.compile)."""
+        if self.cfg.compile:
+            if self._compiled is None:
+                self._compiled = (torch.compile(self.backbone),)
+            return self._compiled[0]
+        return self.backbone
+
+    def prepare_view(self, x: Tensor, index: int = 0) -> Tensor:
+        x = prepare_images(x, self.device)
+        if self._gpu_aug:
+            aug = self._gpu_aug[min(index, len(self._gpu_aug) - 1)]
+            with torch.no_grad():
+                x = aug(x)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def knn_backbone(self) -> nn.Module:
+        return self.backbone
+
+    def export_backbone(self) -> nn.Module:
+        """The backbone written to backbone.pt and evaluated by the k-NN monitor."""
+        return self.knn_backbone()
+
+    def optimized_module(self) -> nn.Module:  # what the optimiser updates
+        return self
+
+    def setup(self, stage: str) -> None:
+        """Under DDP, BatchNorm layers become SyncBatchNorm (official Barlow Twins / DINO); this hook
+        runs before Lightning wraps the module in DistributedDataParallel."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            for name, child in list(self.named_children()):
+                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+    def on_weights_loaded(self) -> None:
+        """Called after a weight source was loaded into `self.backbone` (DINO: copy to the teacher)."""
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        cfg = self.cfg
+        try:
+            total = int(self.trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - no trainer (unit use)
+            total = self.num_train_batches * cfg.epochs
+        if not math.isfinite(total) or total <= 0:
+            total = self.num_train_batches * cfg.epochs
+        steps_per_epoch = max(1, total // max(cfg.epochs, 1))
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        world = getattr(getattr(self, "_trainer", None), "world_size", 1) or 1
+        return configure_optimizers(self.optimized_module(), cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                    cfg.batch_size * world, total, warmup)
+
+
+class BarlowTwinsMethod(SSLMethod):
+    """Backbone + BarlowTwinsProjector + BarlowTwinsLoss (`self.loss_fn`, whose `last_cc` the
+    cross-correlation diagnostic reads)."""
+
+    method_name = "barlow_twins"
+
+    def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
+                 backbone: Optional[nn.Module] = None):
+        super().__init__(cfg, num_train_batches, gpu_augment, backbone)
+        from core.models.projector import BarlowTwinsProjector
+
+        self.projector = BarlowTwinsProjector(self.backbone.embed_dim, cfg.projector)
+        self.loss_fn = BarlowTwinsLoss(cfg.lambd, cfg.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projector(self.encoder()(x))
+
+    def training_step(self, batch, batch_idx):
+        views = unpack_views(batch)
+        x1, x2 = self.prepare_view(views[0], 0), self.prepare_view(views[1], 1)
+        z1, z2 = self(x1), self(x2)
+        loss = self.loss_fn(z1, z2)
+        c = self.loss_fn.last_cc
+        bs = x1.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/cc_diag_mean", torch.diagonal(c).mean(), on_step=False, on_epoch=True, batch_size=bs)
+        self.log("train/cc_offdiag_rms", off_diagonal(c).pow(2).mean().sqrt(), on_step=False, on_epoch=True,
+                 batch_size=bs)
+        return loss

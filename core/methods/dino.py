@@ -1,0 +1,145 @@
+"""DINO pretraining as a LightningModule (official `main_dino.py`, facebookresearch/dino).
+
+- student = backbone + DINOHead; teacher = deep copy of both, no gradients, updated after every
+  optimiser step by EMA: t <- m t + (1 - m) s, with m following a cosine schedule from
+  `cfg.dino_momentum` (0.996) to 1 over all training steps;
+- the teacher sees the 2 global crops only; the student sees every crop (global + local), crops of
+  one resolution forwarded together (the official MultiCropWrapper);
+- DINOLoss with centering and teacher-temperature warmup (`dino_warmup_teacher_temp` ->
+  `dino_teacher_temp` over `dino_warmup_teacher_temp_epochs`), student temperature 0.1;
+- the last layer of the student head is frozen during the first `freeze_last_layer` epoch(s) and
+  gradients are clipped per parameter to norm 3.0 (official defaults);
+- the k-NN monitor and backbone.pt use the TEACHER backbone, as DINO's evaluation does.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from core.config import PretrainConfig
+from core.losses.dino import DINOLoss
+from core.methods.barlow_twins import SSLMethod, unpack_views
+from core.methods.optim import cosine_schedule
+
+CLIP_GRAD = 3.0
+FREEZE_LAST_LAYER_EPOCHS = 1
+
+
+def clip_gradients_per_param(module: nn.Module, clip: float) -> None:
+    """Official DINO `utils.clip_gradients`: each parameter's gradient rescaled to norm <= clip."""
+    for p in module.parameters():
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+
+
+class DINOMethod(SSLMethod):
+    method_name = "dino"
+
+    def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
+                 backbone: Optional[nn.Module] = None, head_hidden: Optional[int] = None,
+                 head_bottleneck: Optional[int] = None, clip_grad: float = CLIP_GRAD,
+                 freeze_last_layer: int = FREEZE_LAST_LAYER_EPOCHS):
+        super().__init__(cfg, num_train_batches, gpu_augment, backbone)
+        from core.models.dino_head import DINOHead
+
+        # official 2048 / 256; scaled down with the projector widths for small configurations
+        hidden = head_hidden or min(2048, max(cfg.projector))
+        bottleneck = head_bottleneck or min(256, hidden)
+        self.head = DINOHead(self.backbone.embed_dim, cfg.dino_out_dim, hidden=hidden, bottleneck=bottleneck)
+        self.teacher_backbone = copy.deepcopy(self.backbone)
+        self.teacher_head = copy.deepcopy(self.head)
+        for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
+            p.requires_grad_(False)
+        self.loss_fn = DINOLoss(
+            cfg.dino_out_dim,
+            teacher_temp=cfg.dino_teacher_temp,
+            warmup_teacher_temp=cfg.dino_warmup_teacher_temp,
+            warmup_teacher_temp_epochs=min(cfg.dino_warmup_teacher_temp_epochs, cfg.epochs),
+            n_epochs=cfg.epochs,
+            student_temp=cfg.dino_student_temp,
+        )
+        self.clip_grad = float(clip_grad)
+        self.freeze_last_layer = int(freeze_last_layer)
+
+    # ------------------------------------------------------------------ modules
+    def student_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
+
+    def optimized_module(self) -> nn.Module:
+        return self.student_modules()
+
+    def knn_backbone(self) -> nn.Module:
+        return self.teacher_backbone
+
+    def on_weights_loaded(self) -> None:
+        """Teacher and student start from the same weights (official)."""
+        self.teacher_backbone.load_state_dict(self.backbone.state_dict())
+        self.teacher_head.load_state_dict(self.head.state_dict())
+
+    def _pairs(self):
+        """(student param, teacher param) pairs, backbone then head (EMA)."""
+        for s_mod, t_mod in ((self.backbone, self.teacher_backbone), (self.head, self.teacher_head)):
+            yield from zip(s_mod.parameters(), t_mod.parameters())
+
+    # ------------------------------------------------------------------ forward
+    def _multicrop(self, encoder: nn.Module, head: nn.Module, crops: list[Tensor]) -> Tensor:
+        """Forward crops grouped by resolution (one backbone pass per size), head on all at once."""
+        feats, i = [], 0
+        while i < len(crops):
+            j = i
+            while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
+                j += 1
+            feats.append(encoder(torch.cat(crops[i:j])))
+            i = j
+        return head(torch.cat(feats))
+
+    def total_steps(self) -> int:
+        try:
+            return int(self.trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001
+            return self.num_train_batches * self.cfg.epochs
+
+    def training_step(self, batch, batch_idx):
+        views = [self.prepare_view(v, i) for i, v in enumerate(unpack_views(batch))]
+        if len(views) < 2:
+            raise ValueError("DINO needs at least 2 global crops per image")
+        global_views = views[:2]
+        with torch.no_grad():
+            self.teacher_backbone.train(self.backbone.training)
+            teacher_out = self._multicrop(self.teacher_backbone, self.teacher_head, global_views)
+        student_out = self._multicrop(self.encoder(), self.head, views)
+        loss = self.loss_fn(student_out, teacher_out, self.current_epoch)
+        bs = views[0].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/teacher_temp", self.loss_fn.teacher_temp_at(self.current_epoch), on_step=False,
+                 on_epoch=True, batch_size=bs)
+        return loss
+
+    # ------------------------------------------------------------------ official training details
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.clip_grad > 0:
+            clip_gradients_per_param(self.student_modules(), self.clip_grad)
+        if self.current_epoch < self.freeze_last_layer:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
+    def teacher_momentum(self, step: int) -> float:
+        return cosine_schedule(step, self.total_steps(), self.cfg.dino_momentum, 1.0)
+
+    @torch.no_grad()
+    def ema_update(self, m: float) -> None:
+        for ps, pt in self._pairs():
+            pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # global_step was incremented by the optimiser step just taken: the schedule index is step-1
+        m = self.teacher_momentum(max(self.global_step - 1, 0))
+        self.ema_update(m)
+        self.log("train/teacher_momentum", m, on_step=False, on_epoch=True, batch_size=1)
