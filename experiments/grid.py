@@ -434,6 +434,12 @@ def quiet_tune_logs() -> None:
                 h.addFilter(f)
 
 
+def local_ray_init_kwargs(num_cpus: Optional[int], common: Optional[dict] = None) -> dict:
+    """`ray.init` arguments for the grid's own local instance: a NEW instance (never joins a cluster
+    started elsewhere) whose dashboard listens on loopback only (127.0.0.1, never 0.0.0.0)."""
+    return dict(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", **(common or {}))
+
+
 def start_ray(args, console: Console, env_vars: dict) -> str:
     import logging
 
@@ -451,7 +457,7 @@ def start_ray(args, console: Console, env_vars: dict) -> str:
     # loopback only. Token authentication: Ray 2.60 turns it on for new local clusters (RAY_AUTH_MODE
     # unset) and creates the token in ~/.ray/auth_token. Do not set RAY_AUTH_MODE here: Ray caches
     # the mode at import, and only its own default path refreshes that cache.
-    kw = dict(address="local", num_cpus=args.num_cpus, dashboard_host="127.0.0.1", **common)
+    kw = local_ray_init_kwargs(args.num_cpus, common)
 
     def _init(include_dashboard: bool):
         try:
@@ -511,7 +517,7 @@ def prepare_data(spec: gridspec.GridSpec, console: Console, fake: bool) -> None:
     seen: set[str] = set()
     for t in spec.trials:
         d = t.config.get("data") or {}
-        key = json.dumps(d, sort_keys=True)
+        key = json.dumps([t.stage, d], sort_keys=True)
         if key in seen:
             continue
         seen.add(key)
@@ -520,6 +526,11 @@ def prepare_data(spec: gridspec.GridSpec, console: Console, fake: bool) -> None:
             if not Path(root).exists():
                 raise DataError(f"data.root={root} does not exist (trial {t.id}); pass --data-root DIR pointing to the "
                                 "folder that holds VOCdevkit/ (or set data.root in the grid file)")
+            # layout, split lists and listed files (no pixels): a wrong layout fails here, once, before
+            # any trial starts, instead of failing every trial
+            from core.data.module import validate_data
+
+            validate_data(DataConfig.from_dict(d), t.stage)
             continue
         if fake:
             continue
@@ -529,6 +540,24 @@ def prepare_data(spec: gridspec.GridSpec, console: Console, fake: bool) -> None:
             continue  # the runs generate it themselves
         path = default_voc_root(DataConfig.from_dict(d))
         console.line(f"data     generated dataset ready at {path}", "dim")
+
+
+def check_weights(spec: gridspec.GridSpec) -> None:
+    """Named weight sources (imagenet, dino, ...) must be in the weights folder when offline: one
+    WeightsError line (file, URL, pre-fetch command) before any trial starts, not one per trial."""
+    from core.weights import WEIGHT_SPECS, _resolve, is_online
+
+    if is_online():
+        return  # the trials download what is missing
+    seen: set[tuple[str, str]] = set()
+    for t in spec.trials:
+        key = (str(t.config.get("source", "random")), str(t.config.get("backbone", "")))
+        if key in seen:
+            continue
+        seen.add(key)
+        ws = WEIGHT_SPECS.get(key)
+        if ws is not None:
+            _resolve(ws, None, False)
 
 
 def _absolute_data_root(raw: dict) -> None:
@@ -658,9 +687,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     console.line(f"grid     {gridspec.describe(spec)}", "bold")
     fake = os.environ.get("TWINSEG_FAKE_RUNS") == "1"
     prepare_data(spec, console, fake)
+    check_weights(spec)
 
     # ---- results folder
     results_dir.mkdir(parents=True, exist_ok=True)
+    if resuming:  # temp files of a driver killed mid-write (the targets themselves are always whole)
+        for stale in results_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     (results_dir / "trials").mkdir(exist_ok=True)
     created = _now_iso()
     if resuming:

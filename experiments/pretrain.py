@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size")
     p.add_argument("--image-size", help="input side in pixels (data.image_size)")
     p.add_argument("--optimizer", help="lars | adamw")
-    p.add_argument("--lr", help="base lr (default: the optimiser's recipe scaled by batch/256)")
+    p.add_argument("--lr", help="base lr (default 2e-3, the CPU setting); 'recipe': the optimiser's official "
+                   "recipe scaled by batch/256 (LARS 0.2/0.0048, AdamW 5e-4)")
     p.add_argument("--weight-decay")
     p.add_argument("--warmup-epochs")
     p.add_argument("--data-root", help="folder holding VOCdevkit/ (default: the generated dataset)")
@@ -75,6 +76,8 @@ def config_from_args(a: argparse.Namespace):
         "wandb": a.wandb,
     }
     d = {k: v for k, v in fields.items() if v is not None}
+    if a.lr == "recipe":
+        d["lr"] = None
     if data:
         d["data"] = data
     return PretrainConfig.from_dict(d)

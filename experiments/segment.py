@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--limit-train", help="use only the first N training images")
     a("--limit-val", help="use only the first N validation images")
     a("--num-workers")
+    a("--corrupt-policy", help="stop (default: the first corrupt image/mask ends the run, naming it) | skip "
+                               "(skip and count bad files: metrics.json skipped_files)")
     a("--size", default="auto", choices=("auto", "tiny", "full"), help="swap big preset backbones for CPU ones (see below)")
     a("--output", help="run folder (default results/segment-<evaluation or head>-<timestamp>)")
     a("--seed")
@@ -117,7 +119,8 @@ def resolve_config(args: argparse.Namespace):
     }
     explicit = {k: v for k, v in flat.items() if v is not None}
     data = {"root": args.data_root, "dataset": args.dataset, "image_size": args.image_size,
-            "limit_train": args.limit_train, "limit_val": args.limit_val, "num_workers": args.num_workers}
+            "limit_train": args.limit_train, "limit_val": args.limit_val, "num_workers": args.num_workers,
+            "corrupt_policy": args.corrupt_policy}
     data = {k: v for k, v in data.items() if v is not None}
     if args.data_root is not None:
         root = Path(args.data_root).expanduser()

@@ -86,7 +86,7 @@ def test_intermediates_follow_requested_order_and_negative_indices():
     with torch.no_grad():
         o = r.forward_all(torch.randn(1, 3, 64, 64), intermediates=(0, 1, 2, 3))
     assert [t.shape[1] for t in o.intermediates] == [32, 64, 128, 256]
-    assert [t.shape[-1] for t in o.intermediates] == [16, 8, 4, 2]
+    assert [t.shape[-1] for t in o.intermediates] == [64, 32, 16, 8]  # small-image stem: stride 1/2/4/8
     with pytest.raises(ConfigError, match="out of range"):
         b.forward_all(x, intermediates=(4,))
 

@@ -153,7 +153,7 @@ def build_ssl_loaders(data_cfg, method: str, batch_size: int, gpu_augment: bool 
         transform = DINOTransform(size, dino_local_size or default_local_size(size), int(dino_local_crops),
                                   gpu_augment=gpu_augment)
     else:
-        transform = BarlowTwinsTransform(size, gpu_augment=gpu_augment)
+        transform = BarlowTwinsTransform(size, gpu_augment=gpu_augment, scale=data_cfg.ssl_crop_scale())
 
     root = data_root(data_cfg)
     knn_train = knn_val = None

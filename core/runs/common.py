@@ -154,6 +154,12 @@ def make_trainer(
     cbs = [ckpt]
     if progress:
         cbs.append(RichProgressBar(leave=True))
+    else:  # quiet runs (CLI --no-progress, grid trials): no Lightning INFO lines on stderr, so that an
+        # error mid-run stays the one `twinseg: error:` line there
+        import logging
+
+        for lg in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(lg).setLevel(logging.WARNING)
     cbs.extend(callbacks)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")

@@ -195,6 +195,8 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
             "final_train_loss": _scalar(trainer.callback_metrics.get("train/loss_epoch")),
             "val_loss": _scalar(trainer.callback_metrics.get("val/loss")),
             "source_report": _short_report(load_report),
+            # data.corrupt_policy=skip: how many unreadable / out-of-range samples were skipped
+            "skipped_files": _skipped(loaders),
             **accounting.summary(),
             "model_path": str(model_path),
         }
@@ -232,6 +234,12 @@ def _prepend_csv(path: Path, old_text: str) -> None:
     for r in old + new:
         w.writerow(r)
     atomic_write_text(path, buf.getvalue())
+
+
+def _skipped(loaders) -> int:
+    """Bad samples skipped (corrupt_policy=skip) by the train and val datasets, all workers."""
+    return sum(int(getattr(ds, "skipped", 0) or 0)
+               for ds in (getattr(loaders, "train_dataset", None), getattr(loaders, "val_dataset", None)))
 
 
 def _scalar(v) -> Optional[float]:
