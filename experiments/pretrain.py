@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gpu-augment", dest="gpu_augment", action="store_false", default=None,
                    help="run the whole augmentation recipe on the CPU")
     p.add_argument("--wandb", help="offline (default) | online | disabled")
+    p.add_argument("--corrupt-policy", help="stop | skip: what a corrupt image does (default stop)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -66,7 +67,8 @@ def config_from_args(a: argparse.Namespace):
     from core.config import PretrainConfig
 
     data = {k: v for k, v in {"root": a.data_root, "image_size": a.image_size, "num_workers": a.num_workers,
-                              "limit_train": a.limit_train}.items() if v is not None}
+                              "limit_train": a.limit_train, "corrupt_policy": a.corrupt_policy}.items()
+            if v is not None}
     fields = {
         "method": a.method, "backbone": a.backbone, "source": a.source, "lambd": a.lambd,
         "projector": a.projector, "epochs": a.epochs, "batch_size": a.batch_size, "optimizer": a.optimizer,

@@ -130,6 +130,8 @@ def test_dino_run(voc_root, tmp_path):
         (["--epochs", "abc"], "epochs"),
         (["--data-root", "/nonexistent/voc"], "/nonexistent/voc"),
         (["--bogus-flag"], "bogus"),
+        (["--corrupt-policy", "ignore"], "corrupt_policy"),
+        (["--lr", "fast"], "lr"),
     ],
 )
 def test_cli_bad_flags_one_line_exit_2(tmp_path, flags, needle):

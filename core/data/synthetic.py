@@ -31,7 +31,7 @@ from PIL import Image
 from core.errors import ConfigError, DataError
 
 MARKER = "twinseg_synthetic.json"  # written inside VOCdevkit/ (or the COCO root) last
-FORMAT_VERSION = 2  # bump when the drawing changes: cached datasets are then regenerated
+FORMAT_VERSION = 3  # bump when the drawing changes: cached datasets are then regenerated
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- shapes
@@ -230,7 +230,10 @@ def _draw_object(rng, img, label, xx, yy, cls_id: int, spec: dict, value: int, s
     if not inside.any():
         return
     t = _tex(spec["pattern"], u, v, spec["freq"], spec["orient"])[..., None]
-    h = spec["hue"] + rng.uniform(-0.05, 0.05)
+    # Colour is drawn per instance: a class is its shape and texture (pattern, frequency,
+    # orientation, two-tone contrast), never its hue, so colour is no shortcut for a
+    # segmentation head trained from scratch and colour-invariant self-supervision is a fair prior.
+    h = rng.uniform()
     s = spec["sat"] + rng.uniform(-0.1, 0.1)
     vv = spec["val"] + rng.uniform(-0.1, 0.1)
     c1 = _hsv(h, s, vv)

@@ -135,44 +135,6 @@ def _diagnostic_callbacks(cfg: PretrainConfig, method, images) -> list:
     return cbs
 
 
-class _SaveLastEachEpoch:
-    """Writes checkpoints/last.ckpt (atomically) after every epoch's validation (or training epoch
-    when there is no validation). Added only when the trainer's own ModelCheckpoint would not: with
-    `save_top_k=0`, Lightning 2.6 saves `last.ckpt` only when a top-k checkpoint was saved."""
-
-    def __new__(cls, path: Path, after_validation: bool):
-        from lightning.pytorch import Callback
-
-        class SaveLast(Callback):
-            def _save(self, trainer) -> None:
-                if trainer.sanity_checking or getattr(trainer.state.fn, "value", "") != "fit":
-                    return
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                trainer.save_checkpoint(str(tmp))
-                if trainer.is_global_zero:
-                    import os
-
-                    os.replace(tmp, path)
-
-            def on_validation_end(self, trainer, pl_module) -> None:
-                if after_validation:
-                    self._save(trainer)
-
-            def on_train_epoch_end(self, trainer, pl_module) -> None:
-                if not after_validation:
-                    self._save(trainer)
-
-        return SaveLast()
-
-
-def _needs_last_ckpt_fix(trainer) -> bool:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    cks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    return not cks or all(c.save_top_k == 0 for c in cks)
-
-
 def _csv_log(out_dir: Path) -> Path:
     return out_dir / "logs" / "version_0" / "metrics.csv"
 
@@ -252,8 +214,6 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
     from core.data.module import validate_data
 
     validate_data(cfg.data, "pretrain")  # DataError (one line) before writing anything
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / CONFIG, cfg.to_dict())
 
     # Colour/blur/solarize on whole batches pays off on a GPU; on the CPU the per-image pipeline in
     # the loader is faster (measured: ~1.6 CPU-s per 2x32 views at 64 px for the batch version).
@@ -267,6 +227,9 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
 
         report = load_source(method.backbone, cfg.source)
     method.on_weights_loaded()
+    # Only now, with data, model and weights known good, does the run folder appear.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / CONFIG, cfg.to_dict())
 
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     has_knn = loaders.knn_train is not None and loaders.knn_val is not None
@@ -291,10 +254,6 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
     cbs = [acct, *_diagnostic_callbacks(cfg, method, images), *callbacks]
     trainer = make_trainer(out_dir=out_dir, max_epochs=cfg.epochs, device=cfg.device, devices=cfg.devices,
                            precision=cfg.precision, loggers=loggers, callbacks=cbs, progress=progress)
-    if _needs_last_ckpt_fix(trainer):
-        from core.runs.common import CHECKPOINT_DIR, LAST_CKPT
-
-        trainer.callbacks.append(_SaveLastEachEpoch(out_dir / CHECKPOINT_DIR / LAST_CKPT, has_knn))
     try:
         ckpt = last_checkpoint(out_dir)
         fit_kw: dict[str, Any] = {"train_dataloaders": loaders.train}
@@ -336,6 +295,7 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
             **acct.summary(),
             "backbone_path": str(backbone_path),
             "num_ssl_images": loaders.num_images,
+            "skipped_files": int(getattr(loaders.train.dataset, "skipped", 0) or 0),
             "ssl_source": loaders.source,
             "gpu_augment": gpu_aug,
             "weights_loaded": report.get("loaded", 0) if isinstance(report, dict) else None,
