@@ -83,15 +83,7 @@ class Console:
 
 
 # ============================================================================ atomic files
-def atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from core.io import atomic_write_text as atomic_write  # noqa: E402
 
 
 # ============================================================================ state

@@ -37,14 +37,7 @@ TRIAL_FILE = "trial.json"
 
 
 # ----------------------------------------------------------------------------- helpers
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from core.io import atomic_write_text as _atomic_write  # noqa: E402
 
 
 def read_metrics(trial_dir: Path) -> Optional[dict]:

@@ -136,6 +136,10 @@ def test_smoke_expansion():
         "pt-resnet_tiny-random-bt-l0.0051-s0",
         "pt-vit_nano_patch8-random-dino-s0",
     ])
+    baseline = [t for t in seg if not t.depends_on]
+    assert [t.id for t in baseline] == ["seg-E2-random_init-vit_nano_patch8-random-s0"]
+    assert baseline[0].config["source"] == "random" and baseline[0].config["fusion"] == "none"
+    seg = [t for t in seg if t.depends_on]
     deps = {t.config["evaluation"]: t.depends_on for t in seg}
     assert deps == {
         "E1": ["pt-resnet_tiny-random-bt-l0.0051-s0"],

@@ -45,19 +45,7 @@ HOW_TO_GET = ("generate one with `python -m core.data.synthetic --out DIR` or do
               "(VOCtrainval_11-May-2012.tar) and pass the folder holding VOCdevkit/")
 
 
-def _voc_palette() -> list[int]:
-    """The standard PASCAL VOC colour map (256 entries, flat [r, g, b, ...]); 255 -> (224, 224, 192)."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
+from core.data.palette import voc_palette as _voc_palette  # noqa: E402
 
 
 VOC_PALETTE: list[int] = _voc_palette()  # flat, 768 ints (PIL putpalette format)

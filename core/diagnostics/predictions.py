@@ -32,18 +32,10 @@ def default_palette_and_names():
 
 
 def _voc_colormap(n: int = 256) -> np.ndarray:
-    """The standard PASCAL VOC bit-interleaved colour map (index 0 black, 1 (128,0,0), ...)."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
+    """The standard PASCAL VOC colour map as an (n, 3) uint8 array."""
+    from core.data.palette import voc_palette
+
+    return np.asarray(voc_palette(n), dtype=np.uint8).reshape(n, 3)
 
 
 def palette_array(palette) -> np.ndarray:

@@ -31,12 +31,13 @@ FREEZE_LAST_LAYER_EPOCHS = 1
 
 def clip_gradients_per_param(module: nn.Module, clip: float) -> None:
     """Official DINO `utils.clip_gradients`: each parameter's gradient rescaled to norm <= clip."""
-    for p in module.parameters():
-        if p.grad is not None:
-            norm = p.grad.detach().norm(2)
-            coef = clip / (norm + 1e-6)
-            if coef < 1:
-                p.grad.mul_(coef)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    # batched and branch-free: no host-device sync per parameter
+    norms = torch._foreach_norm(grads, 2)
+    coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
 
 
 class DINOMethod(SSLMethod):
@@ -135,8 +136,8 @@ class DINOMethod(SSLMethod):
 
     @torch.no_grad()
     def ema_update(self, m: float) -> None:
-        for ps, pt in self._pairs():
-            pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
+        student, teacher = zip(*self._pairs())
+        torch._foreach_lerp_(list(teacher), [p.detach() for p in student], 1.0 - m)  # t = m t + (1-m) s
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # global_step was incremented by the optimiser step just taken: the schedule index is step-1

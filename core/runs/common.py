@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -18,28 +17,13 @@ from typing import Any, Iterable, Optional
 import torch
 
 from core.errors import ConfigError
+from core.io import atomic_write_text  # noqa: F401  (re-exported: runs and grid use it)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 
 
 # --------------------------------------------------------------------------- atomic files
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace: a kill never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
