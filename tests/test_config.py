@@ -1,0 +1,53 @@
+"""core.config: construction-time validation with one-line messages naming field, value, allowed."""
+
+import pytest
+
+from core.config import DataConfig, PretrainConfig, SegmentConfig
+from core.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip():
+    for cls in (DataConfig, PretrainConfig, SegmentConfig):
+        cfg = cls()
+        assert cls.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "cls,d,needle",
+    [
+        (PretrainConfig, {"lamda": 0.1}, "unknown field(s) lamda; allowed fields:"),
+        (PretrainConfig, {"method": "simclr"}, "method='simclr' is not allowed; choose one of: barlow_twins, dino"),
+        (PretrainConfig, {"lambd": -0.1}, "lambd=-0.1 must be >= 0"),
+        (PretrainConfig, {"epochs": "ten"}, "PretrainConfig.epochs='ten' must be an integer"),
+        (PretrainConfig, {"lr": "fast"}, "PretrainConfig.lr='fast' must be a number"),
+        (PretrainConfig, {"batch_size": 1}, "batch_size=1 must be >= 2"),
+        (PretrainConfig, {"source": "imagenet21k"}, "source='imagenet21k' is not a weight source"),
+        (PretrainConfig, {"lambd": float("nan")}, "must be a finite number"),
+        (PretrainConfig, {"data": {"crop_scale_min": 0.0}}, "data.crop_scale_min=0.0 must be between 0.01 and 1.0"),
+        (PretrainConfig, {"data": {"crop_scale_min": "big"}}, "DataConfig.crop_scale_min='big' must be a number"),
+        (PretrainConfig, {"data": {"corrupt_policy": "ignore"}}, "data.corrupt_policy='ignore' is not allowed"),
+        (PretrainConfig, {"data": "voc"}, "must be a mapping of DataConfig fields"),
+        (SegmentConfig, {"fusion": "both"}, "fusion='both' is not allowed; choose one of: none, features, affinity"),
+        (SegmentConfig, {"evaluation": "E9"}, "evaluation='E9' is not allowed"),
+        (SegmentConfig, {"slide_crop": 32, "slide_stride": 48}, "slide_stride=48 must be <= slide_crop=32"),
+        (SegmentConfig, {"fusion_alpha": 1.5}, "fusion_alpha=1.5 must be between 0.0 and 1.0"),
+    ],
+)
+def test_bad_values_give_one_line_naming_field_value_and_choices(cls, d, needle):
+    with pytest.raises(ConfigError) as e:
+        cls.from_dict(d)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_coercion_from_yaml_and_cli_strings():
+    cfg = PretrainConfig.from_dict({"epochs": "3", "lambd": "0.02", "projector": "256-128", "compile": "true",
+                                    "lr": None})
+    assert cfg.epochs == 3 and cfg.lambd == 0.02 and cfg.projector == (256, 128) and cfg.compile is True
+    assert cfg.lr is None  # an explicit null selects the optimiser's official recipe
+
+
+def test_ssl_crop_scale_defaults():
+    assert DataConfig().ssl_crop_scale() == (0.25, 1.0)  # generated 64 px data
+    assert DataConfig(root="/data").ssl_crop_scale() == (0.08, 1.0)  # official recipe on real data
+    assert DataConfig(root="/data", crop_scale_min=0.2).ssl_crop_scale() == (0.2, 1.0)
