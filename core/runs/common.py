@@ -75,7 +75,9 @@ def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str
     """CSV always; wandb offline by default (never prompts for a login), online on request."""
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers: list = [CSVLogger(save_dir=str(out_dir), name="logs", version=0)]
+    # version=None: each attempt (first run, resume after a kill) logs to its own logs/version_N, so
+    # nothing an interrupted attempt logged is overwritten; write_history merges them in order.
+    loggers: list = [CSVLogger(save_dir=str(out_dir), name="logs", version=None)]
     if wandb_mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
         os.environ.setdefault("WANDB_CONSOLE", "off")
@@ -166,19 +168,30 @@ def make_trainer(
 
 
 # --------------------------------------------------------------------------- history
-def write_history(out_dir: Path) -> Path:
-    """Flatten Lightning's CSVLogger file (one row per logging call) into one row per epoch/step.
+def _attempt_logs(out_dir: Path) -> list[Path]:
+    def number(p: Path) -> int:
+        try:
+            return int(p.parent.name.split("_", 1)[1])
+        except (IndexError, ValueError):
+            return -1
 
-    Rows with a `step` only (per-step logs) are kept; epoch-level values are merged on their row.
+    return sorted((Path(out_dir) / "logs").glob("version_*/metrics.csv"), key=number)
+
+
+def write_history(out_dir: Path) -> Path:
+    """Flatten Lightning's CSVLogger files (one per attempt, one row per logging call) into one row
+    per (epoch, step). A later attempt's values win for an epoch logged twice (a resume re-runs the
+    epoch that was interrupted).
     """
     out_dir = Path(out_dir)
-    src = out_dir / "logs" / "version_0" / "metrics.csv"
     dst = out_dir / "history.csv"
-    if not src.is_file():
+    rows: list[dict] = []
+    for src in _attempt_logs(out_dir):
+        with open(src, newline="") as f:
+            rows.extend(csv.DictReader(f))
+    if not rows:
         atomic_write_text(dst, "")
         return dst
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
     merged: dict[tuple, dict] = {}
     for r in rows:
         key = (r.get("epoch", ""), r.get("step", ""))

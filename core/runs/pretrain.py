@@ -135,59 +135,6 @@ def _diagnostic_callbacks(cfg: PretrainConfig, method, images) -> list:
     return cbs
 
 
-def _csv_log(out_dir: Path) -> Path:
-    return out_dir / "logs" / "version_0" / "metrics.csv"
-
-
-def _stash_logs_before_resume(out_dir: Path) -> None:
-    """Lightning's CSVLogger deletes an existing metrics.csv when it starts again: keep the rows
-    of the interrupted attempt aside (metrics.partNN.csv) so history.csv covers every epoch."""
-    src = _csv_log(out_dir)
-    if src.is_file() and src.stat().st_size > 0:
-        n = len(list(src.parent.glob("metrics.part*.csv")))
-        src.rename(src.with_name(f"metrics.part{n:02d}.csv"))
-
-
-def _merge_stashed_logs(out_dir: Path) -> None:
-    """Prepend the stashed rows (epochs before the resumed one) to the CSVLogger file."""
-    import csv
-
-    cur = _csv_log(out_dir)
-    parts = sorted(cur.parent.glob("metrics.part*.csv"))
-    if not parts:
-        return
-
-    def read(p: Path) -> list[dict]:
-        if not p.is_file():
-            return []
-        with open(p, newline="") as f:
-            return list(csv.DictReader(f))
-
-    new_rows = read(cur)
-    rows: list[dict] = []
-    for p in parts:
-        rows.extend(read(p))
-    epochs = [int(r["epoch"]) for r in new_rows if r.get("epoch", "").isdigit()]
-    if epochs:
-        first = min(epochs)
-        rows = [r for r in rows if r.get("epoch", "").isdigit() and int(r["epoch"]) < first]
-    rows += new_rows
-    cols: list[str] = []
-    for r in rows:
-        cols.extend(c for c in r if c not in cols)
-    import io
-
-    from core.runs.common import atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(cur, buf.getvalue())
-    for p in parts:
-        p.unlink(missing_ok=True)
-
-
 def _final_loss(trainer) -> Optional[float]:
     m = trainer.callback_metrics
     for k in ("train/loss_epoch", "train/loss"):
@@ -246,8 +193,6 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
     method.cpu()
 
     run_name = name or out_dir.name
-    if last_checkpoint(out_dir) is not None:
-        _stash_logs_before_resume(out_dir)
     loggers = make_loggers(out_dir, cfg.wandb, wandb_group, run_name, cfg.to_dict())
     acct = AccountingCallback()
     images = _first_images(loaders.knn_val)
@@ -274,7 +219,6 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
         backbone_path = out_dir / BACKBONE
         export_backbone(method.export_backbone(), backbone_path,
                         extra={"method": cfg.method, "source": cfg.source, "epochs": cfg.epochs})
-        _merge_stashed_logs(out_dir)
         write_history(out_dir)
         metrics = {
             "stage": "pretrain",

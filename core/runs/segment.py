@@ -133,7 +133,7 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
     module = SegmentationMethod(cfg, num_classes, class_names, ignore_index=ignore_index, backbone=backbone)
 
     # ---- the run
-    if resume is not None:  # the CSV log restarts; _prepend_csv keeps the earlier rows
+    if resume is not None:
         warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
     if cfg.mode == "frozen":  # the frozen backbone is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -142,8 +142,6 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
     run_name = name or default_run_name(cfg)
     model_path = out_dir / "model.pt"
     loggers: list = []
-    csv_log = out_dir / "logs" / "version_0" / "metrics.csv"
-    prev_log = csv_log.read_text() if resume is not None and csv_log.is_file() else None  # CSVLogger restarts it
     try:
         from core.accounting import AccountingCallback
 
@@ -164,8 +162,6 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
             raise RuntimeError("segmentation run ended without a validation pass")
         if not trainer.is_global_zero:
             return {}
-        if prev_log:
-            _prepend_csv(csv_log, prev_log)
         write_history(out_dir)
         tmp = model_path.with_name(".model.pt.tmp")
         torch.save({"arch": cfg.backbone, "head": cfg.head, "fusion": cfg.fusion, "num_classes": num_classes,
@@ -218,24 +214,6 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
 
 
 # --------------------------------------------------------------------------- helpers
-def _prepend_csv(path: Path, old_text: str) -> None:
-    """Put the rows logged before a resume back in front of the new ones (columns unioned)."""
-    import csv
-    import io
-
-    old = list(csv.DictReader(io.StringIO(old_text)))
-    new = list(csv.DictReader(open(path, newline=""))) if path.is_file() else []
-    cols: list[str] = []
-    for r in old + new:
-        cols.extend(c for c in r if c not in cols)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    for r in old + new:
-        w.writerow(r)
-    atomic_write_text(path, buf.getvalue())
-
-
 def _skipped(loaders) -> int:
     """Bad samples skipped (corrupt_policy=skip) by the train and val datasets, all workers."""
     return sum(int(getattr(ds, "skipped", 0) or 0)
