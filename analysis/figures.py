@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from analysis import atomic  # noqa: E402
 from analysis.history import knn_column, loss_column, miou_column, read_history, series, find_column  # noqa: E402
 from analysis.results import METHOD_SHORT, Results, Trial, finite, pretrain_variant, variant_label  # noqa: E402
-from analysis.tables import EVALUATIONS, Stat, _eval_order, pretrain_groups, segment_groups  # noqa: E402
+from analysis.tables import Stat, _eval_order, pretrain_groups, segment_groups  # noqa: E402
 
 LINESTYLES = ["-", "--", ":", "-."]
 plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,

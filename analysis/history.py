@@ -9,7 +9,6 @@ found by pattern and every series is reduced to one value per epoch (the last lo
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np

@@ -4,7 +4,6 @@ prediction overlays, and the Lightning callbacks inside real (tiny, CPU) Trainer
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 

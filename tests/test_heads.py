@@ -212,6 +212,7 @@ def test_frozen_backbone_gets_no_grad_and_stays_eval():
     out = model(torch.randn(2, 3, SIZE, SIZE))
     out.sum().backward()
     assert all(p.grad is None and not p.requires_grad for p in bb.parameters())
+    assert torch.equal(bb.stages[-1].running_mean, before)
     assert _finite_grads(model.head.parameters())
 
 

@@ -29,7 +29,6 @@ from core.errors import ConfigError
 from core.runs.common import (
     _jsonable,
     atomic_write_json,
-    atomic_write_text,
     finish_wandb,
     last_checkpoint,
     make_loggers,
