@@ -111,3 +111,20 @@ def need_blocks(head: str, backbone, n: int = 4) -> Optional[ConfigError]:
             f"choose head=linear, setr_naive, setr_pup or deeplabv3, or a deeper backbone"
         )
     return None
+
+
+class FourLevelHead(SegHead):
+    """A head over four block outputs (SETR-MLA, SegFormer): picks them with `four_levels` and
+    refuses backbones with fewer than four blocks. Subclasses take (dims, num_classes, levels,
+    extra_in_channels, **kw)."""
+
+    multi_level = True
+
+    @classmethod
+    def refuse(cls, backbone) -> Optional[ConfigError]:
+        return need_blocks(cls.name, backbone)
+
+    @classmethod
+    def from_backbone(cls, backbone, num_classes, extra_in_channels=0, **kw):
+        levels = four_levels(backbone)
+        return cls(list(backbone.intermediate_dims(levels)), num_classes, levels, extra_in_channels, **kw)

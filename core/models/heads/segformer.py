@@ -10,18 +10,15 @@ ViT (D//4*(i+1)-1), all on the patch grid.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
 
-from core.errors import ConfigError
-from core.models.heads.base import SegHead, conv_bn_relu, four_levels, need_blocks, resize
+from core.models.heads.base import FourLevelHead, conv_bn_relu, resize
 
 
-class SegFormerHead(SegHead):
+class SegFormerHead(FourLevelHead):
     name = "segformer"
-    multi_level = True
 
     def __init__(self, in_channels: list[int], num_classes: int, levels: tuple[int, ...], extra_in_channels: int = 0,
                  embed_dim: int = 256, dropout: float = 0.1):
@@ -35,15 +32,6 @@ class SegFormerHead(SegHead):
         self.fuse = conv_bn_relu(len(dims) * embed_dim, embed_dim, 1)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
-
-    @classmethod
-    def refuse(cls, backbone) -> Optional[ConfigError]:
-        return need_blocks("segformer", backbone)
-
-    @classmethod
-    def from_backbone(cls, backbone, num_classes, extra_in_channels=0, **kw):
-        levels = four_levels(backbone)
-        return cls(list(backbone.intermediate_dims(levels)), num_classes, levels, extra_in_channels, **kw)
 
     def decode(self, dense, intermediates):
         if len(intermediates) != len(self.linears):

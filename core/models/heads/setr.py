@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import ConfigError
-from core.models.heads.base import SegHead, conv_bn_relu, four_levels, need_blocks, resize
+from core.models.heads.base import FourLevelHead, SegHead, conv_bn_relu, resize
 
 
 class SETRNaiveHead(SegHead):
@@ -84,9 +84,8 @@ class SETRPUPHead(SegHead):
         return self.classifier(x)
 
 
-class SETRMLAHead(SegHead):
+class SETRMLAHead(FourLevelHead):
     name = "setr_mla"
-    multi_level = True
 
     def __init__(self, in_channels: list[int], num_classes: int, levels: tuple[int, ...], extra_in_channels: int = 0,
                  channels: int = 256, mla_channels: int = 128):
@@ -104,15 +103,6 @@ class SETRMLAHead(SegHead):
              for _ in dims]
         )
         self.classifier = nn.Conv2d(4 * mla_channels, num_classes, 1)
-
-    @classmethod
-    def refuse(cls, backbone) -> Optional[ConfigError]:
-        return need_blocks("setr_mla", backbone)
-
-    @classmethod
-    def from_backbone(cls, backbone, num_classes, extra_in_channels=0, **kw):
-        levels = four_levels(backbone)
-        return cls(list(backbone.intermediate_dims(levels)), num_classes, levels, extra_in_channels, **kw)
 
     def decode(self, dense, intermediates):
         if len(intermediates) != 4:
