@@ -170,8 +170,8 @@ class DataConfig(ConfigBase):
     coco_labels: str = "coarse"
     corrupt_policy: str = "stop"  # stop at the first corrupt file, or skip and count it
     # Smallest RandomResizedCrop area of the self-supervised views. None: the official 0.08 on real
-    # data, 0.25 on the generated 64 px data (an 8% crop of 64 px is ~18 px, smaller than most
-    # objects, so the two views rarely share one).
+    # data, 0.25 on generated data (root None, or a root written by core.data.synthetic): an 8% crop
+    # of 64 px is ~18 px, smaller than most objects, so the two views rarely share one.
     crop_scale_min: Optional[float] = None
     limit_train: Optional[int] = None  # use only the first N train images (debug / smoke)
     limit_val: Optional[int] = None
@@ -198,7 +198,18 @@ class DataConfig(ConfigBase):
     def ssl_crop_scale(self) -> tuple[float, float]:
         if self.crop_scale_min is not None:
             return (self.crop_scale_min, 1.0)
-        return (0.25, 1.0) if self.root is None else (0.08, 1.0)
+        return (0.25, 1.0) if self.root is None or self.is_generated_root() else (0.08, 1.0)
+
+    def is_generated_root(self) -> bool:
+        """True when `root` holds a dataset written by core.data.synthetic (its marker file)."""
+        if self.root is None:
+            return True
+        from pathlib import Path
+
+        from core.data.synthetic import MARKER
+
+        r = Path(self.root)
+        return any((d / MARKER).is_file() for d in (r, r / "VOCdevkit", r.parent))
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -290,6 +301,10 @@ class SegmentConfig(ConfigBase):
     fusion_blocks: int = 1  # fusion 1: CLS attention of the last K blocks
     fusion_steps: int = 2  # fusion 2: propagation steps t
     fusion_alpha: float = 0.5  # fusion 2: initial mixing a (learnable)
+    # fusion 2: learning rate of a's logit. A scalar gate needs larger steps than the weights to cross
+    # its range in a short fine-tune: at the head lr (1e-3) AdamW moves it < 0.1 in 100 steps, so a
+    # stayed at its initial 0.5 even where the attention is uninformative.
+    fusion_alpha_lr: float = 0.05
     source: str = "random"
     mode: str = "finetune"
     loss: str = "ce"
@@ -322,6 +337,7 @@ class SegmentConfig(ConfigBase):
         check_positive("fusion_blocks", self.fusion_blocks)
         check_positive("fusion_steps", self.fusion_steps)
         check_range("fusion_alpha", self.fusion_alpha, 0.0, 1.0)
+        check_positive("fusion_alpha_lr", self.fusion_alpha_lr, allow_zero=True)
         check_source("source", self.source)
         check_choice("mode", self.mode, SEG_MODES)
         check_choice("loss", self.loss, SEG_LOSSES)

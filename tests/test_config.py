@@ -51,3 +51,13 @@ def test_ssl_crop_scale_defaults():
     assert DataConfig().ssl_crop_scale() == (0.25, 1.0)  # generated 64 px data
     assert DataConfig(root="/data").ssl_crop_scale() == (0.08, 1.0)  # official recipe on real data
     assert DataConfig(root="/data", crop_scale_min=0.2).ssl_crop_scale() == (0.2, 1.0)
+
+
+def test_generated_root_given_explicitly_keeps_the_generated_crop_scale(voc_root, tmp_path):
+    # `python -m core.data.synthetic --out X` then `--data-root X`: same views as the default cache
+    for root in (voc_root, voc_root / "VOCdevkit" / "VOC2012"):
+        assert DataConfig(root=str(root)).is_generated_root()
+        assert DataConfig(root=str(root)).ssl_crop_scale() == (0.25, 1.0)
+    (tmp_path / "VOCdevkit" / "VOC2012").mkdir(parents=True)  # a real-looking tree without the marker
+    assert not DataConfig(root=str(tmp_path)).is_generated_root()
+    assert DataConfig(root=str(tmp_path)).ssl_crop_scale() == (0.08, 1.0)

@@ -71,10 +71,12 @@ def test_frozen_mode_and_param_groups():
     model.train()
     assert model.frozen and not model.backbone.training and model.head.training
     assert all(not p.requires_grad for p in model.backbone.parameters())
-    groups = model.param_groups(lr=0.01, backbone_lr_scale=0.1, weight_decay=1e-4)
-    assert {g["name"] for g in groups} == {"head", "head_no_decay"}
-    no_decay = next(g for g in groups if g["name"] == "head_no_decay")
-    assert any(p is model.fusion.alpha_logit for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    groups = model.param_groups(lr=0.01, backbone_lr_scale=0.1, weight_decay=1e-4, gate_lr=0.05)
+    assert {g["name"] for g in groups} == {"head", "head_no_decay", "fusion_gate"}
+    gate = next(g for g in groups if g["name"] == "fusion_gate")
+    assert gate["params"] == [model.fusion.alpha_logit] and gate["weight_decay"] == 0.0 and gate["lr"] == 0.05
+    assert not any(p is model.fusion.alpha_logit for g in groups if g is not gate for p in g["params"])
+    assert next(g for g in model.param_groups(lr=0.01) if g["name"] == "fusion_gate")["lr"] == 0.01  # default: lr
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert model.fusion.alpha_logit.grad is not None
@@ -87,7 +89,31 @@ def test_frozen_mode_and_param_groups():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(1 for p in ft.parameters() if p.requires_grad)
     torch.optim.AdamW(groups)  # groups are valid optimizer input
-    assert {g["name"] for g in ft.param_groups(0.01, 0.0)} == {"head", "head_no_decay"}
+    assert {g["name"] for g in ft.param_groups(0.01, 0.0)} == {"head", "head_no_decay", "fusion_gate"}
+
+
+def _gate_after_training(gate_lr: float, steps: int = 40) -> float:
+    """Fusion 2 on a random ViT (near-uniform attention: propagation only blurs) fitted to a fixed
+    label map for `steps` AdamW steps; returns the learned a."""
+    torch.manual_seed(0)
+    model = build_segmenter(cfg(backbone="vit_nano_patch8", head="linear", fusion="affinity", mode="frozen",
+                                fusion_alpha=0.5), K)
+    opt = torch.optim.AdamW(model.param_groups(lr=1e-2, gate_lr=gate_lr))
+    x = torch.randn(4, 3, 64, 64)
+    y = torch.arange(64).div(16, rounding_mode="floor").view(1, 1, 64).expand(4, 64, 64)  # 4 vertical bands
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return float(model.fusion.alpha.detach())
+
+
+def test_fusion_gate_learns_to_close_when_attention_only_blurs():
+    # With uniform attention, A L is the image mean of L: mixing it in only hurts, so a must fall.
+    # At the gate lr (0.05) it does within 40 steps; at the head lr it barely moves (why the gate has
+    # its own lr: SegmentConfig.fusion_alpha_lr).
+    assert _gate_after_training(0.05) < 0.2
+    assert _gate_after_training(1e-3) > 0.45
 
 
 # ---------------------------------------------------------------------------------- inference

@@ -118,6 +118,9 @@ class SegmentationMethod(pl.LightningModule):
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         loss = self.criterion(logits, y.long())
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        alpha = getattr(self.model.fusion, "alpha", None)
+        if torch.is_tensor(alpha):  # fusion 2: the learned mixing weight a, per epoch in history.csv
+            self.log("fusion/alpha", alpha.detach().float(), on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
 
     # ------------------------------------------------------------------ validation
@@ -150,7 +153,8 @@ class SegmentationMethod(pl.LightningModule):
         """head (+fusion) at lr, backbone at lr x backbone_lr_scale (none when frozen); no decay on
         biases / norms / scalars."""
         cfg = self.cfg
-        return self.model.param_groups(cfg.lr, backbone_lr_scale=cfg.backbone_lr_scale, weight_decay=cfg.weight_decay)
+        return self.model.param_groups(cfg.lr, backbone_lr_scale=cfg.backbone_lr_scale, weight_decay=cfg.weight_decay,
+                                       gate_lr=cfg.fusion_alpha_lr)
 
     def configure_optimizers(self):
         groups = self.param_groups()

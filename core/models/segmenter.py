@@ -13,8 +13,8 @@ Frozen mode: backbone parameters have requires_grad=False, the backbone stays in
 
 `build_segmenter(cfg, num_classes, backbone=None)` builds all three from a `SegmentConfig`
 (weights are loaded by the caller, e.g. `core.weights.load_source`, before or after building).
-`param_groups(lr, backbone_lr_scale, weight_decay)` gives optimizer groups (no weight decay on
-biases, norm parameters and scalars such as the fusion alpha).
+`param_groups(lr, backbone_lr_scale, weight_decay, gate_lr)` gives optimizer groups (no weight decay
+on biases, norm parameters and scalars; fusion 2's mixing logit in its own group at `gate_lr`).
 `whole_inference` / `slide_inference`: evaluation-time prediction over a whole image or with
 overlapping sliding windows (mmsegmentation's slide mode: windows averaged, images smaller than the
 crop padded).
@@ -98,9 +98,11 @@ class Segmenter(nn.Module):
         return self.head(dense, inters, out_size=out_size)
 
     # ------------------------------------------------------------------ optimisation
-    def param_groups(self, lr: float, backbone_lr_scale: float = 0.1, weight_decay: float = 0.0) -> list[dict]:
+    def param_groups(self, lr: float, backbone_lr_scale: float = 0.1, weight_decay: float = 0.0,
+                     gate_lr: Optional[float] = None) -> list[dict]:
         """Optimizer groups: head+fusion at `lr`, backbone at lr*scale (skipped when frozen or scale 0);
-        biases, norm weights and 0/1-D parameters get no weight decay."""
+        biases, norm weights and 0/1-D parameters get no weight decay. Fusion 2's mixing logit gets
+        its own group ("fusion_gate") at `gate_lr` (default `lr`), without weight decay."""
 
         def split(module: nn.Module, prefix: str):
             decay, no_decay = [], []
@@ -117,11 +119,14 @@ class Segmenter(nn.Module):
                 groups.append({"name": name, "params": params, "lr": g_lr, "weight_decay": wd})
 
         hd, hn = split(self.head, "head")
+        gate = getattr(self.fusion, "alpha_logit", None)
+        gate = [gate] if isinstance(gate, nn.Parameter) and gate.requires_grad else []
         if self.fusion is not None:
             fd, fn = split(self.fusion, "fusion")
-            hd, hn = hd + fd, hn + fn
+            hd, hn = hd + fd, hn + [p for p in fn if not any(p is g for g in gate)]
         add("head", hd, lr, weight_decay)
         add("head_no_decay", hn, lr, 0.0)
+        add("fusion_gate", gate, lr if gate_lr is None else gate_lr, 0.0)
         if not self.frozen and backbone_lr_scale > 0:
             bd, bn = split(self.backbone, "backbone")
             add("backbone", bd, lr * backbone_lr_scale, weight_decay)
