@@ -13,6 +13,9 @@ Design (see also experiments/gridspec.py and experiments/trial.py):
   most segmentation trials), up to `max_concurrent` at once. A stage-2 trial therefore starts as
   soon as ITS stage-1 trial is done (no barrier between stages), and every trial is a Tune trial
   (an actor with its own resources, visible in the Ray dashboard).
+* A trial whose settings say `devices: N` (N > 1) is the driver of a Ray Train job of N workers
+  (Lightning DDP, experiments/ray_ddp.py): the Tune trial reserves 0.01 CPU, each worker the
+  trial's `resources`; the pre-start check counts N x resources (+ the driver).
 * Each trial writes its run folder to `<results>/trials/<id>/`. `metrics.json` present = finished:
   finished trials are never rerun (also under `--resume`); a retried or resumed trial calls the run
   function on the same folder, which resumes from `checkpoints/last.ckpt`.
@@ -45,6 +48,7 @@ from core.cli import fail, guard  # noqa: E402
 from core.config import WANDB_MODES  # noqa: E402
 from core.errors import ConfigError, DataError, TwinsegError  # noqa: E402
 from experiments import gridspec  # noqa: E402
+from experiments.ray_ddp import DRIVER_CPU  # noqa: E402
 from experiments.trial import read_error, read_metrics, scalar_metrics  # noqa: E402
 
 STATUSES = ("done", "failed", "skipped", "pending")
@@ -159,6 +163,7 @@ class GridState:
             "depends_on": list(t.depends_on),
             "resources": dict(t.resources),
             "dir": str(self.trial_dir(tid)),
+            "ray_storage": str(self.results_dir / "ray"),  # Ray Train runs of devices > 1 trials
             "wandb": self.wandb,
             "group": self.group,
             "cwd": os.getcwd(),
@@ -477,27 +482,56 @@ def start_ray(args, console: Console, env_vars: dict) -> str:
     return url
 
 
+def trial_needs(resources: dict) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds at once: its resources, or for a Ray Train trial (workers N > 1)
+    N x the per-worker resources plus the driver's DRIVER_CPU."""
+    n = int(resources.get("workers", 1))
+    if n > 1:
+        return n * float(resources["cpu"]) + DRIVER_CPU, n * float(resources["gpu"])
+    return float(resources["cpu"]), float(resources["gpu"])
+
+
+def cluster_fit_problem(spec: gridspec.GridSpec, cpus: float, gpus: float) -> Optional[str]:
+    """The first trial that can never start on a cluster of `cpus` / `gpus` (one line, no file
+    prefix), or None. Trials with the same needs are reported once."""
+    seen: set[tuple] = set()
+    for t in spec.trials:
+        key = "stage1" if t.stage == "pretrain" else "stage2"
+        r = t.resources
+        sig = (key, r["cpu"], r["gpu"], int(r.get("workers", 1)))
+        if sig in seen:
+            continue
+        seen.add(sig)
+        n = sig[3]
+        need_cpu, need_gpu = trial_needs(r)
+        if n > 1:
+            if need_gpu > gpus:
+                return (f"{key}: trial {t.id} runs devices={n} workers x {key}.resources.gpu={_fmt(r['gpu'])} = "
+                        f"{_fmt(need_gpu)} GPU(s) but the Ray cluster has {_fmt(gpus)}; lower settings.devices "
+                        "for it or run on a machine / cluster with more GPUs")
+            if need_cpu > cpus:
+                return (f"{key}: trial {t.id} runs devices={n} workers x {key}.resources.cpu={_fmt(r['cpu'])} "
+                        f"(+{_fmt(DRIVER_CPU)} for its driver) = {_fmt(need_cpu)} CPU(s) but the Ray cluster has "
+                        f"{_fmt(cpus)}; lower {key}.resources.cpu or settings.devices, or add CPUs (--num-cpus)")
+            continue
+        if need_gpu > gpus:
+            return (f"{key}.resources.gpu={_fmt(r['gpu'])} but the Ray cluster has {_fmt(gpus)} GPU(s); "
+                    "use --grid smoke (CPU) or run on a GPU machine / cluster")
+        if need_cpu > cpus:
+            return (f"{key}.resources.cpu={_fmt(r['cpu'])} but the Ray cluster has {_fmt(cpus)} CPU(s); "
+                    f"lower {key}.resources.cpu or add CPUs (--num-cpus)")
+    return None
+
+
 def check_cluster_fits(spec: gridspec.GridSpec, strict: bool) -> None:
     import ray
 
     total = ray.cluster_resources()
-    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
-    for stage, key in (("pretrain", "stage1"), ("segment", "stage2")):
-        ts = spec.stage(stage)
-        if not ts:
-            continue
-        r = ts[0].resources
-        problem = None
-        if r["gpu"] > gpus:
-            problem = (f"{key}.resources.gpu={_fmt(r['gpu'])} but the Ray cluster has {_fmt(gpus)} GPU(s); "
-                       "use --grid smoke (CPU) or run on a GPU machine / cluster")
-        elif r["cpu"] > cpus:
-            problem = (f"{key}.resources.cpu={_fmt(r['cpu'])} but the Ray cluster has {_fmt(cpus)} CPU(s); "
-                       f"lower {key}.resources.cpu or add CPUs (--num-cpus)")
-        if problem:
-            if strict:
-                raise ConfigError(f"{spec.path.name}: {problem}")
-            print(f"twinseg: warning: {problem} (waiting for the autoscaler)", file=sys.stderr)
+    problem = cluster_fit_problem(spec, float(total.get("CPU", 0)), float(total.get("GPU", 0)))
+    if problem:
+        if strict:
+            raise ConfigError(f"{spec.path.name}: {problem}")
+        print(f"twinseg: warning: {problem} (waiting for the autoscaler)", file=sys.stderr)
 
 
 # ============================================================================ data pre-checks
@@ -768,6 +802,8 @@ def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console
 
         def resources(config: dict) -> dict:
             r = config["trial"]["resources"]
+            if int(r.get("workers", 1)) > 1:  # the driver of a Ray Train job: its workers reserve the rest
+                return {"cpu": DRIVER_CPU, "gpu": 0}
             return {"cpu": r["cpu"], "gpu": r["gpu"]}
 
         trainable = tune.with_resources(grid_trial, resources=resources)

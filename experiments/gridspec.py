@@ -12,6 +12,9 @@ commented example. Schema (every key optional unless marked):
     stage1:                          # self-supervised pretraining
       resources: {cpu: 1, gpu: 0}    # per trial; gpu may be a fraction (several trials per GPU)
       settings: {PretrainConfig fields}      # shared; `data:` here merges over the top-level data
+                                     # devices: N (> 1): the trial runs as N Ray Train workers
+                                     # (Lightning DDP); resources are then PER WORKER (whole GPUs)
+                                     # and batch_size is per worker (global batch N x batch_size)
       axes:                          # product of lists; or a LIST of such blocks (union of products)
         backbone: [vit_nano_patch8]
         source: [random]
@@ -80,7 +83,7 @@ class TrialSpec:
     stage: str  # "pretrain" | "segment"
     config: dict  # the validated config (to_dict); source of a segment trial = checkpoint:<dep>/backbone.pt
     depends_on: list[str] = field(default_factory=list)
-    resources: dict = field(default_factory=dict)  # {"cpu": float, "gpu": float}
+    resources: dict = field(default_factory=dict)  # {"cpu", "gpu"} (+ "workers": N, resources per worker, when devices > 1)
     labels: dict = field(default_factory=dict)  # axis values (pretrain) / evaluation + from (segment)
 
 
@@ -402,17 +405,37 @@ def _resources(c: _Ctx, path: str, v: Any) -> dict:
     return {"cpu": cpu, "gpu": gpu}
 
 
-def _check_devices(c: _Ctx, path: str, settings: dict, res: dict) -> None:
-    dev = settings.get("devices", 1)
-    if isinstance(dev, (int, float)) and not isinstance(dev, bool) and dev > 1:
-        raise c.err(
-            f"{path}.settings.devices={dev!r}",
-            "(several GPUs per trial through Ray Train + DDP) is not supported by grid.py yet; "
-            "use devices: 1 and pack trials with fractional resources.gpu",
-        )
+def _check_devices(c: _Ctx, path: str, settings: dict, res: dict, res_path: str) -> None:
+    if "devices" in settings:  # several devices: a Ray Train job of `devices` workers (experiments/ray_ddp.py)
+        c.number(f"{path}.settings.devices", settings["devices"], minimum=1, integer=True)
     device = settings.get("device", "auto")
     if device == "cuda" and res["gpu"] == 0:
-        raise c.err(f"{path}.settings.device='cuda'", f"needs a GPU but {path}.resources.gpu=0; set resources.gpu > 0 or device: auto")
+        raise c.err(f"{path}.settings.device='cuda'", f"needs a GPU but {res_path}.gpu=0; set {res_path}.gpu > 0 or device: auto")
+
+
+def _trial_resources(c: _Ctx, res: dict, res_path: str, devices: int, origins: dict, device: str = "auto") -> dict:
+    """A trial's resources: `res` as is for one device; with devices = N > 1 the trial runs as N
+    Ray Train workers (Lightning DDP) and `res` is PER WORKER: {"cpu", "gpu", "workers": N}."""
+    out = dict(res)
+    n = int(devices)
+    if n <= 1:
+        return out
+    where = f"{origins.get('devices', 'settings.devices')}={n}"
+    gpu = res["gpu"]
+    if gpu and not float(gpu).is_integer():
+        raise c.err(f"{res_path}.gpu={_fmt_num(gpu)}",
+                    f"is a fraction of a GPU, but {where} runs the trial as {n} DDP workers (Ray Train) that "
+                    f"each need a whole GPU; set {res_path}.gpu: 1 (GPUs per worker) or devices: 1")
+    if gpu > 1:
+        raise c.err(f"{res_path}.gpu={_fmt_num(gpu)}",
+                    f"is per worker with {where} and each DDP worker drives one GPU; set {res_path}.gpu: 1 "
+                    f"({n} workers x 1 GPU)")
+    if gpu and device == "cpu":
+        raise c.err(f"{res_path}.gpu={_fmt_num(gpu)}",
+                    f"reserves a GPU per worker but {origins.get('device', 'settings.device')}='cpu' trains the "
+                    f"{n} DDP workers on the CPU; set {res_path}.gpu: 0 (CPU workers, gloo) or device: auto")
+    out["workers"] = n
+    return out
 
 
 def _check_settings_keys(c: _Ctx, path: str, settings: dict, cls, own: set) -> None:
@@ -480,7 +503,7 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
     res = _resources(c, "stage1.resources", s1.get("resources"))
     settings = c.mapping("stage1.settings", s1.get("settings"))
     _check_settings_keys(c, "stage1.settings", settings, PretrainConfig, STAGE1_AXIS_FIELDS | {"wandb"})
-    _check_devices(c, "stage1", settings, res)
+    _check_devices(c, "stage1", settings, res, "stage1.resources")
     overrides = _overrides(c, "stage1.overrides", s1.get("overrides"), AXES, PretrainConfig, STAGE1_AXIS_FIELDS | {"wandb"})
     excl = s1.get("exclude")
     if excl is not None and not isinstance(excl, list):
@@ -534,7 +557,8 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
             if tid in ids:  # e.g. DINO across lambdas: lambd does not apply, one trial
                 continue
             ids.add(tid)
-            trials.append(TrialSpec(id=tid, stage="pretrain", config=cfg.to_dict(), resources=dict(res),
+            trial_res = _trial_resources(c, res, "stage1.resources", cfg.devices, origins, cfg.device)
+            trials.append(TrialSpec(id=tid, stage="pretrain", config=cfg.to_dict(), resources=trial_res,
                                     labels=norm_labels))
     for e, i in excludes:
         if i not in used_excl:
@@ -560,7 +584,7 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
     settings = c.mapping("stage2.settings", s2.get("settings"))
     own = STAGE2_OWN_FIELDS | {"wandb"}
     _check_settings_keys(c, "stage2.settings", settings, SegmentConfig, own)
-    _check_devices(c, "stage2", settings, res)
+    _check_devices(c, "stage2", settings, res, "stage2.resources")
     overrides = _overrides(c, "stage2.overrides", s2.get("overrides"), STAGE2_MATCH_KEYS, SegmentConfig, own)
     entries = s2.get("evaluations")
     if not isinstance(entries, list) or not entries:
@@ -578,7 +602,7 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
             raise c.err(f"{p}.tag={_short(tag)}", "must be a short name (letters, digits, . _)")
         esettings = c.mapping(f"{p}.settings", ent.get("settings"))
         _check_settings_keys(c, f"{p}.settings", esettings, SegmentConfig, own)
-        _check_devices(c, p, esettings, res)
+        _check_devices(c, p, esettings, res, "stage2.resources")
         if "from" not in ent:
             raise c.err(f"{p}.from", "is missing; give the stage-1 trials it consumes, e.g. from: {backbone: vit_nano_patch8}, or from: none")
         src = ent.get("from")
@@ -637,7 +661,10 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
                 tid = "-".join(["seg", label, _safe(cfg.backbone), _source_tag(cfg.source), f"s{_fmt_num(cfg.seed)}"])
             labels = {**labels, "from": dep.id if dep else None}
             trials.append(TrialSpec(id=tid, stage="segment", config=cfg.to_dict(),
-                                    depends_on=[dep.id] if dep else [], resources=dict(res), labels=labels))
+                                    depends_on=[dep.id] if dep else [],
+                                    resources=_trial_resources(c, res, "stage2.resources", cfg.devices, origins,
+                                                               cfg.device),
+                                    labels=labels))
     return trials
 
 

@@ -13,12 +13,20 @@ re-raises, so Ray records the error and the grid can report why dependants were 
 Per-epoch metrics are forwarded to Tune (`tune.report`) by a Lightning callback, so the Ray
 dashboard / Tune state show progress; the final metrics are reported once at the end.
 
-Test hooks (environment variables, used only by tests/test_grid.py; never set by the grid):
+A trial whose config says `devices: N` (N > 1) runs as a Ray Train job with N workers (Lightning
+DDP, experiments/ray_ddp.py): this trainable is then only its driver. Same folder, same contract.
+
+Test hooks (environment variables, used only by tests/test_grid.py and tests/test_ray_ddp.py; never
+set by the grid):
   TWINSEG_FAKE_RUNS=1            use `fake_run` (a fast stand-in writing the same files) instead of
                                  the real run functions;
   TWINSEG_FAKE_SLEEP=SECONDS     fake runs take this long;
   TWINSEG_FAULT_ONCE=ID[,ID]     the trial raises once (a flag file marks that it did), then works;
-  TWINSEG_FAULT_ALWAYS=ID[,ID]   the trial always raises.
+  TWINSEG_FAULT_ALWAYS=ID[,ID]   the trial always raises;
+  TWINSEG_FAULT_EPOCH_ONCE=ID:E[,ID:E]  the run raises once at the start of training epoch E (after
+                                 epoch E-1's checkpoint; on every DDP rank), then works: a retry
+                                 resumes from checkpoints/last.ckpt.
+With TWINSEG_FAKE_RUNS=1 a trial with devices > 1 runs the fake run in the trial's process.
 """
 
 from __future__ import annotations
@@ -140,6 +148,29 @@ def fake_run(stage: str) -> Callable[..., dict]:
     return run
 
 
+def fault_callbacks(tid: str, out: Path, rank: int = 0) -> list:
+    """Test hook TWINSEG_FAULT_EPOCH_ONCE (see the module docstring): [] unless it names `tid`."""
+    epochs = []
+    for item in _ids("TWINSEG_FAULT_EPOCH_ONCE"):
+        t, _, e = item.rpartition(":")
+        if t == tid and e.isdigit():
+            epochs.append(int(e))
+    if not epochs or os.environ.get("TWINSEG_FAKE_RUNS") == "1":
+        return []
+    import lightning.pytorch as pl
+
+    flag = Path(out) / f".fault_epoch_injected.rank{int(rank)}"
+
+    class EpochFault(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch in epochs and not flag.exists():
+                flag.write_text(str(trainer.current_epoch))
+                raise RuntimeError(f"injected one-off fault in {tid} at epoch {trainer.current_epoch} "
+                                   "(TWINSEG_FAULT_EPOCH_ONCE)")
+
+    return [EpochFault()]
+
+
 def get_run_function(stage: str) -> Callable[..., dict]:
     if os.environ.get("TWINSEG_FAKE_RUNS") == "1":
         return fake_run(stage)
@@ -207,22 +238,45 @@ def _make_report_callback(tid: str):
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             if getattr(trainer, "global_rank", 0) != 0 or getattr(trainer, "sanity_checking", False):
                 return
-            vals = {}
-            for k, v in dict(trainer.callback_metrics).items():
-                try:
-                    f = float(v)
-                except (TypeError, ValueError):
-                    continue
-                if math.isfinite(f):
-                    vals[str(k).replace("/", "_")] = f
-            self.report_epoch(trainer.current_epoch + 1, vals)
+            self.report_epoch(trainer.current_epoch + 1, epoch_scalars(trainer))
 
     return TuneEpochReport()
 
 
+def epoch_scalars(trainer) -> dict:
+    """The Trainer's finite scalar callback metrics, '/' replaced by '_' (Tune column names)."""
+    vals = {}
+    for k, v in dict(trainer.callback_metrics).items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            vals[str(k).replace("/", "_")] = f
+    return vals
+
+
 # ----------------------------------------------------------------------------- the trainable
+def setup_trial_env(payload: dict, out: Path) -> None:
+    """Process settings of a trial (its own process, or each DDP worker): wandb one run per trial,
+    grouped by the grid run, never prompting (offline needs no key); the driver's working folder
+    (relative caches data/, weights/ as for a single run)."""
+    mode = payload.get("wandb", "offline")
+    os.environ["WANDB_MODE"] = mode
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ.setdefault("WANDB_DIR", str(out))
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    if payload.get("cwd"):
+        try:
+            os.chdir(payload["cwd"])
+        except OSError:
+            pass
+
+
 def run_payload(payload: dict, report_epochs: bool = True) -> dict:
-    """Run one trial described by `payload` (plain Python; Tune-independent for tests)."""
+    """Run one trial described by `payload` (plain Python; Tune-independent for tests).
+
+    devices > 1: the run is a Ray Train job (experiments/ray_ddp.py; needs the grid's Ray)."""
     tid = payload["id"]
     stage = payload["stage"]
     out = Path(payload["dir"])
@@ -232,30 +286,26 @@ def run_payload(payload: dict, report_epochs: bool = True) -> dict:
         return done
     _atomic_write(out / TRIAL_FILE, json.dumps(
         {k: payload[k] for k in ("id", "stage", "depends_on", "config", "resources") if k in payload}, indent=2))
-    # wandb: one run per trial, grouped by the grid run; never prompts (offline needs no key).
-    mode = payload.get("wandb", "offline")
-    os.environ["WANDB_MODE"] = mode
-    os.environ["WANDB_SILENT"] = "true"
-    os.environ.setdefault("WANDB_DIR", str(out))
-    os.environ.setdefault("WANDB_CONSOLE", "off")
-    if payload.get("cwd"):
-        try:
-            os.chdir(payload["cwd"])  # relative caches (data/, weights/) as for a single run
-        except OSError:
-            pass
+    setup_trial_env(payload, out)
     try:
         (out / ERROR_FILE).unlink(missing_ok=True)
         _inject_faults(tid, out)
         cfg = build_config(stage, payload["config"])
-        run = get_run_function(stage)
-        cbs = [_make_report_callback(tid)] if report_epochs else []
-        kwargs: dict[str, Any] = {"progress": False, "wandb_group": payload.get("group"), "callbacks": cbs}
-        try:
-            if "name" in inspect.signature(run).parameters:
-                kwargs["name"] = tid
-        except (TypeError, ValueError):
-            pass
-        metrics = run(cfg, out, **kwargs)
+        from experiments import ray_ddp
+
+        if ray_ddp.workers(payload) > 1 and os.environ.get("TWINSEG_FAKE_RUNS") != "1":
+            metrics = ray_ddp.run_ddp(payload) or {}
+        else:
+            run = get_run_function(stage)
+            cbs = [_make_report_callback(tid)] if report_epochs else []
+            cbs += fault_callbacks(tid, out)
+            kwargs: dict[str, Any] = {"progress": False, "wandb_group": payload.get("group"), "callbacks": cbs}
+            try:
+                if "name" in inspect.signature(run).parameters:
+                    kwargs["name"] = tid
+            except (TypeError, ValueError):
+                pass
+            metrics = run(cfg, out, **kwargs)
         if read_metrics(out) is None:
             raise RuntimeError(f"the {stage} run returned without writing {out / 'metrics.json'}")
         metrics = read_metrics(out) or metrics

@@ -83,7 +83,11 @@ BAD = [
     ("retries", -1, ["bad.yaml: retries=-1 must be >= 0"]),
     ("max_concurrent", 0, ["bad.yaml: max_concurrent=0 must be >= 1"]),
     ("wandb", "cloud", ["bad.yaml: wandb='cloud' is not allowed", "offline"]),
-    ("stage1.settings.devices", 2, ["bad.yaml: stage1.settings.devices=2", "not supported"]),
+    ("stage1.settings.devices", 0, ["bad.yaml: stage1.settings.devices=0 must be >= 1"]),
+    ("stage1.settings.devices", 1.5, ["bad.yaml: stage1.settings.devices=1.5 must be an integer"]),
+    ("stage2.settings.devices", "two", ["bad.yaml: stage2.settings.devices='two' must be an integer", "devices: 1"]),
+    ("stage1.overrides", [{"match": {"backbone": "resnet_tiny"}, "set": {"devices": -2}}],
+     ["bad.yaml: stage1.overrides[0].set.devices=-2 must be > 0"]),
     ("stage1.settings.lambd", 0.1, ["bad.yaml: stage1.settings.lambd is set by the grid itself"]),
     ("stage1.exclude", [{"backbone": "swin_nano"}], ["bad.yaml: stage1.exclude[0]=", "matches no stage-1 combination"]),
     ("stage2.evaluations.0.evaluation", "E9", ["bad.yaml: stage2.evaluations[0].evaluation='E9' is not a preset"]),
@@ -170,3 +174,90 @@ def test_paper_expansion_and_overrides(tmp_path):
     official = [t for t in g.trials if t.id.startswith("seg-E5-official")]
     assert official and official[0].depends_on == [] and official[0].config["source"] == "dino"
     assert len({t.id for t in g.trials}) == len(g.trials)
+
+
+# ----------------------------------------------------------------------------- devices > 1 (Ray Train + DDP)
+def test_devices_run_as_ray_train_workers(tmp_path):
+    """devices: N > 1 is accepted: the trial's resources are per worker and carry workers: N; only
+    the trials it applies to (here through an override) are DDP trials."""
+    doc = copy.deepcopy(BASE)
+    doc["stage1"]["settings"]["devices"] = 2
+    doc["stage1"]["overrides"] = [{"match": {"backbone": "resnet_tiny"}, "set": {"devices": 1}}]
+    doc["stage2"]["evaluations"][1]["settings"] = {"devices": 3}
+    g = gridspec.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials")
+    res = {t.id: t.resources for t in g.trials}
+    assert res["pt-vit_nano_patch8-random-bt-l0.0051-s0"] == {"cpu": 1.0, "gpu": 0.0, "workers": 2}
+    assert res["pt-resnet_tiny-random-bt-l0.0051-s0"] == {"cpu": 1.0, "gpu": 0.0}
+    assert res["seg-E1-from-pt-resnet_tiny-random-bt-l0.0051-s0"] == {"cpu": 1.0, "gpu": 0.0}
+    assert res["seg-E4-from-pt-vit_nano_patch8-random-bt-l0.0051-s0"] == {"cpu": 1.0, "gpu": 0.0, "workers": 3}
+    assert g.by_id()["pt-vit_nano_patch8-random-bt-l0.0051-s0"].config["devices"] == 2
+
+
+@pytest.mark.parametrize("where,gpu,fragments", [
+    ("stage1.settings", 0.5, ["bad.yaml: stage1.resources.gpu=0.5 is a fraction of a GPU",
+                              "stage1.settings.devices=2 runs the trial as 2 DDP workers",
+                              "set stage1.resources.gpu: 1 (GPUs per worker) or devices: 1"]),
+    ("stage1.overrides", 0.25, ["bad.yaml: stage1.resources.gpu=0.25 is a fraction",
+                                "stage1.overrides[0].set.devices=2"]),
+    ("stage2.evaluations", 0.5, ["bad.yaml: stage2.resources.gpu=0.5 is a fraction",
+                                 "stage2.evaluations[1].settings.devices=2"]),
+    ("stage1.settings", 2, ["bad.yaml: stage1.resources.gpu=2 is per worker with stage1.settings.devices=2",
+                            "set stage1.resources.gpu: 1 (2 workers x 1 GPU)"]),
+    ("stage1.settings", 1, ["bad.yaml: stage1.resources.gpu=1 reserves a GPU per worker but "
+                            "stage1.settings.device='cpu' trains the 2 DDP workers on the CPU",
+                            "set stage1.resources.gpu: 0 (CPU workers, gloo) or device: auto"]),
+])
+def test_devices_with_fractional_gpu_is_one_line_error(tmp_path, where, gpu, fragments):
+    doc = copy.deepcopy(BASE)
+    stage = where.split(".")[0]
+    doc[stage]["resources"] = {"cpu": 1, "gpu": gpu}
+    if where == "stage1.settings":
+        doc["stage1"]["settings"]["devices"] = 2
+    elif where == "stage1.overrides":
+        doc["stage1"]["overrides"] = [{"match": {"backbone": "vit_nano_patch8"}, "set": {"devices": 2}}]
+    else:
+        doc["stage2"]["evaluations"][1]["settings"] = {"devices": 2}
+    with pytest.raises(ConfigError) as ei:
+        gridspec.load_grid(_write(tmp_path, doc), check_models=False)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_cluster_check_counts_every_worker(tmp_path, monkeypatch):
+    """The pre-start resource check needs N workers x per-worker resources (+ the driver's CPU)."""
+    import ray
+
+    from experiments.grid import check_cluster_fits, cluster_fit_problem
+
+    doc = copy.deepcopy(BASE)
+    doc["stage1"]["resources"] = {"cpu": 2, "gpu": 1}
+    doc["stage1"]["settings"]["devices"] = 4
+    doc["stage1"]["settings"]["device"] = "auto"
+    g = gridspec.load_grid(_write(tmp_path, doc), check_models=False)
+    assert cluster_fit_problem(g, cpus=9, gpus=4) is None
+    gpu = cluster_fit_problem(g, cpus=64, gpus=2)
+    assert gpu.startswith("stage1: trial pt-vit_nano_patch8-random-bt-l0.0051-s0 runs devices=4 workers x "
+                          "stage1.resources.gpu=1 = 4 GPU(s) but the Ray cluster has 2; lower settings.devices")
+    cpu = cluster_fit_problem(g, cpus=8, gpus=4)  # 4 x 2 CPUs + 0.01 for the driver
+    assert "x stage1.resources.cpu=2 (+0.01 for its driver) = 8.01 CPU(s) but the Ray cluster has 8" in cpu
+    assert "lower stage1.resources.cpu or settings.devices, or add CPUs (--num-cpus)" in cpu
+    # single-device trials keep their own check
+    one = copy.deepcopy(BASE)
+    one["stage2"]["resources"] = {"cpu": 4, "gpu": 0}
+    g1 = gridspec.load_grid(_write(tmp_path, one, "one.yaml"), check_models=False)
+    assert cluster_fit_problem(g1, cpus=2, gpus=0).startswith("stage2.resources.cpu=4 but the Ray cluster has 2 CPU(s)")
+    # the driver's check: one line prefixed with the grid file
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 2.0})
+    with pytest.raises(ConfigError) as ei:
+        check_cluster_fits(g, strict=True)
+    assert str(ei.value).startswith("bad.yaml: stage1: trial ") and "\n" not in str(ei.value)
+
+
+def test_paper_grid_documents_devices():
+    """paper.yaml shows a commented devices: 4 example; it does not change the expansion."""
+    text = gridspec.resolve_grid("paper").read_text()
+    assert "devices: 4" in text
+    g = gridspec.load_grid(gridspec.resolve_grid("paper"), check_models=False)
+    assert all("workers" not in t.resources for t in g.trials)

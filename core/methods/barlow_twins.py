@@ -95,9 +95,10 @@ class SSLMethod(KNNMonitorMixin, pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Under DDP, BatchNorm layers become SyncBatchNorm (official Barlow Twins / DINO); this hook
-        runs before Lightning wraps the module in DistributedDataParallel."""
+        runs before Lightning wraps the module in DistributedDataParallel. Not on CPU ranks (gloo,
+        tests): torch's SyncBatchNorm refuses CPU tensors, so each rank normalises its own batch."""
         trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.world_size > 1:
+        if trainer is not None and trainer.world_size > 1 and trainer.strategy.root_device.type != "cpu":
             for name, child in list(self.named_children()):
                 setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
 

@@ -11,8 +11,9 @@ import json
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -108,6 +109,36 @@ def _wandb_id(out_dir: Path) -> str:
     return hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class ExternalDDP:
+    """This process is ONE rank of a data-parallel (DDP) job that a launcher outside core started
+    (the grid's Ray Train workers, experiments/ray_ddp.py). core never imports the launcher: the
+    launcher injects the Lightning pieces and the rank layout, `make_trainer` builds the Trainer with
+    them, and the run functions let rank 0 alone write the run folder's files.
+
+    - `accelerator`: "cpu" | "gpu", this rank's; one device per rank (`devices="auto"` for Lightning,
+      the strategy's `root_device` picks it);
+    - `device`: this rank's torch device (where evaluations outside `trainer.fit` run);
+    - `world_size`, `global_rank`: the job's layout;
+    - `strategy`, `plugins`: given to `pl.Trainer` (e.g. `RayDDPStrategy()`, `(RayLightningEnvironment(),)`);
+    - `prepare`: called with the constructed `pl.Trainer`, returns the Trainer to use (e.g.
+      `ray.train.lightning.prepare_trainer`); None: used as built.
+    Batch semantics: `batch_size` is per rank (the global batch is `world_size x batch_size`).
+    """
+
+    accelerator: str
+    device: Any
+    world_size: int
+    global_rank: int
+    strategy: Any
+    plugins: tuple = ()
+    prepare: Optional[Callable[[Any], Any]] = None
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return int(self.global_rank) == 0
+
+
 def make_trainer(
     *,
     out_dir: Path,
@@ -119,11 +150,17 @@ def make_trainer(
     callbacks: Iterable = (),
     progress: bool = True,
     val_every: int = 1,
+    ddp: Optional[ExternalDDP] = None,
 ):
+    """The run's Lightning Trainer. `ddp` (None: this process alone, `device`/`devices` decide) makes
+    it one rank of an externally launched DDP job (see `ExternalDDP`)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-    accelerator, n = resolve_accelerator(device, devices)
+    if ddp is None:
+        accelerator, n = resolve_accelerator(device, devices)
+    else:
+        accelerator, n = ddp.accelerator, 1
     if accelerator == "gpu":  # TF32 matmuls for fp32 parts (e.g. the D x D cross-correlation), tuned convs
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.benchmark = True
@@ -150,7 +187,7 @@ def make_trainer(
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*is deprecated.*")
-    return pl.Trainer(
+    kwargs: dict[str, Any] = dict(
         default_root_dir=str(out_dir),
         max_epochs=max_epochs,
         accelerator=accelerator,
@@ -165,6 +202,11 @@ def make_trainer(
         num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every,
     )
+    if ddp is None:
+        return pl.Trainer(**kwargs)
+    kwargs.update(devices="auto", strategy=ddp.strategy, plugins=list(ddp.plugins))
+    trainer = pl.Trainer(**kwargs)
+    return ddp.prepare(trainer) if ddp.prepare is not None else trainer
 
 
 # --------------------------------------------------------------------------- history

@@ -5,6 +5,11 @@ grid trials. Run folder (ARCHITECTURE.md): config.json, history.csv, checkpoints
 backbone.pt, figures/, and metrics.json written LAST and atomically (its presence = finished; a
 rerun returns it without training). A run interrupted before the end resumes from last.ckpt.
 Nothing that could pass for a result (backbone.pt, history.csv, metrics.json) is written on failure.
+
+`ddp` (`core.runs.common.ExternalDDP`, None by default) runs this call as ONE rank of a DDP job
+started elsewhere (the grid's Ray Train workers): every rank trains (`batch_size` per rank), only
+global rank 0 writes config.json and, after `trainer.fit`, evaluates and writes the results; the other
+ranks return `{}`. Nothing after `trainer.fit` is a collective call, so rank 0 alone can do it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from core.config import PretrainConfig
 from core.errors import ConfigError
 from core.runs.common import (
+    ExternalDDP,
     atomic_write_json,
     finish_wandb,
     is_finished,
@@ -77,12 +83,27 @@ def _first_images(loader, n: int = 4) -> Optional[torch.Tensor]:
     return None
 
 
+def _local_cross_correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """`cross_correlation` of this process' batch only (no all_gather): what rank 0 uses after a DDP
+    fit, where a collective call on one rank alone would hang."""
+    from core.losses.barlow_twins import batch_normalize
+
+    return batch_normalize(z1.float()).T @ batch_normalize(z2.float()) / z1.shape[0]
+
+
+def _distributed() -> bool:
+    return bool(torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1)
+
+
 @torch.no_grad()
 def _cc_on_batch(method, loader, device) -> dict:
     """Barlow Twins cross-correlation statistics of the trained model on one fresh training batch
-    (two augmented views, model in eval mode)."""
+    (two augmented views, model in eval mode). Under DDP: on the calling rank's batch alone."""
     from core.losses.barlow_twins import cc_statistics, cross_correlation
     from core.methods.barlow_twins import unpack_views
+
+    cc_fn = _local_cross_correlation if _distributed() else cross_correlation
 
     if cfg_method(method) != "barlow_twins":
         return {"cc_diag_mean": None, "cc_offdiag_rms": None}
@@ -94,7 +115,7 @@ def _cc_on_batch(method, loader, device) -> dict:
             x1, x2 = (method.prepare_view(v.to(device), i) for i, v in enumerate(views[:2]))
             z1 = method.projector(method.backbone(x1))
             z2 = method.projector(method.backbone(x2))
-            return cc_statistics(cross_correlation(z1, z2))
+            return cc_statistics(cc_fn(z1, z2))
     finally:
         method.train(was)
     return {"cc_diag_mean": None, "cc_offdiag_rms": None}
@@ -144,8 +165,9 @@ def _final_loss(trainer) -> Optional[float]:
 
 
 def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_group: Optional[str] = None,
-                 callbacks: Iterable = (), name: Optional[str] = None) -> dict:
-    """Pretrain `cfg.backbone` with `cfg.method`; returns the metrics dict (also metrics.json)."""
+                 callbacks: Iterable = (), name: Optional[str] = None, ddp: Optional[ExternalDDP] = None) -> dict:
+    """Pretrain `cfg.backbone` with `cfg.method`; returns the metrics dict (also metrics.json).
+    `ddp`: this call is one rank of an externally launched DDP job (ranks other than 0 return {})."""
     import lightning.pytorch as pl
 
     from core.accounting import AccountingCallback
@@ -157,7 +179,10 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
         return json.loads((out_dir / METRICS).read_text())
     _check_same_config(out_dir, cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    accelerator, n_dev = resolve_accelerator(cfg.device, cfg.devices)  # ConfigError before writing anything
+    if ddp is None:
+        accelerator, n_dev = resolve_accelerator(cfg.device, cfg.devices)  # ConfigError before writing anything
+    else:  # one device per rank, chosen by the launcher
+        accelerator, n_dev = ddp.accelerator, 1
     from core.data.module import validate_data
 
     validate_data(cfg.data, "pretrain")  # DataError (one line) before writing anything
@@ -176,9 +201,10 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
     method.on_weights_loaded()
     # Only now, with data, model and weights known good, does the run folder appear.
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / CONFIG, cfg.to_dict())
+    if ddp is None or ddp.is_rank_zero:
+        atomic_write_json(out_dir / CONFIG, cfg.to_dict())
 
-    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu") if ddp is None else torch.device(ddp.device)
     has_knn = loaders.knn_train is not None and loaders.knn_val is not None
     k, T = cfg.knn_k, 0.07
 
@@ -189,7 +215,8 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
         bb.to(device)
         return knn_eval(bb, loaders.knn_train, loaders.knn_val, device, k=k, T=T, linear_probe=linear_probe)
 
-    knn_init = evaluate(False)["knn_acc"]
+    # only rank 0 reports it (under DDP the other ranks skip the pass and wait at the first collective)
+    knn_init = evaluate(False)["knn_acc"] if ddp is None or ddp.is_rank_zero else None
     method.cpu()
 
     run_name = name or out_dir.name
@@ -198,7 +225,7 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
     images = _first_images(loaders.knn_val)
     cbs = [acct, *_diagnostic_callbacks(cfg, method, images), *callbacks]
     trainer = make_trainer(out_dir=out_dir, max_epochs=cfg.epochs, device=cfg.device, devices=cfg.devices,
-                           precision=cfg.precision, loggers=loggers, callbacks=cbs, progress=progress)
+                           precision=cfg.precision, loggers=loggers, callbacks=cbs, progress=progress, ddp=ddp)
     try:
         ckpt = last_checkpoint(out_dir)
         fit_kw: dict[str, Any] = {"train_dataloaders": loaders.train}

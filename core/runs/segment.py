@@ -13,6 +13,11 @@ Order (so that a bad input writes nothing):
 The backbone's weights come from ``cfg.source`` through `core.weights.load_source`: ``random``,
 ``imagenet``, ``dino``, ``coco-deeplab``, ... or ``checkpoint:PATH`` to a stage-1 ``backbone.pt``
 (``{"arch", "state_dict"}``) - that is how a pretrained backbone is consumed.
+
+``ddp`` (``core.runs.common.ExternalDDP``, None by default) runs this call as ONE rank of a DDP job
+started elsewhere (the grid's Ray Train workers): every rank trains and validates (``batch_size`` per
+rank; the confusion matrix is summed over ranks), only global rank 0 writes config.json, history.csv,
+model.pt and metrics.json; the other ranks return ``{}``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from core.config import SegmentConfig
 from core.errors import ConfigError
 from core.runs.common import (
+    ExternalDDP,
     _jsonable,
     atomic_write_json,
     finish_wandb,
@@ -71,16 +77,17 @@ def backbone_options(cfg: SegmentConfig) -> dict:
     return {}
 
 
-def preflight(cfg: SegmentConfig):
+def preflight(cfg: SegmentConfig, devices: Optional[int] = None):
     """Build the (randomly initialised) backbone and check that the head, the fusion and the image /
-    sliding-window sizes fit it: one ConfigError line otherwise. Returns the backbone."""
+    sliding-window sizes fit it: one ConfigError line otherwise. Returns the backbone. `devices`:
+    the devices this process drives (default `cfg.devices`; 1 for a rank of an external DDP job)."""
     from core.models.heads import head_refusal
     from core.models.heads.fusion import check_fusion
     from core.models.registry import create_backbone
 
     from core.runs.common import resolve_accelerator
 
-    resolve_accelerator(cfg.device, cfg.devices)  # device=cuda without a GPU: ConfigError
+    resolve_accelerator(cfg.device, cfg.devices if devices is None else devices)  # device=cuda without a GPU: ConfigError
     backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size, **backbone_options(cfg))
     err = head_refusal(cfg.head, backbone)
     if err is not None:
@@ -102,8 +109,10 @@ def default_run_name(cfg: SegmentConfig) -> str:
 
 
 def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, progress: bool = True,
-                wandb_group: Optional[str] = None, callbacks: Iterable = (), name: Optional[str] = None) -> dict:
+                wandb_group: Optional[str] = None, callbacks: Iterable = (), name: Optional[str] = None,
+                ddp: Optional[ExternalDDP] = None) -> dict:
     cfg = resolve_segment_config(cfg)
+    writer = ddp is None or ddp.is_rank_zero  # under DDP only global rank 0 writes files
     out_dir = Path(out_dir)
     metrics_path = out_dir / "metrics.json"
     if metrics_path.is_file():
@@ -115,7 +124,7 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # ---- everything that can be wrong with the inputs fails here, before any file is written
-    backbone = preflight(cfg)  # backbone / head / fusion fit, sizes (ConfigError)
+    backbone = preflight(cfg, None if ddp is None else 1)  # backbone / head / fusion fit, sizes (ConfigError)
     resume = last_checkpoint(out_dir)
     load_report = load_source(backbone, cfg.source)  # WeightsError; also on resume: the source must resolve
 
@@ -137,7 +146,8 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
     if cfg.mode == "frozen":  # the frozen backbone is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", cfg.to_dict())
+    if writer:
+        atomic_write_json(out_dir / "config.json", cfg.to_dict())
     run_name = name or default_run_name(cfg)
     model_path = out_dir / "model.pt"
     loggers: list = []
@@ -148,7 +158,7 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
         cbs = [accounting, *_diagnostic_callbacks(cfg, out_dir, backbone, class_names, palette), *callbacks]
         loggers = make_loggers(out_dir, cfg.wandb, wandb_group, run_name, cfg.to_dict())
         trainer = make_trainer(out_dir=out_dir, max_epochs=cfg.epochs, device=cfg.device, devices=cfg.devices,
-                               precision=cfg.precision, loggers=loggers, callbacks=cbs, progress=progress)
+                               precision=cfg.precision, loggers=loggers, callbacks=cbs, progress=progress, ddp=ddp)
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
                     ckpt_path=str(resume) if resume else None)
         if trainer.interrupted:
@@ -205,8 +215,9 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
         return _jsonable(metrics)  # exactly what metrics.json holds (NaN -> None)
     except BaseException:
         # nothing that could pass for a result survives a failed run (checkpoints stay for resume)
-        model_path.unlink(missing_ok=True)
-        model_path.with_name(".model.pt.tmp").unlink(missing_ok=True)
+        if writer:
+            model_path.unlink(missing_ok=True)
+            model_path.with_name(".model.pt.tmp").unlink(missing_ok=True)
         raise
     finally:
         finish_wandb(loggers)
