@@ -40,6 +40,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _yerr(stds) -> Optional[list]:
+    """Error bars from per-point stds: none at all when no point has one (a single seed has no std:
+    a zero-height bar would read as zero spread), 0 for the points without one otherwise."""
+    stds = list(stds)
+    return None if all(v is None for v in stds) else [0.0 if v is None else v for v in stds]
+
+
 def _seed_style(t: Trial, seeds: list) -> str:
     s = t.get("seed")
     return LINESTYLES[seeds.index(s) % len(LINESTYLES)] if s in seeds else "-"
@@ -74,12 +81,12 @@ def lambda_sweep(res: Results, path: Path) -> Optional[Path]:
         ok = [i for i, s in enumerate(st) if s.mean is not None]
         label = f"{key[0]} (init={key[1]})"
         if ok:
-            axes[0, 0].errorbar([lam[i] for i in ok], [st[i].mean for i in ok], yerr=[st[i].std or 0 for i in ok],
+            axes[0, 0].errorbar([lam[i] for i in ok], [st[i].mean for i in ok], yerr=_yerr(st[i].std for i in ok),
                                 marker="o", capsize=3, color=col, label=label)
         if seg:
             pts = sorted((v[3], Stat.of(vals)) for v, vals in seg.items() if (v[1], v[2]) == key)
             if pts:
-                axes[0, 1].errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[p[1].std or 0 for p in pts],
+                axes[0, 1].errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=_yerr(p[1].std for p in pts),
                                     marker="s", capsize=3, color=col, label=label)
     titles = ["Barlow Twins λ sweep: k-NN accuracy", "Barlow Twins λ sweep: E2 segmentation mIoU"]
     ylabels = ["k-NN accuracy (frozen features)", "E2 mIoU (%)"]
@@ -123,7 +130,7 @@ def evaluation_bars(res: Results, path: Path) -> Optional[Path]:
                     continue
                 lab = f"{g.variant} · {g.head}/{g.fusion}"
                 x = xi - 0.4 + width * (j + 0.5)
-                ax.bar(x, s.mean, width * 0.9, yerr=s.std or 0, capsize=3, color=colors[lab], edgecolor="0.2",
+                ax.bar(x, s.mean, width * 0.9, yerr=s.std, capsize=3, color=colors[lab], edgecolor="0.2",
                        linewidth=0.5, label=lab)
                 ax.annotate(f"{s.mean:.1f}", (x, s.mean + (s.std or 0)), ha="center", va="bottom", fontsize=7,
                             xytext=(0, 2), textcoords="offset points")

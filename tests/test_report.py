@@ -286,3 +286,14 @@ def test_cli_writes_report(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"report: {tmp_path / 'out' / 'report.md'}"
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_error_bars_only_where_a_std_exists():
+    """A single seed has no std: no error bar is drawn (a zero-height one would read as zero spread);
+    where some points have a std, the others get 0."""
+    from analysis.figures import _yerr
+
+    assert _yerr([None, None]) is None
+    assert _yerr([]) is None
+    assert _yerr([None, 1.5]) == [0.0, 1.5]
+    assert _yerr([0.0, 2.0]) == [0.0, 2.0]

@@ -86,19 +86,23 @@ def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str
             os.environ["WANDB_MODE"] = "offline"
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers.append(
-            WandbLogger(
-                project=os.environ.get("WANDB_PROJECT", "twinseg"),
-                name=name,
-                group=group,
-                save_dir=str(out_dir),
-                mode=wandb_mode,
-                config=config,
-                id=_wandb_id(out_dir),
-                resume="allow",
-                settings=None,
-            )
+        wb = WandbLogger(
+            project=os.environ.get("WANDB_PROJECT", "twinseg"),
+            name=name,
+            group=group,
+            save_dir=str(out_dir),
+            mode=wandb_mode,
+            config=config,
+            id=_wandb_id(out_dir),
+            resume="allow",
+            settings=None,
         )
+        # Lightning always passes `anonymous=None` to wandb.init; recent wandb (0.31 in the lock) deprecated it
+        # and prints a warning for any value, on every run. We never use it: drop the key.
+        init_kwargs = getattr(wb, "_wandb_init", None)
+        if isinstance(init_kwargs, dict) and init_kwargs.get("anonymous") is None:
+            init_kwargs.pop("anonymous", None)
+        loggers.append(wb)
     return loggers
 
 
