@@ -527,7 +527,12 @@ def test_prediction_callback_in_segmentation_fit_with_disabled_wandb(tmp_path, m
     val = torch.utils.data.DataLoader(_SegDS(), batch_size=4)
     cb = PredictionCallback(every_n_epochs=1, num_images=3, strict=True)  # images from the val loader
     trainer = _trainer(tmp_path, [cb], logger=loggers or False, limit_val_batches=1)
-    trainer.fit(module, train, val)
+    try:
+        trainer.fit(module, train, val)
+    finally:  # a disabled wandb run is still a global `wandb.run`: leave none behind for later tests
+        import wandb
+
+        wandb.finish()
     assert _names(tmp_path) == ["predictions_epoch000.png", "predictions_epoch001.png"]
     assert cb._images.shape == (3, 3, 32, 32) and cb._targets.shape == (3, 32, 32)
     assert module.model.training and not module.model.net[1].training

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.runs.common import _wandb_id, make_loggers
+from core.runs.common import _wandb_id, finish_wandb, make_loggers
 
 
 def test_offline_wandb_run_is_written_locally_without_login(tmp_path, monkeypatch, capfd):
@@ -25,7 +25,8 @@ def test_offline_wandb_run_is_written_locally_without_login(tmp_path, monkeypatc
     assert run.group == "smoke-20260101-000000" and run.name == "trial-a"
     assert run.id == _wandb_id(tmp_path)  # stable per folder: a resumed trial continues the same run
     assert dict(run.config)["backbone"] == "vit_nano_patch8"
-    wandb.finish()
+    finish_wandb(loggers)  # what run_pretrain / run_segment call in their `finally`
+    assert wandb.run is None
 
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
@@ -39,3 +40,19 @@ def test_disabled_wandb_gives_csv_only(tmp_path):
     loggers = make_loggers(tmp_path, "disabled", group=None, name="x", config={})
     assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]
     assert not (tmp_path / "wandb").exists()
+
+
+def test_a_run_left_open_in_the_process_does_not_swallow_the_next_trial(tmp_path, monkeypatch):
+    """Lightning attaches to an open `wandb.run`; make_loggers closes a leftover one first, so the new
+    trial gets its own run, name and group (a reused worker process must not log into the last trial)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    import wandb
+
+    old = wandb.init(mode="offline", dir=str(tmp_path / "old"), group="old-grid", name="old-trial",
+                     project="twinseg-test")
+    (tmp_path / "new").mkdir()
+    wb = make_loggers(tmp_path / "new", "offline", group="new-grid", name="new-trial", config={})[1]
+    assert wandb.run is None  # the leftover was finished
+    run = wb.experiment
+    assert run.id != old.id and run.group == "new-grid" and run.name == "new-trial"
+    wandb.finish()

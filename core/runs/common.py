@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,11 @@ def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str
             os.environ["WANDB_MODE"] = "offline"
         from lightning.pytorch.loggers import WandbLogger
 
+        # Lightning's WandbLogger attaches to `wandb.run` when one is open: a run left open in this
+        # process (an earlier trial in a reused worker, a crashed caller) would receive this trial's
+        # metrics under its own name and group. Close it first.
+        if "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None:
+            sys.modules["wandb"].finish()
         wb = WandbLogger(
             project=os.environ.get("WANDB_PROJECT", "twinseg"),
             name=name,
@@ -266,6 +272,7 @@ def finish_wandb(loggers: list) -> None:
                 import wandb
 
                 if wandb.run is not None:
-                    wandb.finish(quiet=True)
-            except Exception:  # noqa: BLE001 - logging must never fail a finished run
-                pass
+                    wandb.finish()
+            except Exception as e:  # noqa: BLE001 - logging must never fail a finished run, but say so
+                warnings.warn(f"wandb: closing the run failed ({type(e).__name__}: {e}); the local CSV logs "
+                              "are complete", RuntimeWarning, stacklevel=2)
