@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from core.runs.common import _wandb_id, finish_wandb, make_loggers
@@ -56,3 +53,22 @@ def test_a_run_left_open_in_the_process_does_not_swallow_the_next_trial(tmp_path
     run = wb.experiment
     assert run.id != old.id and run.group == "new-grid" and run.name == "new-trial"
     wandb.finish()
+
+
+def test_a_failure_to_close_the_run_warns_and_does_not_raise(monkeypatch):
+    import wandb
+
+    class Boom(Exception):
+        pass
+
+    def finish(*a, **k):
+        raise Boom("sync service gone")
+
+    class FakeRun:
+        pass
+
+    monkeypatch.setattr(wandb, "run", FakeRun())
+    monkeypatch.setattr(wandb, "finish", finish)
+    WandbLogger = type("WandbLogger", (), {})
+    with pytest.warns(RuntimeWarning, match="closing the run failed .*Boom: sync service gone"):
+        finish_wandb([WandbLogger()])
