@@ -209,8 +209,9 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
             if type(lg).__name__ == "WandbLogger":
                 try:
                     lg.experiment.summary.update({f"final/{k}": metrics[k] for k in ("mIoU", "aAcc", "mAcc")})
-                except Exception:  # noqa: BLE001 - logging never fails a finished run
-                    pass
+                except Exception as e:  # noqa: BLE001 - logging never fails a finished run, but says so
+                    warnings.warn(f"wandb: writing the final summary failed ({type(e).__name__}: {e}); "
+                                  "metrics.json is complete", RuntimeWarning, stacklevel=2)
         atomic_write_json(metrics_path, metrics)
         return _jsonable(metrics)  # exactly what metrics.json holds (NaN -> None)
     except BaseException:
