@@ -108,8 +108,11 @@ def _ddp_worker(rank: int, world: int, port: int, x1, x2, w0, out_dir: str) -> N
 
         dl = DINOLoss(out_dim=x1.shape[1], warmup_teacher_temp_epochs=0, n_epochs=1)
         dl(torch.cat([x1[sl], x2[sl]]), torch.cat([x1[sl], x2[sl]]), 0)
-        torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone(), "center": dl.center.clone()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        # gather=False: this rank's batch alone (called on every rank, so that a wrong gather shows as
+        # the global matrix below instead of a hang)
+        local_cc = cross_correlation(x1[sl], x2[sl], gather=False)
+        torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone(), "center": dl.center.clone(),
+                    "local_cc": local_cc}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -138,3 +141,7 @@ def test_ddp_gathered_loss_and_gradients_equal_full_batch(tmp_path):
         assert torch.allclose(res["loss"], full.detach(), rtol=1e-5, atol=1e-6)
         assert torch.allclose(res["grad"], lin.weight.grad, rtol=1e-4, atol=1e-6)
         assert torch.allclose(res["center"], dl.center, atol=1e-6)
+    local = torch.load(tmp_path / "rank0.pt", weights_only=True)["local_cc"]
+    bn = torch.nn.BatchNorm1d(6, affine=False)  # the formula on rank 0's half only
+    assert torch.allclose(local, bn(x1[:4]).T @ bn(x2[:4]) / 4, atol=1e-5)
+    assert not torch.allclose(local, cross_correlation(x1, x2), atol=1e-3)  # not the global batch

@@ -36,16 +36,18 @@ def batch_normalize(z: Tensor, eps: float = BN_EPS) -> Tensor:
     return (z - mean) / torch.sqrt(var + eps)
 
 
-def cross_correlation(z1: Tensor, z2: Tensor, eps: float = BN_EPS) -> Tensor:
+def cross_correlation(z1: Tensor, z2: Tensor, eps: float = BN_EPS, gather: bool = True) -> Tensor:
     """Empirical cross-correlation matrix (D, D) of two (N, D) embeddings over the (global) batch.
 
     Computed in float32 even under autocast: the normalisation and the D x D product are the
-    numerically delicate part of the loss.
+    numerically delicate part of the loss. `gather=False`: over this process' batch only (no
+    collective call, e.g. a statistic that one DDP rank computes alone).
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"cross_correlation expects two (N, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    z1 = gather_with_grad(z1)
-    z2 = gather_with_grad(z2)
+    if gather:
+        z1 = gather_with_grad(z1)
+        z2 = gather_with_grad(z2)
     n = z1.shape[0]
     if n < 2:
         raise ValueError("cross_correlation needs a batch of at least 2 samples")

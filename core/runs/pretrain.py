@@ -83,27 +83,13 @@ def _first_images(loader, n: int = 4) -> Optional[torch.Tensor]:
     return None
 
 
-def _local_cross_correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """`cross_correlation` of this process' batch only (no all_gather): what rank 0 uses after a DDP
-    fit, where a collective call on one rank alone would hang."""
-    from core.losses.barlow_twins import batch_normalize
-
-    return batch_normalize(z1.float()).T @ batch_normalize(z2.float()) / z1.shape[0]
-
-
-def _distributed() -> bool:
-    return bool(torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1)
-
-
 @torch.no_grad()
 def _cc_on_batch(method, loader, device) -> dict:
     """Barlow Twins cross-correlation statistics of the trained model on one fresh training batch
-    (two augmented views, model in eval mode). Under DDP: on the calling rank's batch alone."""
+    (two augmented views, model in eval mode). On the calling process' batch alone: under DDP only
+    rank 0 runs this, after fit, where a collective call would hang."""
     from core.losses.barlow_twins import cc_statistics, cross_correlation
     from core.methods.barlow_twins import unpack_views
-
-    cc_fn = _local_cross_correlation if _distributed() else cross_correlation
 
     if cfg_method(method) != "barlow_twins":
         return {"cc_diag_mean": None, "cc_offdiag_rms": None}
@@ -115,7 +101,7 @@ def _cc_on_batch(method, loader, device) -> dict:
             x1, x2 = (method.prepare_view(v.to(device), i) for i, v in enumerate(views[:2]))
             z1 = method.projector(method.backbone(x1))
             z2 = method.projector(method.backbone(x2))
-            return cc_statistics(cc_fn(z1, z2))
+            return cc_statistics(cross_correlation(z1, z2, gather=False))
     finally:
         method.train(was)
     return {"cc_diag_mean": None, "cc_offdiag_rms": None}
