@@ -6,6 +6,7 @@ say so instead of showing an empty axis).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,8 +24,19 @@ from analysis.results import METHOD_SHORT, Results, Trial, finite, pretrain_vari
 from analysis.tables import Stat, _eval_order, pretrain_groups, segment_groups  # noqa: E402
 
 LINESTYLES = ["-", "--", ":", "-."]
-plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-                     "axes.spines.right": False, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8})
+# The report's look, applied only inside the plotting functions below (never to the global rcParams:
+# importing the report must not change other figures, e.g. the diagnostics' heatmaps, in the process).
+STYLE = {"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+         "axes.spines.right": False, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8}
+
+
+def _styled(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _colors(n: int) -> list:
@@ -53,6 +65,7 @@ def _seed_style(t: Trial, seeds: list) -> str:
 
 
 # ----------------------------------------------------------------------------- lambda sweep
+@_styled
 def lambda_sweep(res: Results, path: Path) -> Optional[Path]:
     bt = [g for g in pretrain_groups(res) if g.variant[0] == "barlow_twins" and g.variant[3] is not None]
     if not bt:
@@ -112,6 +125,7 @@ def lambda_sweep(res: Results, path: Path) -> Optional[Path]:
 
 
 # ----------------------------------------------------------------------------- E1-E5 bars
+@_styled
 def evaluation_bars(res: Results, path: Path) -> Optional[Path]:
     groups = segment_groups(res)
     if not groups:
@@ -150,6 +164,7 @@ def evaluation_bars(res: Results, path: Path) -> Optional[Path]:
 
 
 # ----------------------------------------------------------------------------- training curves
+@_styled
 def _plot_curves(panels: list[tuple[str, str, list]], title: str, path: Path) -> Optional[Path]:
     """panels: (title, ylabel, [(x, y, xlabel, color, linestyle, label)])"""
     panels = [p for p in panels if p[2]]

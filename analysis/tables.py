@@ -347,6 +347,8 @@ PRETRAIN_COLS = [  # (metric key, header, digits, best: +1 higher / -1 lower / 0
     ("knn_acc", "k-NN acc", 2, +1),
     ("knn_acc_init", "k-NN at init", 2, 0),
     ("linear_probe_acc", "Linear probe", 2, +1),
+    ("dense_rank", "Dense eff. rank", 1, 0),
+    ("dense_local_var", "Dense local var.", 2, 0),
     ("final_loss", "Final loss", 3, 0),
     ("cc_diag_mean", "C diag mean", 3, 0),
     ("cc_offdiag_rms", "C off-diag RMS", 4, 0),

@@ -102,6 +102,12 @@ def main(argv=None) -> int:
 
     print(f"k-NN accuracy ({cfg.backbone}, {cfg.method}): before {pct(m.get('knn_acc_init'))} -> "
           f"after {pct(m.get('knn_acc'))}   linear probe {pct(m.get('linear_probe_acc'))}")
+    if m.get("dense_rank") is not None:
+        def num(v):
+            return "n/a" if v is None else f"{v:.2f}"
+
+        print(f"dense features: effective rank {num(m.get('dense_rank_init'))} -> {num(m.get('dense_rank'))}, "
+              f"local variance fraction {num(m.get('dense_local_var_init'))} -> {num(m.get('dense_local_var'))}")
     print(f"wall time {m.get('wall_time_s', 0):.1f}s on {m.get('device', '?')}")
     print(f"metrics: {out / 'metrics.json'}")
     return 0

@@ -100,6 +100,7 @@ def pretrain_metrics(method: str, backbone: str, lambd: float, seed: int, epochs
     return {
         "stage": "pretrain", "method": method, "backbone": backbone, "source": "random", "lambd": lambd,
         "seed": seed, "knn_acc": knn, "knn_acc_init": 20.0 + seed, "linear_probe_acc": knn + 3.0,
+        "dense_rank": 20.0 + seed, "dense_rank_init": 30.0, "dense_local_var": 0.4, "dense_local_var_init": 0.6,
         "final_loss": (120.0 - 10 * seed) if method == "barlow_twins" else 6.5 - 0.1 * seed,
         "cc_diag_mean": 0.8 + 0.01 * seed if method == "barlow_twins" else None,
         "cc_offdiag_rms": 0.02 + 0.001 * seed if method == "barlow_twins" else None,

@@ -68,6 +68,10 @@ def test_pretrain_run_folder_rerun_and_resume(voc_root, tmp_path):
     for k in ("knn_acc", "knn_acc_init", "linear_probe_acc"):
         assert 0.0 <= m[k] <= 100.0
     assert m["final_loss"] is not None and m["cc_diag_mean"] is not None
+    for k in ("dense_rank", "dense_rank_init"):  # vit_nano's patch tokens are 96 wide
+        assert 1.0 <= m[k] <= 96.0, (k, m[k])
+    for k in ("dense_local_var", "dense_local_var_init"):
+        assert 0.0 < m[k] < 1.0, (k, m[k])
     assert json.loads((out / "config.json").read_text())["lambd"] == cfg.lambd
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
     import csv

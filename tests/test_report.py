@@ -134,8 +134,8 @@ def test_pretraining_and_bt_vs_dino_tables(full):
                   and t["metrics"]["method"] == row["method"] and t["metrics"]["backbone"] == row["backbone"]
                   and (lam is None or math.isclose(t["metrics"]["lambd"], lam))]
         assert row["n_seeds"] == len(trials) == 2
-        for key in ("knn_acc", "knn_acc_init", "linear_probe_acc", "final_loss", "wall_time_s", "images_per_s",
-                    "peak_mem_mb"):
+        for key in ("knn_acc", "knn_acc_init", "linear_probe_acc", "dense_rank", "dense_local_var", "final_loss",
+                    "wall_time_s", "images_per_s", "peak_mem_mb"):
             m, s = _mean_std([t[key] for t in trials])
             assert row[f"{key}_mean"] == pytest.approx(m), key
             assert row[f"{key}_std"] == pytest.approx(s), key
@@ -297,3 +297,15 @@ def test_error_bars_only_where_a_std_exists():
     assert _yerr([]) is None
     assert _yerr([None, 1.5]) == [0.0, 1.5]
     assert _yerr([0.0, 2.0]) == [0.0, 2.0]
+
+
+def test_report_style_does_not_leak_into_other_figures(full):
+    """Building the report (module fixture `full` ran it) leaves matplotlib's global rcParams alone:
+    the diagnostics' heatmaps drawn later in the same process must not get grid lines."""
+    import matplotlib
+
+    import analysis.figures as figures
+
+    assert figures.STYLE["axes.grid"] is True
+    assert matplotlib.rcParams["axes.grid"] is False
+    assert matplotlib.rcParams["font.size"] == matplotlib.rcParamsDefault["font.size"]

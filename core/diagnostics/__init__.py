@@ -1,5 +1,6 @@
 """Diagnostics: attention maps (DINO's method), effective receptive fields (Luo et al.),
-Barlow Twins cross-correlation heatmaps, segmentation prediction overlays -- as plain functions
+Barlow Twins cross-correlation heatmaps, segmentation prediction overlays, how local the dense
+features are (effective rank, within-image variance share) -- as plain functions
 and as Lightning callbacks writing `<run_dir>/figures/{attention,erf,crosscorr,predictions}_*.png`.
 
 Stable name: `core.diagnostics.effective_receptive_field(model, layer, images) -> (H, W) array`.
@@ -12,6 +13,7 @@ from core.diagnostics.attention import (
     threshold_attention,
 )
 from core.diagnostics.cross_correlation import CC_CMAP, plot_cc_evolution, plot_cross_correlation
+from core.diagnostics.dense_features import dense_feature_stats, effective_rank, local_variance_fraction
 from core.diagnostics.predictions import colorize_mask, palette_array, plot_predictions
 from core.diagnostics.receptive_field import effective_receptive_field, erf_extent, erf_grid, plot_erf_grid
 
@@ -27,6 +29,9 @@ __all__ = [
     "CC_CMAP",
     "plot_cross_correlation",
     "plot_cc_evolution",
+    "dense_feature_stats",
+    "effective_rank",
+    "local_variance_fraction",
     "palette_array",
     "colorize_mask",
     "plot_predictions",

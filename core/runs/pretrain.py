@@ -158,6 +158,7 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
 
     from core.accounting import AccountingCallback
     from core.data.module import build_ssl_loaders
+    from core.diagnostics.dense_features import dense_feature_stats
     from core.methods.knn_monitor import knn_eval
 
     out_dir = Path(out_dir)
@@ -196,13 +197,17 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
 
     def evaluate(linear_probe: bool) -> dict:
         if not has_knn:
-            return {"knn_acc": None, "linear_probe_acc": None}
+            return {"knn_acc": None, "linear_probe_acc": None, "dense": {}}
         bb = method.export_backbone()
         bb.to(device)
-        return knn_eval(bb, loaders.knn_train, loaders.knn_val, device, k=k, T=T, linear_probe=linear_probe)
+        out = knn_eval(bb, loaders.knn_train, loaders.knn_val, device, k=k, T=T, linear_probe=linear_probe)
+        # how local the dense features are (what a segmentation head builds on), on the k-NN val images
+        out["dense"] = dense_feature_stats(bb, loaders.knn_val, device=device)
+        return out
 
     # only rank 0 reports it (under DDP the other ranks skip the pass and wait at the first collective)
-    knn_init = evaluate(False)["knn_acc"] if ddp is None or ddp.is_rank_zero else None
+    init = evaluate(False) if ddp is None or ddp.is_rank_zero else {"knn_acc": None, "dense": {}}
+    knn_init = init["knn_acc"]
     method.cpu()
 
     run_name = name or out_dir.name
@@ -243,6 +248,10 @@ def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_g
             "knn_acc": final["knn_acc"],
             "knn_acc_init": knn_init,
             "linear_probe_acc": final.get("linear_probe_acc"),
+            "dense_rank": final["dense"].get("effective_rank"),
+            "dense_rank_init": init["dense"].get("effective_rank"),
+            "dense_local_var": final["dense"].get("local_variance_fraction"),
+            "dense_local_var_init": init["dense"].get("local_variance_fraction"),
             "final_loss": _final_loss(trainer),
             "cc_diag_mean": cc["cc_diag_mean"],
             "cc_offdiag_rms": cc["cc_offdiag_rms"],
