@@ -88,6 +88,15 @@ def test_dense_feature_stats_on_backbones():
     assert 1.0 < r["effective_rank"] <= bb.dense_dim
     assert 0.0 < r["local_variance_fraction"] < 1.0
     assert bb.training  # mode restored
+    # uint8 images and dict batches are read as the k-NN monitor reads them (knn_monitor.prepare_images)
+    from core.methods.knn_monitor import prepare_images
+
+    u8 = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    ref = dense_feature_stats(bb, prepare_images(u8))
+    batches = [{"image": u8[:3], "label": torch.zeros(3)}, {"image": u8[3:], "label": torch.zeros(3)}]
+    got = dense_feature_stats(bb, batches)
+    assert got["effective_rank"] == pytest.approx(ref["effective_rank"], rel=1e-6)
+    assert got["local_variance_fraction"] == pytest.approx(ref["local_variance_fraction"], rel=1e-6)
 
 
 def test_dense_feature_stats_bad_inputs():

@@ -53,11 +53,9 @@ def local_variance_fraction(dense: torch.Tensor) -> float:
     if dense.ndim != 4 or dense.shape[0] < 1 or dense.shape[2] * dense.shape[3] < 2:
         raise ConfigError(f"local_variance_fraction needs (B, C, h, w) features with h * w >= 2, "
                           f"got shape {tuple(dense.shape)}")
-    z = dense.double().flatten(2)  # (B, C, N)
-    total = float(((z - z.mean((0, 2), keepdim=True)) ** 2).sum())
-    if total <= 0.0:
-        return float("nan")
-    return float(((z - z.mean(2, keepdim=True)) ** 2).sum()) / total
+    moments = DenseMoments()
+    moments.update(dense)
+    return moments.result()["local_variance_fraction"]
 
 
 class DenseMoments:
@@ -67,17 +65,18 @@ class DenseMoments:
         self.n = 0  # feature vectors
         self.sum: torch.Tensor | None = None  # (C,)
         self.outer: torch.Tensor | None = None  # (C, C) sum of z z^T
-        self.within = 0.0  # sum over images of the scatter around the image's own mean
+        self.within: torch.Tensor | None = None  # sum over images of the scatter around each image's mean
 
     def update(self, dense: torch.Tensor) -> None:
         if dense.ndim != 4:
             raise ConfigError(f"dense features must be (B, C, h, w), got shape {tuple(dense.shape)}")
         z = dense.detach().double().flatten(2)  # (B, C, N)
-        self.within += float(((z - z.mean(2, keepdim=True)) ** 2).sum())
         v = z.transpose(1, 2).reshape(-1, z.shape[1])  # (B*N, C)
-        if self.sum is None:
+        if self.sum is None:  # accumulators stay on the features' device: no host sync per batch
             self.sum = torch.zeros(v.shape[1], dtype=torch.float64, device=v.device)
             self.outer = torch.zeros(v.shape[1], v.shape[1], dtype=torch.float64, device=v.device)
+            self.within = torch.zeros((), dtype=torch.float64, device=v.device)
+        self.within += ((z - z.mean(2, keepdim=True)) ** 2).sum()
         self.n += v.shape[0]
         self.sum += v.sum(0)
         self.outer += v.T @ v
@@ -92,7 +91,7 @@ class DenseMoments:
         total = float(scatter.diagonal().sum())
         return {
             "effective_rank": _rank_from_singular_values(eig.sqrt()),
-            "local_variance_fraction": self.within / total if total > 0 else float("nan"),
+            "local_variance_fraction": float(self.within) / total if total > 0 else float("nan"),
             "dim": int(self.sum.numel()),
             "num_vectors": int(self.n),
         }
@@ -103,8 +102,11 @@ def dense_feature_stats(backbone, images: Union[torch.Tensor, Iterable], *, max_
                         device: Union[str, torch.device, None] = None) -> dict:
     """{"effective_rank", "local_variance_fraction", "dim", "num_vectors", "num_images"} of the
     backbone's dense features over ``images``: a (B, 3, H, W) tensor or an iterable of batches
-    (tensors, or tuples whose first item is the image batch, as the k-NN loaders yield), at most
+    (tensors, or the k-NN loaders' ``(images, labels)`` / dict batches, read with
+    `core.methods.knn_monitor.split_batch`; uint8 images are normalised as there), at most
     ``max_images`` of them. The backbone is run in eval mode and left in the mode it was in."""
+    from core.methods.knn_monitor import prepare_images, split_batch
+
     if max_images < 1:
         raise ConfigError(f"max_images={max_images} must be >= 1")
     batches = [images] if isinstance(images, torch.Tensor) else images
@@ -114,10 +116,10 @@ def dense_feature_stats(backbone, images: Union[torch.Tensor, Iterable], *, max_
     moments, seen = DenseMoments(), 0
     try:
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = batch if isinstance(batch, torch.Tensor) else split_batch(batch)[0]
             if not isinstance(x, torch.Tensor) or x.ndim != 4:
                 raise ConfigError("dense_feature_stats needs image batches of shape (B, 3, H, W)")
-            x = x[: max_images - seen].to(dev, non_blocking=True)
+            x = prepare_images(x[: max_images - seen], dev)
             moments.update(backbone.forward_all(x).dense.float())
             seen += x.shape[0]
             if seen >= max_images:
