@@ -1,9 +1,17 @@
-"""Typed, validated run configuration.
+"""Typed, validated run configuration: the one home of every run setting and its default.
 
 Each run is described by a frozen dataclass validated at construction: a bad value raises
 `ConfigError` naming the field, the bad value and what is allowed. `from_dict` is how CLI flags and
 grid files become configs; unknown keys are refused (no silent typos). No string is ever evaluated
 as code: names are looked up in registries.
+
+- Every field carries its documentation as an attribute docstring (the string right after it): the
+  CLI (core/config_cli.py) turns each field into a flag with that text as its help, and
+  `field(metadata={"cli_aliases": (...)})` adds short flag names.
+- A field whose type is a ConfigBase dataclass is a section (`data`, and one per SSL method):
+  nested in config.json and grid files, `--<section>-<field>` on the CLI.
+- `PretrainConfig` is `PretrainSettings` plus one section per registered SSL method
+  (core/methods/registry.py), built on first use: adding a method adds its options here.
 """
 
 from __future__ import annotations
@@ -13,11 +21,10 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 from core.errors import ConfigError
 
-METHODS = ("barlow_twins", "dino")
 OPTIMIZERS = ("lars", "adamw")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 DEVICES = ("auto", "cpu", "cuda")
@@ -126,12 +133,18 @@ def _coerce(cls_name: str, fname: str, tp: Any, value: Any) -> Any:
 
 
 class ConfigBase:
-    """Mixin: construction-time coercion + validation, dict round-trip, unknown-key refusal."""
+    """Mixin: construction-time coercion + validation, dict round-trip, unknown-key refusal.
+
+    `section`: the key under which this dataclass is nested in a parent config ("data", "dino", ...);
+    error messages then name fields as the user writes them (`data.image_size=...`)."""
+
+    section: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
+        where = type(self).section or type(self).__name__
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            object.__setattr__(self, f.name, _coerce(type(self).__name__, f.name, hints[f.name], getattr(self, f.name)))
+            object.__setattr__(self, f.name, _coerce(where, f.name, hints[f.name], getattr(self, f.name)))
         self.validate()
 
     def validate(self) -> None:  # overridden
@@ -161,23 +174,37 @@ class ConfigBase:
 class DataConfig(ConfigBase):
     """Where images come from. root=None means the generated (synthetic, VOC-layout) dataset."""
 
-    dataset: str = "voc"
-    root: Optional[str] = None  # VOC: folder holding VOCdevkit/ (or VOC2012/); COCO: cocostuff root
-    ssl_split: str = "train"  # images for self-supervision (voc): train | trainaug | all_but_val
-    ssl_root: Optional[str] = None  # optional ImageFolder tree used for self-supervision instead
-    image_size: int = 64
-    num_workers: int = 0
+    section = "data"
+
+    dataset: str = field(default="voc", metadata={"cli_aliases": ("dataset",)})
+    """Dataset layout: voc | coco_stuff | imagefolder."""
+    root: Optional[str] = None
+    """VOC: the folder holding VOCdevkit/ (or VOC2012/); COCO-Stuff: its root; none: the generated dataset."""
+    ssl_split: str = "train"
+    """VOC images used for self-supervision: train | trainaug | all_but_val (never the val images)."""
+    ssl_root: Optional[str] = None
+    """An ImageFolder tree used for self-supervision instead of the dataset's own images."""
+    image_size: int = field(default=64, metadata={"cli_aliases": ("image-size",)})
+    """Side in pixels of the training and evaluation images."""
+    num_workers: int = field(default=0, metadata={"cli_aliases": ("num-workers",)})
+    """DataLoader worker processes (0: load in the main process)."""
     coco_labels: str = "coarse"
-    corrupt_policy: str = "stop"  # stop at the first corrupt file, or skip and count it
-    # Smallest RandomResizedCrop area of the self-supervised views. None: the official 0.08 on real
-    # data, 0.25 on generated data (root None, or a root written by core.data.synthetic): an 8% crop
-    # of 64 px is ~18 px, smaller than most objects, so the two views rarely share one.
+    """COCO-Stuff label space: fine (171 classes) | coarse (27)."""
+    corrupt_policy: str = field(default="stop", metadata={"cli_aliases": ("corrupt-policy",)})
+    """A corrupt image or mask: stop (the run ends naming it) | skip (skip it and count it in metrics.json)."""
     crop_scale_min: Optional[float] = None
-    limit_train: Optional[int] = None  # use only the first N train images (debug / smoke)
-    limit_val: Optional[int] = None
-    synthetic_n_train: int = 400  # size of the generated dataset when root is None
+    """Smallest RandomResizedCrop area of the self-supervised views. none: the official 0.08 on real data,
+    0.25 on generated data, where an 8% crop of 64 px (~18 px) rarely holds an object that both views share."""
+    limit_train: Optional[int] = field(default=None, metadata={"cli_aliases": ("limit-train",)})
+    """Use only the first N training images (debugging, smoke runs)."""
+    limit_val: Optional[int] = field(default=None, metadata={"cli_aliases": ("limit-val",)})
+    """Use only the first N validation images."""
+    synthetic_n_train: int = 400
+    """Training images of the generated dataset (root none)."""
     synthetic_n_val: int = 200
+    """Validation images of the generated dataset."""
     synthetic_seed: int = 0
+    """Seed of the generated dataset."""
 
     def validate(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
@@ -214,54 +241,60 @@ class DataConfig(ConfigBase):
 
 # --------------------------------------------------------------------------- stage 1
 @dataclass(frozen=True)
-class PretrainConfig(ConfigBase):
-    """Stage 1: self-supervised pretraining (Barlow Twins or DINO)."""
+class PretrainSettings(ConfigBase):
+    """Stage 1, the settings every self-supervised method shares. `PretrainConfig` adds one section per
+    method (its options); use `PretrainConfig`."""
 
     method: str = "barlow_twins"
+    """Self-supervised method (core/methods/registry.py): barlow_twins | dino | ..."""
     backbone: str = "vit_nano_patch8"
+    """Backbone name (core/models/registry.py)."""
     source: str = "random"
-    # Barlow Twins
-    lambd: float = 0.0051
-    scale: float = 1.0
-    projector: tuple[int, ...] = (512, 512)  # official: 8192-8192-8192
-    # DINO
-    dino_out_dim: int = 1024
-    dino_teacher_temp: float = 0.07
-    dino_warmup_teacher_temp: float = 0.04
-    dino_warmup_teacher_temp_epochs: int = 2
-    dino_student_temp: float = 0.1
-    dino_momentum: float = 0.996
-    dino_local_crops: int = 2
-    # optimisation
-    # The defaults are the CPU setting tuned on the generated data (batch 32: LARS is made for
-    # large batches). lr=None selects the official recipe: LARS 0.2 weights / 0.0048 biases x
-    # batch/256 (what the paper grid uses), AdamW 5e-4 x batch/256 (DINO).
+    """Initial weights: random | imagenet | barlowtwins-imagenet | dino | coco-deeplab | checkpoint:PATH."""
+    projector: tuple[int, ...] = (512, 512)
+    """Projector widths, e.g. 8192-8192-8192 (official Barlow Twins / VICReg); DINO's head hidden width is
+    their maximum (capped at 2048)."""
     optimizer: str = "adamw"
-    lr: Optional[float] = 2e-3
+    """lars | adamw."""
+    lr: Optional[float] = field(default=2e-3, metadata={"cli_none_words": ("recipe",)})
+    """Base learning rate; none (or recipe): the optimiser's official recipe scaled by batch/256 (LARS 0.2 weights /
+    0.0048 biases, AdamW 5e-4). The default 2e-3 (AdamW, batch 32) is the CPU setting for the generated data."""
     weight_decay: float = 1.5e-6
+    """Weight decay (LARS and AdamW exclude biases and norms)."""
     epochs: int = 20
+    """Training epochs."""
     warmup_epochs: float = 1.0
+    """Linear learning-rate warmup before the cosine decay, in epochs (per-step schedule)."""
     batch_size: int = 32
+    """Images per batch per device (the global batch under DDP is devices x batch_size)."""
     precision: str = "32"
+    """32 | bf16-mixed | 16-mixed (mixed precision falls back to 32 on the CPU)."""
     device: str = "auto"
-    devices: int = 1  # GPUs per trial (DDP when > 1)
+    """auto | cpu | cuda."""
+    devices: int = 1
+    """GPUs for this run (DDP when > 1)."""
     compile: bool = False
-    gpu_augment: bool = True  # colour/blur/solarize on whole batches on the device
+    """torch.compile the backbone."""
+    gpu_augment: bool = True
+    """Colour / blur / solarize on whole batches on the GPU (the CPU pipeline does them per image otherwise)."""
     seed: int = 0
-    # monitors / diagnostics
+    """Random seed."""
     knn_k: int = 20
-    diagnostics_every: int = 0  # epochs between diagnostic figures (0: only at the end)
+    """Neighbours of the k-NN monitor."""
+    diagnostics_every: int = 0
+    """Epochs between diagnostic figures (0: only at the end)."""
     wandb: str = "offline"
+    """offline | online | disabled (a CSV log is always written)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Data settings."""
 
     def validate(self) -> None:
+        from core.methods.registry import ssl_methods
         from core.models.registry import check_backbone_name  # late import: registry is heavy
 
-        check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, tuple(ssl_methods()))
         check_backbone_name("backbone", self.backbone)
         check_source("source", self.source)
-        check_positive("lambd", self.lambd, allow_zero=True)
-        check_positive("scale", self.scale)
         if not self.projector:
             raise ConfigError("projector=() must list at least one layer width, e.g. 8192-8192-8192")
         for w in self.projector:
@@ -273,20 +306,40 @@ class PretrainConfig(ConfigBase):
         check_positive("epochs", self.epochs)
         check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
         if self.batch_size < 2:
-            raise ConfigError(f"batch_size={self.batch_size} must be >= 2 (Barlow Twins normalises over the batch)")
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 2 (the SSL losses normalise over the batch)")
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
         check_positive("devices", self.devices)
-        check_positive("dino_out_dim", self.dino_out_dim)
-        check_positive("dino_teacher_temp", self.dino_teacher_temp)
-        check_positive("dino_warmup_teacher_temp", self.dino_warmup_teacher_temp)
-        check_positive("dino_warmup_teacher_temp_epochs", self.dino_warmup_teacher_temp_epochs, allow_zero=True)
-        check_positive("dino_student_temp", self.dino_student_temp)
-        check_range("dino_momentum", self.dino_momentum, 0.0, 1.0)
-        check_positive("dino_local_crops", self.dino_local_crops, allow_zero=True)
         check_positive("knn_k", self.knn_k)
         check_positive("diagnostics_every", self.diagnostics_every, allow_zero=True)
         check_choice("wandb", self.wandb, WANDB_MODES)
+
+    @property
+    def options(self) -> Any:
+        """The selected method's own section (`cfg.<method>`)."""
+        return getattr(self, self.method)
+
+
+def _pretrain_config() -> type:
+    """`PretrainSettings` + one section field per registered SSL method."""
+    from core.methods.registry import ssl_methods
+
+    sections = [(name, spec.options, field(default_factory=spec.options,
+                                           metadata={"help": f"{spec.label} options ({spec.paper})."}))
+                for name, spec in ssl_methods().items()]
+    cls = dataclasses.make_dataclass("PretrainConfig", sections, bases=(PretrainSettings,), frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "Stage 1: self-supervised pretraining; one section per SSL method (`cfg.barlow_twins`, ...)."
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    # PretrainConfig is built on first use, once every method module can import this one.
+    if name == "PretrainConfig":
+        cls = _pretrain_config()
+        globals()["PretrainConfig"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -294,47 +347,70 @@ class PretrainConfig(ConfigBase):
 class SegmentConfig(ConfigBase):
     """Stage 2: semantic segmentation on top of a (pretrained) backbone."""
 
-    evaluation: Optional[str] = None  # E1..E5 preset (core.evaluations); explicit fields override it
+    evaluation: Optional[str] = None
+    """Preset E1..E5 (core/evaluations.py); fields set explicitly override it."""
     backbone: str = "vit_nano_patch8"
+    """Backbone name (core/models/registry.py)."""
     head: str = "setr_pup"
-    fusion: str = "none"  # none | features (fusion 1) | affinity (fusion 2)
-    fusion_blocks: int = 1  # fusion 1: CLS attention of the last K blocks
-    fusion_steps: int = 2  # fusion 2: propagation steps t
-    # fusion 2: initial mixing a (learnable). Starts near the plain head and lets training open the
-    # gate: from 0.5, on the smoke grid's 10-epoch Barlow Twins ViT (near-uniform attention), a first
-    # ROSE (blurring helps while the head predicts mostly background) and E4 stuck at 4.5 mIoU; from
-    # 0.1 the gate closed and E4 matched E2 (20.4).
+    """linear | setr_naive | setr_pup | setr_mla | deeplabv3 | segformer."""
+    fusion: str = "none"
+    """Attention fusion: none | features (fusion 1) | affinity (fusion 2); transformers only."""
+    fusion_blocks: int = 1
+    """Fusion 1: use the CLS attention of the last K blocks."""
+    fusion_steps: int = 2
+    """Fusion 2: propagation steps t of L <- (1 - a) L + a A L."""
     fusion_alpha: float = 0.1
-    # fusion 2: learning rate of a's logit. A scalar gate needs larger steps than the weights to cross
-    # its range in a short fine-tune: at the head lr (1e-3) AdamW moves it < 0.1 in 100 steps, so a
-    # stayed at its initial 0.5 even where the attention is uninformative.
+    """Fusion 2: initial mixing weight a (learnt). Near 0 the head starts as the plain head and training
+    opens the gate only if the attention helps (docs/findings.md)."""
     fusion_alpha_lr: float = 0.05
+    """Fusion 2: learning rate of a's logit; a scalar gate needs larger steps than the weights to move in a
+    short fine-tune."""
     source: str = "random"
+    """Backbone weights: random | imagenet | barlowtwins-imagenet | dino | coco-deeplab | checkpoint:PATH."""
     mode: str = "finetune"
+    """frozen (head only) | finetune (backbone too, at lr x backbone_lr_scale)."""
     loss: str = "ce"
+    """ce | dice | focal (255 ignored)."""
     epochs: int = 8
+    """Training epochs."""
     lr: float = 1e-3
-    backbone_lr_scale: float = 0.1  # fine-tune: backbone lr = lr * scale
+    """Learning rate of the head (AdamW)."""
+    backbone_lr_scale: float = 0.1
+    """Fine-tuning: the backbone's lr is lr x this."""
     weight_decay: float = 1e-4
+    """AdamW weight decay (biases and norms excluded)."""
     batch_size: int = 16
+    """Images per batch per device."""
     precision: str = "32"
+    """32 | bf16-mixed | 16-mixed (mixed precision falls back to 32 on the CPU)."""
     device: str = "auto"
+    """auto | cpu | cuda."""
     devices: int = 1
+    """GPUs for this run (DDP when > 1)."""
     compile: bool = False
+    """torch.compile the model."""
     inference: str = "whole"
+    """Validation inference: whole | slide (sliding windows)."""
     slide_crop: int = 64
+    """Sliding-window side in pixels."""
     slide_stride: int = 48
+    """Sliding-window stride in pixels (<= slide_crop)."""
     seed: int = 0
+    """Random seed."""
     diagnostics_every: int = 0
+    """Epochs between diagnostic figures (0: only at the end)."""
     wandb: str = "offline"
+    """offline | online | disabled (a CSV log is always written)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Data settings."""
 
     def validate(self) -> None:
-        from core.models.registry import check_backbone_name
+        from core.evaluations import EVALUATIONS
         from core.models.heads import check_head_name
+        from core.models.registry import check_backbone_name
 
         if self.evaluation is not None:
-            check_choice("evaluation", self.evaluation, ("E1", "E2", "E3", "E4", "E5"))
+            check_choice("evaluation", self.evaluation, tuple(EVALUATIONS))
         check_backbone_name("backbone", self.backbone)
         check_head_name("head", self.head)
         check_choice("fusion", self.fusion, FUSIONS)

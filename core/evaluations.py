@@ -1,6 +1,9 @@
 """The five evaluations of the seed study as named presets of `SegmentConfig` overrides.
 
-Each preset: `description` (one line), `pretrain_method` (the stage-1 method whose backbone it
+The one declaration of the evaluations: the config (`SegmentConfig.evaluation`), the CLI, the grid
+and the report read their names, labels and settings from here.
+
+Each preset: `short` (the report's label), `description` (one line), `pretrain_method` (the stage-1 method whose backbone it
 evaluates: the grid feeds it that run's checkpoint), and `config` (SegmentConfig fields).
 `apply_evaluation(cfg_dict, evaluation)` puts a preset UNDER the user's explicit values (anything
 the user set wins) and records `evaluation` in the result.
@@ -15,26 +18,31 @@ from core.errors import ConfigError
 
 EVALUATIONS: dict[str, dict[str, Any]] = {
     "E1": {
+        "short": "BT ResNet-50 + DeepLabV3",
         "description": "Barlow Twins ResNet-50 + DeepLabV3 (ASPP) head",
         "pretrain_method": "barlow_twins",
         "config": {"backbone": "resnet50", "head": "deeplabv3", "fusion": "none"},
     },
     "E2": {
+        "short": "BT transformer, no attention",
         "description": "Barlow Twins ViT + segmentation head without attention maps (SETR-PUP)",
         "pretrain_method": "barlow_twins",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "none"},
     },
     "E3": {
+        "short": "BT transformer + fusion 1 (attention as features)",
         "description": "Barlow Twins ViT + SETR-PUP with attention as features (fusion 1: CLS maps as channels)",
         "pretrain_method": "barlow_twins",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "features"},
     },
     "E4": {
+        "short": "BT transformer + fusion 2 (attention as affinity)",
         "description": "Barlow Twins ViT + SETR-PUP with attention as affinity (fusion 2: logit propagation)",
         "pretrain_method": "barlow_twins",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "affinity"},
     },
     "E5": {
+        "short": "DINO weights + fusion 2",
         "description": "DINO ViT weights + SETR-PUP with attention as affinity (fusion 2)",
         "pretrain_method": "dino",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "affinity", "source": "dino"},

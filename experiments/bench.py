@@ -488,13 +488,16 @@ def data_config(s: BenchSettings):
 
 
 def pretrain_config(s: BenchSettings, method: str, backbone: str):
-    from core.config import DataConfig, PretrainConfig
+    """The method's PretrainConfig; its `data` section is the bench's (`data_config`), so the views the
+    registry builds from it (`spec.views(cfg, ...)`) use the same image size and crop scale as the loaders."""
+    from core.config import PretrainConfig
 
     extra = {"optimizer": "adamw", "weight_decay": 0.04} if method == "dino" else {}
-    return PretrainConfig(method=method, backbone=backbone, projector=tuple(s.projector), lambd=LAMBD,
-                          dino_out_dim=s.dino_out_dim, dino_local_crops=s.dino_local_crops,
+    return PretrainConfig(method=method, backbone=backbone, projector=tuple(s.projector),
+                          barlow_twins={"lambd": LAMBD},
+                          dino={"out_dim": s.dino_out_dim, "local_crops": s.dino_local_crops},
                           batch_size=s.batch_size, epochs=10, warmup_epochs=1, compile=s.compile,
-                          gpu_augment=False, seed=s.seed, data=DataConfig(image_size=s.image_size), **extra)
+                          gpu_augment=False, seed=s.seed, data=data_config(s), **extra)
 
 
 def _new_backbone(s: BenchSettings, name: str):
@@ -511,12 +514,21 @@ def _apply_channels_last_choice(module, backbone, s: BenchSettings) -> None:
         backbone.to(memory_format=torch.contiguous_format)
 
 
-def ssl_loaders(s: BenchSettings, method: str, device: torch.device):
+def ssl_loaders(s: BenchSettings, cfg, device: torch.device):
+    """The real SSL loaders of `cfg.method`: its registry entry builds the views (on CUDA with the colour
+    part of the recipe left to GPU batch augmentation, `.batch_augment`)."""
     from core.data.module import build_ssl_loaders
+    from core.methods.registry import get_method
 
-    return build_ssl_loaders(data_config(s), method, s.batch_size, gpu_augment=device.type == "cuda",
-                             dino_local_crops=s.dino_local_crops, seed=s.seed,
-                             dino_local_size=dino_local_size(s, None))
+    views = get_method(cfg.method).views(cfg, device.type == "cuda")
+    return build_ssl_loaders(cfg.data, views, s.batch_size, seed=s.seed)
+
+
+def build_ssl_method(cfg, gpu_augment, backbone):
+    """The method's LightningModule, from the registry (`core.methods.registry`)."""
+    from core.methods.registry import get_method
+
+    return get_method(cfg.method).module(cfg, gpu_augment=gpu_augment, backbone=backbone)
 
 
 def synthetic_views(s: BenchSettings, sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -525,12 +537,11 @@ def synthetic_views(s: BenchSettings, sizes: Sequence[int]) -> list[torch.Tensor
 
 
 def build_bt_runners(s: BenchSettings, name: str, mode: str, device: torch.device) -> list[Runner]:
-    from core.methods.barlow_twins import BarlowTwinsMethod
-
-    loaders = ssl_loaders(s, "barlow_twins", device) if mode == "pipeline" else None
+    cfg = pretrain_config(s, "barlow_twins", name)
+    loaders = ssl_loaders(s, cfg, device) if mode == "pipeline" else None
     aug = loaders.batch_augment if loaders is not None else None
     bb = _new_backbone(s, name)
-    method = BarlowTwinsMethod(pretrain_config(s, "barlow_twins", name), gpu_augment=aug, backbone=bb)
+    method = build_ssl_method(cfg, aug, bb)
     _apply_channels_last_choice(method, bb, s)
     proj = "-".join(map(str, s.projector))
     tw = LightningStepRunner(method, s.precision, mode=mode, device=device, batch_size=s.batch_size, backbone=name,
@@ -551,12 +562,11 @@ def build_bt_runners(s: BenchSettings, name: str, mode: str, device: torch.devic
 
 
 def build_dino_runner(s: BenchSettings, name: str, mode: str, device: torch.device) -> Runner:
-    from core.methods.dino import DINOMethod
-
-    loaders = ssl_loaders(s, "dino", device) if mode == "pipeline" else None
+    cfg = pretrain_config(s, "dino", name)
+    loaders = ssl_loaders(s, cfg, device) if mode == "pipeline" else None
     aug = loaders.batch_augment if loaders is not None else None
     bb = _new_backbone(s, name)
-    method = DINOMethod(pretrain_config(s, "dino", name), gpu_augment=aug, backbone=bb)
+    method = build_ssl_method(cfg, aug, bb)
     _apply_channels_last_choice(method, bb, s)
     if not s.channels_last and not bb.is_transformer:
         method.teacher_backbone.to(memory_format=torch.contiguous_format)

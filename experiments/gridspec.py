@@ -18,8 +18,8 @@ commented example. Schema (every key optional unless marked):
       axes:                          # product of lists; or a LIST of such blocks (union of products)
         backbone: [vit_nano_patch8]
         source: [random]
-        lambd: [0.0051]              # ignored (collapsed) for method dino
-        method: [barlow_twins]
+        lambd: [0.0051]              # a method's own axis (Barlow Twins): ignored (collapsed) for others
+        method: [barlow_twins]       # any registered SSL method (core/methods/registry.py)
         seed: [0]
       exclude: [{backbone: resnet_tiny, method: dino}]   # drop matching combinations
       overrides: [{match: {method: dino}, set: {optimizer: adamw}}]   # per-variant settings
@@ -34,6 +34,11 @@ commented example. Schema (every key optional unless marked):
           tag: pup                   # optional, disambiguates ids of two entries of one evaluation
         - evaluation: E5
           from: none                 # standalone: no stage-1 dependency (settings give source)
+
+Stage-1 axes are declared once, in `stage1_axes()`: the common ones plus each SSL method's own
+(`SSLMethodSpec.axes`, e.g. Barlow Twins' `lambd` -> config `barlow_twins.lambd`); the trial ids,
+the labels written to summary.json and the report all derive from that declaration. Method
+sections are nested mappings in settings (`dino: {out_dim: 256}`).
 
 A `from` match maps stage-1 axis names to a value or a list of values; it selects EVERY matching
 stage-1 trial (one segmentation trial each, which inherits its backbone and seed and consumes its
@@ -60,9 +65,47 @@ from core.config import WANDB_MODES, DataConfig, PretrainConfig, SegmentConfig
 from core.errors import ConfigError, TwinsegError
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
-AXES = ("backbone", "source", "lambd", "method", "seed")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A stage-1 grid axis: its key in grid files and trial labels, where it lives in PretrainConfig,
+    and its token in trial ids. `method`: the axis is that method's own option (None: every method)."""
+
+    name: str
+    path: tuple[str, ...]
+    token: str = ""
+    method: Optional[str] = None
+
+    def applies(self, method: str) -> bool:
+        return self.method is None or self.method == method
+
+    def get(self, cfg_dict: dict) -> Any:
+        v: Any = cfg_dict
+        for k in self.path:
+            v = v[k]
+        return v
+
+    def set(self, cfg_dict: dict, value: Any) -> None:
+        d = cfg_dict
+        for k in self.path[:-1]:
+            d = d.setdefault(k, {})
+        d[self.path[-1]] = value
+
+
+def stage1_axes() -> dict[str, Axis]:
+    """The stage-1 axes, in trial-id order: backbone, source, method, each method's own axes, seed."""
+    from core.methods.registry import ssl_methods
+
+    axes = [Axis("backbone", ("backbone",)), Axis("source", ("source",)), Axis("method", ("method",))]
+    for spec in ssl_methods().values():
+        axes += [Axis(f, (spec.name, f), token, spec.name) for f, token in spec.axes.items()]
+    axes.append(Axis("seed", ("seed",), "s"))
+    return {a.name: a for a in axes}
+
+
+AXES = tuple(stage1_axes())
 STAGE2_MATCH_KEYS = ("evaluation",) + AXES
-METHOD_SHORT = {"barlow_twins": "bt", "dino": "dino"}
 
 TOP_KEYS = ("name", "description", "wandb", "max_concurrent", "retries", "data", "stage1", "stage2")
 STAGE1_KEYS = ("resources", "settings", "axes", "exclude", "overrides")
@@ -70,7 +113,7 @@ STAGE2_KEYS = ("resources", "settings", "overrides", "evaluations")
 ENTRY_KEYS = ("evaluation", "from", "settings", "tag")
 RESOURCE_KEYS = ("cpu", "gpu")
 # Fields a grid sets itself (per trial): refusing them in `settings` avoids silent no-ops.
-STAGE1_AXIS_FIELDS = set(AXES)
+STAGE1_AXIS_FIELDS = {".".join(a.path) for a in stage1_axes().values()}
 STAGE2_OWN_FIELDS = {"evaluation"}
 
 
@@ -207,11 +250,11 @@ def _as_list(v: Any) -> list:
 
 
 def _merge(base: dict, over: dict) -> dict:
-    """Settings merge; the `data` sub-mapping merges key by key."""
+    """Settings merge; config sections (`data`, a method's options) merge key by key."""
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
-        if k == "data" and isinstance(v, dict) and isinstance(out.get("data"), dict):
-            out["data"] = {**out["data"], **copy.deepcopy(v)}
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **copy.deepcopy(v)}
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -258,16 +301,26 @@ def _source_tag(source: str) -> str:
 
 
 def pretrain_id(labels: dict) -> str:
-    m = METHOD_SHORT.get(labels["method"], _safe(labels["method"]))
-    parts = ["pt", _safe(labels["backbone"]), _source_tag(labels["source"]), m]
-    if labels["method"] == "barlow_twins":
-        parts.append(f"l{_fmt_num(labels['lambd'])}")
+    """`pt-<backbone>-<source>-<method short>[-<method axes>]-s<seed>`, from the axis declarations."""
+    from core.methods.registry import get_method
+
+    method = labels["method"]
+    parts = ["pt", _safe(labels["backbone"]), _source_tag(labels["source"]), get_method(method).short]
+    for ax in stage1_axes().values():
+        if ax.method is not None and ax.applies(method):
+            parts.append(f"{ax.token}{_fmt_num(labels[ax.name])}")
     parts.append(f"s{_fmt_num(labels['seed'])}")
     return "-".join(parts)
 
 
+def axis_labels(cfg_dict: dict) -> dict:
+    """The stage-1 axis values of a (validated) PretrainConfig dict; None for another method's axes."""
+    method = cfg_dict["method"]
+    return {name: (ax.get(cfg_dict) if ax.applies(method) else None) for name, ax in stage1_axes().items()}
+
+
 # ----------------------------------------------------------------------------- config errors -> key paths
-_FIELD_RE = re.compile(r"^(?:(?:PretrainConfig|SegmentConfig|DataConfig)\.)?([A-Za-z_][\w.]*)=(.*)$", re.S)
+_FIELD_RE = re.compile(r"^(?:(?:PretrainConfig|SegmentConfig)\.)?([A-Za-z_][\w.]*)=(.*)$", re.S)
 
 
 def _locate(msg: str, origins: dict[str, str]) -> str:
@@ -290,9 +343,9 @@ def _locate(msg: str, origins: dict[str, str]) -> str:
 def _origins_for(prefix: str, d: dict) -> dict[str, str]:
     out = {}
     for k, v in d.items():
-        if k == "data" and isinstance(v, dict):
+        if isinstance(v, dict):  # a config section
             for dk in v:
-                out[f"data.{dk}"] = f"{prefix}.data.{dk}"
+                out[f"{k}.{dk}"] = f"{prefix}.{k}.{dk}"
         else:
             out[k] = f"{prefix}.{k}"
     return out
@@ -317,16 +370,9 @@ class _ModelChecks:
         self.backbone(name, size).check_input_size(size, size)
 
     def segment(self, cfg: SegmentConfig) -> None:
-        bb = self.backbone(cfg.backbone, cfg.data.image_size)
-        bb.check_input_size(cfg.data.image_size, cfg.data.image_size)
-        from core.models.heads import head_refusal
-        from core.models.heads.fusion import fusion_refusal
+        from core.runs.segment import check_fit
 
-        err = fusion_refusal(cfg.fusion, bb, cfg.fusion_blocks)
-        if err is None:
-            err = head_refusal(cfg.head, bb)
-        if err is not None:
-            raise err
+        check_fit(cfg, self.backbone(cfg.backbone, cfg.data.image_size))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -438,18 +484,37 @@ def _trial_resources(c: _Ctx, res: dict, res_path: str, devices: int, origins: d
     return out
 
 
+def _sections(cls) -> dict[str, type]:
+    """The config sections of `cls` (fields whose type is itself a config dataclass)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
 def _check_settings_keys(c: _Ctx, path: str, settings: dict, cls, own: set) -> None:
     names = [f for f in cls.__dataclass_fields__ if f not in own]
+    axis_fields = STAGE1_AXIS_FIELDS
+
+    def refuse_own(key: str, where: str) -> ConfigError:
+        kind = "an axis" if key in axis_fields else "per entry"
+        return c.err(where, f"is set by the grid itself ({kind}); remove it from {path}")
+
+    sections = _sections(cls)
     for k in settings:
         if k in own:
-            raise c.err(f"{path}.{k}", f"is set by the grid itself ({'an axis' if k in AXES else 'per entry'}); remove it from {path}")
+            raise refuse_own(k, f"{path}.{k}")
         if k not in names:
             raise c.err(f"{path}.{k}", f"is not a {cls.__name__} field; {_choices(k, sorted(names))}")
-    if "data" in settings:
-        d = c.mapping(f"{path}.data", settings["data"])
-        for k in d:
-            if k not in DataConfig.__dataclass_fields__:
-                raise c.err(f"{path}.data.{k}", f"is not a DataConfig field; {_choices(k, sorted(DataConfig.__dataclass_fields__))}")
+        if k in sections:
+            sub = c.mapping(f"{path}.{k}", settings[k])
+            allowed = sections[k].__dataclass_fields__
+            for sk in sub:
+                if f"{k}.{sk}" in own:
+                    raise refuse_own(f"{k}.{sk}", f"{path}.{k}.{sk}")
+                if sk not in allowed:
+                    raise c.err(f"{path}.{k}.{sk}", f"is not a {sections[k].__name__} field; {_choices(sk, sorted(allowed))}")
 
 
 def _overrides(c: _Ctx, path: str, v: Any, match_keys: tuple, cls, own: set) -> list[tuple[dict, dict, int]]:
@@ -509,7 +574,8 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
     if excl is not None and not isinstance(excl, list):
         raise c.err("stage1.exclude", "must be a list of matches, e.g. [{backbone: resnet_tiny, method: dino}]")
     excludes = [(c.mapping(f"stage1.exclude[{i}]", e, AXES, allow_none=False), i) for i, e in enumerate(excl or [])]
-    defaults = PretrainConfig.__dataclass_fields__
+    axes = stage1_axes()
+    defaults = PretrainConfig().to_dict()
     base = _merge({"data": copy.deepcopy(data)}, settings)
 
     trials: list[TrialSpec] = []
@@ -518,7 +584,7 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
     for bpath, block in _axis_blocks(c, s1.get("axes")):
         names = list(block)
         for combo in itertools.product(*(list(enumerate(block[k])) for k in names)):
-            labels = {k: defaults[k].default for k in AXES}
+            labels = {k: ax.get(defaults) for k, ax in axes.items()}
             idx = {}
             for k, (j, v) in zip(names, combo):
                 labels[k] = v
@@ -534,12 +600,12 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
                 if _matches(match, labels):
                     d = _merge(d, st)
                     origins.update(_origins_for(f"stage1.overrides[{oi}].set", st))
-            for k in AXES:
-                d[k] = labels[k]
-                if k in idx:
-                    origins[k] = f"{bpath}.{k}[{idx[k]}]"
-                else:
-                    origins[k] = f"stage1 default {k}"
+            for k, ax in axes.items():
+                if not ax.applies(labels["method"]):
+                    continue  # another method's option: its default stays (and the id ignores it)
+                ax.set(d, labels[k])
+                key = ".".join(ax.path)
+                origins[key] = f"{bpath}.{k}[{idx[k]}]" if k in idx else f"stage1 default {k}"
             d["wandb"] = wandb
             try:
                 cfg = PretrainConfig.from_dict(d)
@@ -551,8 +617,7 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
                 except ConfigError as e:
                     where = origins.get("data.image_size", "data.image_size (default)")
                     raise c.err(f"{where}={cfg.data.image_size}", f"does not fit backbone {cfg.backbone} ({origins['backbone']}): {e}") from None
-            norm_labels = {"backbone": cfg.backbone, "source": cfg.source, "lambd": cfg.lambd,
-                           "method": cfg.method, "seed": cfg.seed}
+            norm_labels = axis_labels(cfg.to_dict())
             tid = pretrain_id(norm_labels)
             if tid in ids:  # e.g. DINO across lambdas: lambd does not apply, one trial
                 continue

@@ -100,6 +100,22 @@ def test_bad_flags_exit_2_with_one_line():
         assert BAD_FLAGS[k][1] in lines[0], (k, lines[0])
 
 
+def test_settings_map_onto_method_sections_and_registry():
+    # bench keeps its flat --dino-* settings; they become PretrainConfig's `dino` section
+    s = bench.BenchSettings(backbones=("vit_nano_patch8",), **TINY)
+    cfg = bench.pretrain_config(s, "dino", "vit_nano_patch8")
+    assert cfg.method == "dino" and cfg.dino.out_dim == 64 and cfg.dino.local_crops == 2
+    assert cfg.optimizer == "adamw" and cfg.data.image_size == s.image_size
+    bt = bench.pretrain_config(s, "barlow_twins", "vit_nano_patch8")
+    assert bt.barlow_twins.lambd == bench.LAMBD and bt.barlow_twins.scale == 1.0
+    assert bt.projector == (64, 64, 64)
+    from core.methods.registry import get_method
+
+    views = get_method("dino").views(cfg, False)
+    assert len(views.sizes) == 2 + s.dino_local_crops
+    assert views.sizes[2] == bench.dino_local_size(s, None)
+
+
 def test_settings_validation_in_process():
     from core.errors import ConfigError
 

@@ -16,15 +16,20 @@ def test_defaults_are_valid_and_round_trip():
     "cls,d,needle",
     [
         (PretrainConfig, {"lamda": 0.1}, "unknown field(s) lamda; allowed fields:"),
-        (PretrainConfig, {"method": "simclr"}, "method='simclr' is not allowed; choose one of: barlow_twins, dino"),
-        (PretrainConfig, {"lambd": -0.1}, "lambd=-0.1 must be >= 0"),
+        (PretrainConfig, {"method": "simclr"}, "method='simclr' is not allowed; choose one of: barlow_twins, dino, vicreg"),
+        (PretrainConfig, {"barlow_twins": {"lambd": -0.1}}, "barlow_twins.lambd=-0.1 must be >= 0"),
+        (PretrainConfig, {"dino": {"out_dim": 0}}, "dino.out_dim=0 must be > 0"),
+        (PretrainConfig, {"dino": {"momentum": 1.5}}, "dino.momentum=1.5 must be between 0.0 and 1.0"),
+        (PretrainConfig, {"vicreg": {"std_coeff": -1}}, "vicreg.std_coeff=-1.0 must be >= 0"),
+        (PretrainConfig, {"vicreg": {"sim_coeff": "x"}}, "vicreg.sim_coeff='x' must be a number"),
+        (PretrainConfig, {"dino": {"teacher": 1}}, "DINOOptions: unknown field(s) teacher"),
         (PretrainConfig, {"epochs": "ten"}, "PretrainConfig.epochs='ten' must be an integer"),
         (PretrainConfig, {"lr": "fast"}, "PretrainConfig.lr='fast' must be a number"),
         (PretrainConfig, {"batch_size": 1}, "batch_size=1 must be >= 2"),
         (PretrainConfig, {"source": "imagenet21k"}, "source='imagenet21k' is not a weight source"),
-        (PretrainConfig, {"lambd": float("nan")}, "must be a finite number"),
+        (PretrainConfig, {"barlow_twins": {"lambd": float("nan")}}, "must be a finite number"),
         (PretrainConfig, {"data": {"crop_scale_min": 0.0}}, "data.crop_scale_min=0.0 must be between 0.01 and 1.0"),
-        (PretrainConfig, {"data": {"crop_scale_min": "big"}}, "DataConfig.crop_scale_min='big' must be a number"),
+        (PretrainConfig, {"data": {"crop_scale_min": "big"}}, "data.crop_scale_min='big' must be a number"),
         (PretrainConfig, {"data": {"corrupt_policy": "ignore"}}, "data.corrupt_policy='ignore' is not allowed"),
         (PretrainConfig, {"data": "voc"}, "must be a mapping of DataConfig fields"),
         (SegmentConfig, {"fusion": "both"}, "fusion='both' is not allowed; choose one of: none, features, affinity"),
@@ -41,9 +46,9 @@ def test_bad_values_give_one_line_naming_field_value_and_choices(cls, d, needle)
 
 
 def test_coercion_from_yaml_and_cli_strings():
-    cfg = PretrainConfig.from_dict({"epochs": "3", "lambd": "0.02", "projector": "256-128", "compile": "true",
-                                    "lr": None})
-    assert cfg.epochs == 3 and cfg.lambd == 0.02 and cfg.projector == (256, 128) and cfg.compile is True
+    cfg = PretrainConfig.from_dict({"epochs": "3", "barlow_twins": {"lambd": "0.02"}, "projector": "256-128",
+                                    "compile": "true", "lr": None})
+    assert cfg.epochs == 3 and cfg.barlow_twins.lambd == 0.02 and cfg.projector == (256, 128) and cfg.compile is True
     assert cfg.lr is None  # an explicit null selects the optimiser's official recipe
 
 
@@ -61,3 +66,41 @@ def test_generated_root_given_explicitly_keeps_the_generated_crop_scale(voc_root
     (tmp_path / "VOCdevkit" / "VOC2012").mkdir(parents=True)  # a real-looking tree without the marker
     assert not DataConfig(root=str(tmp_path)).is_generated_root()
     assert DataConfig(root=str(tmp_path)).ssl_crop_scale() == (0.08, 1.0)
+
+
+def test_every_method_has_a_config_section_and_options_follow_the_method():
+    from core.methods.registry import ssl_methods
+
+    cfg = PretrainConfig()
+    for name, spec in ssl_methods().items():
+        assert isinstance(getattr(cfg, name), spec.options)  # one section per registered method
+        c = PretrainConfig(method=name)
+        assert c.options is getattr(c, name)
+    d = PretrainConfig.from_dict({"method": "dino", "dino": {"out_dim": 64}}).to_dict()
+    assert d["dino"]["out_dim"] == 64 and PretrainConfig.from_dict(d).dino.out_dim == 64  # nested round trip
+
+
+def test_every_field_has_a_doc():
+    """Each field's help text (the CLI's --help) comes from its attribute docstring or metadata."""
+    import dataclasses
+
+    from core.config_cli import field_help
+
+    seen = set()
+
+    def walk(cls):
+        if cls in seen:
+            return
+        seen.add(cls)
+        for f in dataclasses.fields(cls):
+            assert field_help(cls, f), f"{cls.__name__}.{f.name} has no doc"
+            if dataclasses.is_dataclass(f.type) and not isinstance(f.type, str):
+                walk(f.type)
+
+    import typing
+
+    for cls in (PretrainConfig, SegmentConfig):
+        walk(cls)
+        for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp)

@@ -23,8 +23,17 @@ from core.data.module import build_seg_loaders, build_ssl_loaders, validate_data
 from core.errors import ConfigError, DataError
 
 
+def _views(data_cfg, method="barlow_twins", gpu_augment=False, **options):
+    """The method's views, as a pretraining run builds them (its registry entry)."""
+    from core.config import PretrainConfig
+    from core.methods.registry import get_method
+
+    cfg = PretrainConfig.from_dict({"method": method, "data": data_cfg.to_dict(), **options})
+    return get_method(method).views(cfg, gpu_augment)
+
+
 def test_ssl_loaders_barlow_twins(voc_data_cfg):
-    L = build_ssl_loaders(voc_data_cfg, "barlow_twins", batch_size=8)
+    L = build_ssl_loaders(voc_data_cfg, _views(voc_data_cfg), batch_size=8)
     assert L.num_images == 48 and len(L.train) == 6 and L.batch_augment is None
     views = next(iter(L.train))
     assert isinstance(views, list) and len(views) == 2
@@ -38,7 +47,7 @@ def test_ssl_loaders_barlow_twins(voc_data_cfg):
 
 def test_ssl_loaders_gpu_augment_and_all_but_val(voc_root):
     cfg = DataConfig(root=str(voc_root), ssl_split="all_but_val", image_size=32, limit_val=5)
-    L = build_ssl_loaders(cfg, "barlow_twins", batch_size=10, gpu_augment=True)
+    L = build_ssl_loaders(cfg, _views(cfg, gpu_augment=True), batch_size=10)
     assert L.num_images == 48 + 12 and L.view_sizes == (32, 32)
     v1, v2 = next(iter(L.train))
     assert float(v1.min()) >= 0 and float(v1.max()) <= 1
@@ -48,7 +57,7 @@ def test_ssl_loaders_gpu_augment_and_all_but_val(voc_root):
 
 
 def test_ssl_loaders_dino(voc_data_cfg):
-    L = build_ssl_loaders(voc_data_cfg, "dino", batch_size=4, dino_local_crops=3)
+    L = build_ssl_loaders(voc_data_cfg, _views(voc_data_cfg, "dino", dino={"local_crops": 3}), batch_size=4)
     views = next(iter(L.train))
     assert [tuple(v.shape) for v in views] == [(4, 3, 64, 64)] * 2 + [(4, 3, 32, 32)] * 3
     assert L.view_sizes == (64, 64, 32, 32, 32)
@@ -56,11 +65,10 @@ def test_ssl_loaders_dino(voc_data_cfg):
 
 def test_ssl_loader_errors(voc_data_cfg):
     with pytest.raises(ConfigError, match="batch_size=64"):
-        build_ssl_loaders(voc_data_cfg, "barlow_twins", batch_size=64)
-    with pytest.raises(ConfigError, match="simclr"):
-        build_ssl_loaders(voc_data_cfg, "simclr", batch_size=4)
+        build_ssl_loaders(voc_data_cfg, _views(voc_data_cfg), batch_size=64)
     with pytest.raises(DataError, match="does not exist"):
-        build_ssl_loaders(DataConfig(root="/nonexistent/voc"), "barlow_twins", batch_size=4)
+        cfg = DataConfig(root="/nonexistent/voc")
+        build_ssl_loaders(cfg, _views(cfg), batch_size=4)
 
 
 def test_seg_loaders_voc(voc_root):
@@ -79,7 +87,7 @@ def test_seg_loaders_voc(voc_root):
 
 def test_workers_and_default_root(voc_root, tmp_path, monkeypatch):
     cfg = DataConfig(root=str(voc_root), num_workers=1, limit_train=8)
-    L = build_ssl_loaders(cfg, "barlow_twins", batch_size=4)
+    L = build_ssl_loaders(cfg, _views(cfg), batch_size=4)
     assert L.train.persistent_workers and L.train.num_workers == 1
     assert len(list(L.train)) == 2
     monkeypatch.setenv("TWINSEG_DATA_DIR", str(tmp_path))
@@ -120,7 +128,8 @@ def test_coco_loader(coco_root):
     assert S.num_classes == 171 and len(S.class_names) == 171
     x, m = next(iter(S.train))
     assert x.shape == (4, 3, 64, 64) and m.dtype == torch.int64
-    L = build_ssl_loaders(DataConfig(dataset="coco_stuff", root=str(coco_root)), "barlow_twins", 4)
+    cfg = DataConfig(dataset="coco_stuff", root=str(coco_root))
+    L = build_ssl_loaders(cfg, _views(cfg), 4)
     assert L.num_images == 8 and L.knn_num_classes == 27
 
 
@@ -160,16 +169,16 @@ def test_imagefolder_sources(tmp_path, voc_root):
     paths, labels, classes = imagefolder_classes(tmp_path / "tree")
     assert classes == ["cat", "dog"] and labels.count(1) == 5
     # imagefolder as the SSL source of a VOC run: k-NN still on VOC
-    L = build_ssl_loaders(DataConfig(root=str(voc_root), ssl_root=str(tmp_path / "flat"), image_size=32),
-                          "barlow_twins", 4)
+    cfg = DataConfig(root=str(voc_root), ssl_root=str(tmp_path / "flat"), image_size=32)
+    L = build_ssl_loaders(cfg, _views(cfg), 4)
     assert L.num_images == 10 and len(L.knn_train.dataset) == 48
     # imagefolder dataset with classes: k-NN on a held-out fifth
-    L = build_ssl_loaders(DataConfig(dataset="imagefolder", root=str(tmp_path / "tree"), image_size=32),
-                          "barlow_twins", 4)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "tree"), image_size=32)
+    L = build_ssl_loaders(cfg, _views(cfg), 4)
     xb, yb = next(iter(L.knn_val))
     assert xb.shape[1:] == (3, 32, 32) and L.knn_num_classes == 2 and len(L.knn_val.dataset) == 2
-    L = build_ssl_loaders(DataConfig(dataset="imagefolder", root=str(tmp_path / "flat"), image_size=32),
-                          "barlow_twins", 4)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "flat"), image_size=32)
+    L = build_ssl_loaders(cfg, _views(cfg), 4)
     assert L.knn_train is None and len(next(iter(L.train))) == 2
     with pytest.raises(ConfigError, match="no masks"):
         build_seg_loaders(DataConfig(dataset="imagefolder", root=str(tmp_path / "tree")), 4)

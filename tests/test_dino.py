@@ -65,7 +65,7 @@ def test_dino_loss_gradient_only_to_student():
 def _tiny_cfg(**kw):
     from core.config import PretrainConfig
 
-    base = dict(method="dino", backbone="resnet_tiny", projector=(32, 32), dino_out_dim=16, epochs=2,
+    base = dict(method="dino", backbone="resnet_tiny", projector=(32, 32), dino={"out_dim": 16}, epochs=2,
                 batch_size=4, optimizer="adamw", gpu_augment=False, data={"image_size": 64})
     base.update(kw)
     return PretrainConfig.from_dict(base)

@@ -88,7 +88,11 @@ BAD = [
     ("stage2.settings.devices", "two", ["bad.yaml: stage2.settings.devices='two' must be an integer", "devices: 1"]),
     ("stage1.overrides", [{"match": {"backbone": "resnet_tiny"}, "set": {"devices": -2}}],
      ["bad.yaml: stage1.overrides[0].set.devices=-2 must be > 0"]),
-    ("stage1.settings.lambd", 0.1, ["bad.yaml: stage1.settings.lambd is set by the grid itself"]),
+    ("stage1.settings.barlow_twins", {"lambd": 0.1},
+     ["bad.yaml: stage1.settings.barlow_twins.lambd is set by the grid itself (an axis)"]),
+    ("stage1.settings.dino", {"out_dims": 64}, ["bad.yaml: stage1.settings.dino.out_dims is not a DINOOptions field",
+                                               "did you mean out_dim"]),
+    ("stage1.settings.dino", {"out_dim": 0}, ["bad.yaml: stage1.settings.dino.out_dim=0 must be > 0"]),
     ("stage1.exclude", [{"backbone": "swin_nano"}], ["bad.yaml: stage1.exclude[0]=", "matches no stage-1 combination"]),
     ("stage2.evaluations.0.evaluation", "E9", ["bad.yaml: stage2.evaluations[0].evaluation='E9' is not a preset"]),
 ]
@@ -139,6 +143,7 @@ def test_smoke_expansion():
         "pt-vit_nano_patch8-random-bt-l0.02-s0",
         "pt-resnet_tiny-random-bt-l0.0051-s0",
         "pt-vit_nano_patch8-random-dino-s0",
+        "pt-vit_nano_patch8-random-vicreg-s0",
     ])
     baseline = [t for t in seg if not t.depends_on]
     assert [t.id for t in baseline] == ["seg-E2-random_init-vit_nano_patch8-random-s0"]
@@ -261,3 +266,24 @@ def test_paper_grid_documents_devices():
     assert "devices: 4" in text
     g = gridspec.load_grid(gridspec.resolve_grid("paper"), check_models=False)
     assert all("workers" not in t.resources for t in g.trials)
+
+
+def test_axes_are_declared_once_and_method_axes_follow_their_method(tmp_path):
+    """The stage-1 axes come from one declaration; a method's own axis (lambd) applies to it alone."""
+    axes = gridspec.stage1_axes()
+    assert list(axes) == ["backbone", "source", "method", "lambd", "seed"]
+    assert axes["lambd"].path == ("barlow_twins", "lambd") and axes["lambd"].method == "barlow_twins"
+    doc = copy.deepcopy(BASE)
+    doc["stage1"]["axes"] = {"backbone": ["vit_nano_patch8"], "lambd": [0.0051, 0.02],
+                             "method": ["barlow_twins", "dino", "vicreg"]}
+    doc["stage1"]["settings"]["dino"] = {"out_dim": 32}
+    doc.pop("stage2")
+    g = gridspec.load_grid(_write(tmp_path, doc))
+    ids = sorted(t.id for t in g.trials)
+    assert ids == ["pt-vit_nano_patch8-random-bt-l0.0051-s0", "pt-vit_nano_patch8-random-bt-l0.02-s0",
+                   "pt-vit_nano_patch8-random-dino-s0", "pt-vit_nano_patch8-random-vicreg-s0"]
+    by = g.by_id()
+    assert by["pt-vit_nano_patch8-random-bt-l0.02-s0"].config["barlow_twins"]["lambd"] == 0.02
+    dino = by["pt-vit_nano_patch8-random-dino-s0"]
+    assert dino.labels["lambd"] is None and dino.config["dino"]["out_dim"] == 32
+    assert dino.config["barlow_twins"]["lambd"] == 0.0051  # not its axis: the default stays

@@ -243,7 +243,10 @@ def test_fusion_refuses_cnn(bb_name, fusion):
         check_fusion(fusion, bb)
     assert str(e.value) == msg
     with pytest.raises(ConfigError):
-        (AttentionFeatureFusion if fusion == "features" else AttentionAffinityFusion).from_backbone(bb)
+        if fusion == "features":
+            AttentionFeatureFusion.from_backbone(bb)
+        else:
+            AttentionAffinityFusion.from_backbone(bb, alpha=0.1)
 
 
 @pytest.mark.parametrize("bb_name", ["fake_swin", "swin_nano"])

@@ -16,17 +16,18 @@ from lightning.pytorch import Callback
 REPO = Path(__file__).resolve().parents[1]
 
 CONTRACT_KEYS = {
-    "stage", "method", "backbone", "source", "lambd", "seed", "knn_acc", "knn_acc_init", "linear_probe_acc",
-    "final_loss", "cc_diag_mean", "cc_offdiag_rms", "epochs", "wall_time_s", "device_seconds", "device",
-    "images_per_s", "peak_mem_mb", "backbone_path",
+    "stage", "method", "method_label", "backbone", "source", "seed", "knn_acc", "knn_acc_init", "linear_probe_acc",
+    "final_loss", "epochs", "wall_time_s", "device_seconds", "device", "images_per_s", "peak_mem_mb",
+    "backbone_path",
 }
+BT_KEYS = {"lambd", "cc_diag_mean", "cc_offdiag_rms"}
 
 
 def _cfg(voc_root, **kw):
     from core.config import PretrainConfig
 
     d = dict(backbone="vit_nano_patch8", projector=(64, 64), batch_size=8, epochs=2, warmup_epochs=0.5,
-             optimizer="adamw", wandb="disabled", device="cpu", gpu_augment=False, dino_out_dim=64,
+             optimizer="adamw", wandb="disabled", device="cpu", gpu_augment=False, dino={"out_dim": 64},
              data=dict(root=str(voc_root), image_size=32, limit_train=16, limit_val=8))
     d.update(kw)
     return PretrainConfig.from_dict(d)
@@ -72,7 +73,7 @@ def test_pretrain_run_folder_rerun_and_resume(voc_root, tmp_path):
         assert 1.0 <= m[k] <= 96.0, (k, m[k])
     for k in ("dense_local_var", "dense_local_var_init"):
         assert 0.0 < m[k] < 1.0, (k, m[k])
-    assert json.loads((out / "config.json").read_text())["lambd"] == cfg.lambd
+    assert json.loads((out / "config.json").read_text())["barlow_twins"]["lambd"] == cfg.barlow_twins.lambd
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
     import csv
 
@@ -108,7 +109,7 @@ def test_resume_into_folder_with_other_config_is_refused(voc_root, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    (out / "config.json").write_text(json.dumps(_cfg(voc_root, lambd=0.5).to_dict()))
+    (out / "config.json").write_text(json.dumps(_cfg(voc_root, barlow_twins={"lambd": 0.5}).to_dict()))
     with pytest.raises(ConfigError, match="different config"):
         run_pretrain(_cfg(voc_root), out, progress=False)
 
@@ -117,12 +118,12 @@ def test_resume_into_folder_with_other_config_is_refused(voc_root, tmp_path):
 def test_dino_run(voc_root, tmp_path):
     from core.runs.pretrain import run_pretrain
 
-    cfg = _cfg(voc_root, method="dino", epochs=1, dino_local_crops=2, backbone="resnet_tiny",
+    cfg = _cfg(voc_root, method="dino", epochs=1, dino={"out_dim": 64, "local_crops": 2}, backbone="resnet_tiny",
                data=dict(root=str(voc_root), image_size=64, limit_train=16, limit_val=8))
     m = run_pretrain(cfg, tmp_path / "dino", progress=False)
     assert CONTRACT_KEYS <= set(m)
-    assert m["method"] == "dino" and m["knn_backbone"] == "teacher"
-    assert m["cc_diag_mean"] is None and m["final_loss"] is not None
+    assert m["method"] == "dino" and m["method_label"] == "DINO" and m["knn_backbone"] == "teacher_backbone"
+    assert not BT_KEYS & set(m) and m["final_loss"] is not None  # Barlow Twins' own keys only in its runs
     assert (tmp_path / "dino" / "backbone.pt").is_file()
 
 

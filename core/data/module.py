@@ -1,11 +1,12 @@
 """DataLoaders for the two stages, built from a `core.config.DataConfig`.
 
-- `build_ssl_loaders(data_cfg, method, batch_size, ...)` -> `SSLLoaders`:
+- `build_ssl_loaders(data_cfg, views, batch_size, ...)` -> `SSLLoaders`, where `views` is the
+  method's `MultiViewTransform` (its registry entry builds it, core/methods/registry.py):
   ``.train`` yields a list of views per batch: ``[v1 (B,3,S,S), v2 (B,3,S,S)]`` for Barlow Twins,
-  ``[g1, g2, l1..ln]`` for DINO (globals at image_size, locals at ``.view_sizes[2:]``). With
-  ``gpu_augment=True`` the views are float in [0, 1] (crop + flip only) and ``.batch_augment`` holds
-  one `BatchAugment` per view to apply on the device (colour, blur, solarize, then normalise);
-  otherwise views are already normalised and ``.batch_augment`` is None.
+  ``[g1, g2, l1..ln]`` for DINO (globals at image_size, locals at ``.view_sizes[2:]``). When the
+  transform was built with ``gpu_augment=True`` the views are float in [0, 1] (crop + flip only) and
+  ``.batch_augment`` holds one `BatchAugment` per view to apply on the device (colour, blur,
+  solarize, then normalise); otherwise views are already normalised and ``.batch_augment`` is None.
   ``.knn_train`` / ``.knn_val`` yield ``(image (B,3,S,S) normalised, label (B,) int64)`` for the
   k-NN monitor (VOC: image label = largest non-background class of the seg mask; seg train / val).
 - `build_seg_loaders(data_cfg, batch_size)` -> `SegLoaders` with ``.train`` / ``.val`` yielding
@@ -29,14 +30,7 @@ from core.data.coco_stuff import COCOStuff, coco_images
 from core.data.gpu_augment import BatchAugment
 from core.data.imagefolder import UnlabeledImages, imagefolder_classes, list_images
 from core.data.synthetic import default_coco_root, default_voc_root
-from core.data.transforms import (
-    BarlowTwinsTransform,
-    DINOTransform,
-    EvalImageTransform,
-    SegTrainTransform,
-    SegValTransform,
-    default_local_size,
-)
+from core.data.transforms import EvalImageTransform, SegTrainTransform, SegValTransform
 from core.data.voc import (
     IGNORE_INDEX,
     NUM_CLASSES,
@@ -47,8 +41,6 @@ from core.data.voc import (
     voc_ssl_images,
 )
 from core.errors import ConfigError, DataError
-
-SSL_METHODS = ("barlow_twins", "dino")
 
 
 @dataclass
@@ -144,16 +136,8 @@ def data_root(data_cfg) -> Path:
 
 
 # --------------------------------------------------------------------------- SSL
-def build_ssl_loaders(data_cfg, method: str, batch_size: int, gpu_augment: bool = False, dino_local_crops: int = 2,
-                      seed: int = 0, dino_local_size: Optional[int] = None) -> SSLLoaders:
-    if method not in SSL_METHODS:
-        raise ConfigError(f"method={method!r} is not allowed; choose one of: {', '.join(SSL_METHODS)}")
+def build_ssl_loaders(data_cfg, transform, batch_size: int, seed: int = 0) -> SSLLoaders:
     size = int(data_cfg.image_size)
-    if method == "dino":
-        transform = DINOTransform(size, dino_local_size or default_local_size(size), int(dino_local_crops),
-                                  gpu_augment=gpu_augment)
-    else:
-        transform = BarlowTwinsTransform(size, gpu_augment=gpu_augment, scale=data_cfg.ssl_crop_scale())
 
     root = data_root(data_cfg)
     knn_train = knn_val = None

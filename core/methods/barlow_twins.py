@@ -1,124 +1,46 @@
-"""Barlow Twins pretraining as a LightningModule (official recipe, see core/losses/barlow_twins.py).
-
-`SSLMethod` is the part shared with DINO (core/methods/dino.py): backbone construction
-(channels_last for CNNs, optional torch.compile), optional GPU batch augmentation of the views,
-optimiser + per-step warmup/cosine schedule (core/methods/optim.py), and the k-NN monitor on the
-validation loaders `[knn_train, knn_val]` (core/methods/knn_monitor.py) that logs `val/knn_acc`.
+"""Barlow Twins pretraining (Zbontar et al., ICML 2021), official recipe: backbone +
+`BarlowTwinsProjector` + `BarlowTwinsLoss` (core/losses/barlow_twins.py), two asymmetric views
+(`core.data.transforms.BarlowTwinsTransform`). Shared plumbing: core/methods/ssl_base.py.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from core.config import PretrainConfig
-from core.losses.barlow_twins import BarlowTwinsLoss, off_diagonal
-from core.methods.knn_monitor import KNNMonitorMixin, prepare_images
-from core.methods.optim import configure_optimizers
+from core.config import ConfigBase, check_positive
+from core.losses.barlow_twins import BarlowTwinsLoss, cc_statistics, cross_correlation, off_diagonal
+from core.methods.registry import SSLMethodSpec
+from core.methods.ssl_base import SSLMethod, unpack_views
+
+if TYPE_CHECKING:
+    from core.config import PretrainConfig
 
 
-def unpack_views(batch: Any) -> list[Tensor]:
-    """The list of augmented views in an SSL batch.
+@dataclass(frozen=True)
+class BarlowTwinsOptions(ConfigBase):
+    """Barlow Twins loss options (`PretrainConfig.barlow_twins`)."""
 
-    Accepted layouts: `[v1, v2, ...]` (list/tuple of image tensors), `(views, ...)` where `views` is
-    such a list (lightly style `(views, targets, names)`), or a dict with a "views" key.
-    """
-    if isinstance(batch, dict):
-        batch = batch["views"]
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple)):
-        batch = batch[0]
-    if isinstance(batch, Tensor):
-        raise TypeError("an SSL batch must hold several views, got a single tensor")
-    return list(batch)
+    section = "barlow_twins"
+
+    lambd: float = field(default=0.0051, metadata={"cli_aliases": ("lambd",)})
+    """Weight of the off-diagonal (redundancy reduction) term; official 0.0051. A grid axis."""
+    scale: float = 1.0
+    """Factor on the whole loss (official 1.0; some reimplementations use 1/32)."""
+
+    def validate(self) -> None:
+        check_positive("barlow_twins.lambd", self.lambd, allow_zero=True)
+        check_positive("barlow_twins.scale", self.scale)
 
 
-class SSLMethod(KNNMonitorMixin, pl.LightningModule):
-    """Shared plumbing of the pretraining methods. Subclasses build heads and `training_step`."""
+def pair_views(cfg: PretrainConfig, gpu_augment: bool):
+    """The official asymmetric two-view recipe (also VICReg's)."""
+    from core.data.transforms import BarlowTwinsTransform
 
-    method_name = "ssl"
-
-    def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
-                 backbone: Optional[nn.Module] = None):
-        """`gpu_augment`: one callable per view (`core.data.gpu_augment.BatchAugment`, from the data
-        loaders' `batch_augment`) applied to each view's batch on the device, or None when the CPU
-        pipeline already did the whole recipe."""
-        super().__init__()
-        self.cfg = cfg
-        self.num_train_batches = max(int(num_train_batches), 1)
-        self.knn_k = cfg.knn_k
-        if backbone is None:
-            from core.models.registry import create_backbone
-
-            backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size)
-            backbone.check_input_size(cfg.data.image_size, cfg.data.image_size)
-        self.backbone = backbone
-        self.channels_last = not getattr(backbone, "is_transformer", True)
-        if self.channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
-        # kept out of the state dict / module tree (a plain tuple)
-        self._gpu_aug = tuple(gpu_augment) if gpu_augment else ()
-        self._compiled: Optional[tuple] = None
-        self.last_knn_acc: Optional[float] = None
-
-    # ------------------------------------------------------------------ helpers
-    def encoder(self) -> nn.Module:
-        """The backbone used in the training forward (compiled when cfg.compile)."""
-        if self.cfg.compile:
-            if self._compiled is None:
-                self._compiled = (torch.compile(self.backbone),)
-            return self._compiled[0]
-        return self.backbone
-
-    def prepare_view(self, x: Tensor, index: int = 0) -> Tensor:
-        x = prepare_images(x, self.device)
-        if self._gpu_aug:
-            aug = self._gpu_aug[min(index, len(self._gpu_aug) - 1)]
-            with torch.no_grad():
-                x = aug(x)
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def knn_backbone(self) -> nn.Module:
-        return self.backbone
-
-    def export_backbone(self) -> nn.Module:
-        """The backbone written to backbone.pt and evaluated by the k-NN monitor."""
-        return self.knn_backbone()
-
-    def optimized_module(self) -> nn.Module:  # what the optimiser updates
-        return self
-
-    def setup(self, stage: str) -> None:
-        """Under DDP, BatchNorm layers become SyncBatchNorm (official Barlow Twins / DINO); this hook
-        runs before Lightning wraps the module in DistributedDataParallel. Not on CPU ranks (gloo,
-        tests): torch's SyncBatchNorm refuses CPU tensors, so each rank normalises its own batch."""
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.world_size > 1 and trainer.strategy.root_device.type != "cpu":
-            for name, child in list(self.named_children()):
-                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-
-    def on_weights_loaded(self) -> None:
-        """Called after a weight source was loaded into `self.backbone` (DINO: copy to the teacher)."""
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self):
-        cfg = self.cfg
-        try:
-            total = int(self.trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - no trainer (unit use)
-            total = self.num_train_batches * cfg.epochs
-        if not math.isfinite(total) or total <= 0:
-            total = self.num_train_batches * cfg.epochs
-        steps_per_epoch = max(1, total // max(cfg.epochs, 1))
-        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-        world = getattr(getattr(self, "_trainer", None), "world_size", 1) or 1
-        return configure_optimizers(self.optimized_module(), cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                    cfg.batch_size * world, total, warmup)
+    return BarlowTwinsTransform(cfg.data.image_size, gpu_augment=gpu_augment, scale=cfg.data.ssl_crop_scale())
 
 
 class BarlowTwinsMethod(SSLMethod):
@@ -126,6 +48,11 @@ class BarlowTwinsMethod(SSLMethod):
     cross-correlation diagnostic reads)."""
 
     method_name = "barlow_twins"
+    result_keys = {
+        "lambd": "Barlow Twins off-diagonal weight lambda (barlow_twins.lambd)",
+        "cc_diag_mean": "Barlow Twins: mean diagonal of the cross-correlation on one training batch after training",
+        "cc_offdiag_rms": "Barlow Twins: RMS of its off-diagonal entries",
+    }
 
     def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
                  backbone: Optional[nn.Module] = None):
@@ -133,7 +60,7 @@ class BarlowTwinsMethod(SSLMethod):
         from core.models.projector import BarlowTwinsProjector
 
         self.projector = BarlowTwinsProjector(self.backbone.embed_dim, cfg.projector)
-        self.loss_fn = BarlowTwinsLoss(cfg.lambd, cfg.scale)
+        self.loss_fn = BarlowTwinsLoss(cfg.barlow_twins.lambd, cfg.barlow_twins.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projector(self.encoder()(x))
@@ -150,3 +77,31 @@ class BarlowTwinsMethod(SSLMethod):
         self.log("train/cc_offdiag_rms", off_diagonal(c).pow(2).mean().sqrt(), on_step=False, on_epoch=True,
                  batch_size=bs)
         return loss
+
+    @torch.no_grad()
+    def result_metrics(self, loader, device) -> dict:
+        """lambda, and the cross-correlation statistics of the trained model on one fresh training
+        batch (two augmented views, eval mode), on this process' batch alone."""
+        out = {"lambd": self.cfg.barlow_twins.lambd, "cc_diag_mean": None, "cc_offdiag_rms": None}
+        was = self.training
+        self.eval()
+        try:
+            for batch in loader:
+                x1, x2 = (self.prepare_view(v.to(device), i) for i, v in enumerate(unpack_views(batch)[:2]))
+                out.update(cc_statistics(cross_correlation(self(x1), self(x2), gather=False)))
+                break
+        finally:
+            self.train(was)
+        return out
+
+    def diagnostic_callbacks(self, every_n_epochs: int) -> list:
+        from core.diagnostics.callbacks import CrossCorrelationCallback
+
+        return [CrossCorrelationCallback(every_n_epochs=every_n_epochs)]
+
+
+METHOD = SSLMethodSpec(
+    name="barlow_twins", label="Barlow Twins", short="bt",
+    paper="Zbontar et al., Barlow Twins: Self-Supervised Learning via Redundancy Reduction, ICML 2021",
+    options=BarlowTwinsOptions, module=BarlowTwinsMethod, views=pair_views, axes={"lambd": "l"}, order=0,
+)

@@ -2,11 +2,11 @@
 
 - student = backbone + DINOHead; teacher = deep copy of both, no gradients, updated after every
   optimiser step by EMA: t <- m t + (1 - m) s, with m following a cosine schedule from
-  `cfg.dino_momentum` (0.996) to 1 over all training steps;
+  `cfg.dino.momentum` (0.996) to 1 over all training steps;
 - the teacher sees the 2 global crops only; the student sees every crop (global + local), crops of
   one resolution forwarded together (the official MultiCropWrapper);
-- DINOLoss with centering and teacher-temperature warmup (`dino_warmup_teacher_temp` ->
-  `dino_teacher_temp` over `dino_warmup_teacher_temp_epochs`), student temperature 0.1;
+- DINOLoss with centering and teacher-temperature warmup (`dino.warmup_teacher_temp` ->
+  `dino.teacher_temp` over `dino.warmup_teacher_temp_epochs`), student temperature 0.1;
 - the last layer of the student head is frozen during the first `freeze_last_layer` epoch(s) and
   gradients are clipped per parameter to norm 3.0 (official defaults);
 - the k-NN monitor and backbone.pt use the TEACHER backbone, as DINO's evaluation does.
@@ -15,15 +15,20 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from core.config import PretrainConfig
+from core.config import ConfigBase, check_positive, check_range
 from core.losses.dino import DINOLoss
-from core.methods.barlow_twins import SSLMethod, unpack_views
 from core.methods.optim import cosine_schedule
+from core.methods.registry import SSLMethodSpec
+from core.methods.ssl_base import SSLMethod, unpack_views
+
+if TYPE_CHECKING:
+    from core.config import PretrainConfig
 
 CLIP_GRAD = 3.0
 FREEZE_LAST_LAYER_EPOCHS = 1
@@ -40,8 +45,48 @@ def clip_gradients_per_param(module: nn.Module, clip: float) -> None:
     torch._foreach_mul_(grads, coefs)
 
 
+@dataclass(frozen=True)
+class DINOOptions(ConfigBase):
+    """DINO options (`PretrainConfig.dino`); official ViT-S/16 values noted where they differ."""
+
+    section = "dino"
+
+    out_dim: int = 1024
+    """Output dimension K of the DINO head (official 65536)."""
+    teacher_temp: float = 0.07
+    """Teacher softmax temperature after the warmup (official 0.04-0.07)."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at the start of the warmup."""
+    warmup_teacher_temp_epochs: int = 2
+    """Epochs of linear teacher-temperature warmup (official 30; capped at the run's epochs)."""
+    student_temp: float = 0.1
+    """Student softmax temperature."""
+    momentum: float = 0.996
+    """Initial EMA momentum of the teacher (cosine schedule to 1)."""
+    local_crops: int = 2
+    """Number of small local crops per image besides the 2 global ones (official 10 at 96 px)."""
+
+    def validate(self) -> None:
+        check_positive("dino.out_dim", self.out_dim)
+        check_positive("dino.teacher_temp", self.teacher_temp)
+        check_positive("dino.warmup_teacher_temp", self.warmup_teacher_temp)
+        check_positive("dino.warmup_teacher_temp_epochs", self.warmup_teacher_temp_epochs, allow_zero=True)
+        check_positive("dino.student_temp", self.student_temp)
+        check_range("dino.momentum", self.momentum, 0.0, 1.0)
+        check_positive("dino.local_crops", self.local_crops, allow_zero=True)
+
+
+def multicrop_views(cfg: PretrainConfig, gpu_augment: bool):
+    """2 global crops at the image size + `dino.local_crops` local crops at DINO's 96/224 ratio."""
+    from core.data.transforms import DINOTransform, default_local_size
+
+    size = cfg.data.image_size
+    return DINOTransform(size, default_local_size(size), cfg.dino.local_crops, gpu_augment=gpu_augment)
+
+
 class DINOMethod(SSLMethod):
     method_name = "dino"
+    eval_backbone_attr = "teacher_backbone"
 
     def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
                  backbone: Optional[nn.Module] = None, head_hidden: Optional[int] = None,
@@ -53,18 +98,19 @@ class DINOMethod(SSLMethod):
         # official 2048 / 256; scaled down with the projector widths for small configurations
         hidden = head_hidden or min(2048, max(cfg.projector))
         bottleneck = head_bottleneck or min(256, hidden)
-        self.head = DINOHead(self.backbone.embed_dim, cfg.dino_out_dim, hidden=hidden, bottleneck=bottleneck)
+        opts = cfg.dino
+        self.head = DINOHead(self.backbone.embed_dim, opts.out_dim, hidden=hidden, bottleneck=bottleneck)
         self.teacher_backbone = copy.deepcopy(self.backbone)
         self.teacher_head = copy.deepcopy(self.head)
         for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
             p.requires_grad_(False)
         self.loss_fn = DINOLoss(
-            cfg.dino_out_dim,
-            teacher_temp=cfg.dino_teacher_temp,
-            warmup_teacher_temp=cfg.dino_warmup_teacher_temp,
-            warmup_teacher_temp_epochs=min(cfg.dino_warmup_teacher_temp_epochs, cfg.epochs),
+            opts.out_dim,
+            teacher_temp=opts.teacher_temp,
+            warmup_teacher_temp=opts.warmup_teacher_temp,
+            warmup_teacher_temp_epochs=min(opts.warmup_teacher_temp_epochs, cfg.epochs),
             n_epochs=cfg.epochs,
-            student_temp=cfg.dino_student_temp,
+            student_temp=opts.student_temp,
         )
         self.clip_grad = float(clip_grad)
         self.freeze_last_layer = int(freeze_last_layer)
@@ -75,9 +121,6 @@ class DINOMethod(SSLMethod):
 
     def optimized_module(self) -> nn.Module:
         return self.student_modules()
-
-    def knn_backbone(self) -> nn.Module:
-        return self.teacher_backbone
 
     def on_weights_loaded(self) -> None:
         """Teacher and student start from the same weights (official)."""
@@ -132,7 +175,7 @@ class DINOMethod(SSLMethod):
                 p.grad = None
 
     def teacher_momentum(self, step: int) -> float:
-        return cosine_schedule(step, self.total_steps(), self.cfg.dino_momentum, 1.0)
+        return cosine_schedule(step, self.total_steps(), self.cfg.dino.momentum, 1.0)
 
     @torch.no_grad()
     def ema_update(self, m: float) -> None:
@@ -144,3 +187,10 @@ class DINOMethod(SSLMethod):
         m = self.teacher_momentum(max(self.global_step - 1, 0))
         self.ema_update(m)
         self.log("train/teacher_momentum", m, on_step=False, on_epoch=True, batch_size=1)
+
+
+METHOD = SSLMethodSpec(
+    name="dino", label="DINO", short="dino",
+    paper="Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021",
+    options=DINOOptions, module=DINOMethod, views=multicrop_views, order=10,
+)

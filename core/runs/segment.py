@@ -1,14 +1,10 @@
 """Stage 2 run: train and evaluate one segmentation model into a run folder.
 
 `run_segment(cfg, out_dir, *, progress=True, wandb_group=None, callbacks=(), name=None) -> dict` is
-the single source of truth used by `experiments/segment.py` and the grid's stage-2 trials.
-
-Order (so that a bad input writes nothing):
-1. a finished folder (metrics.json present) returns its metrics without retraining;
-2. data loaders, model and weights are built and checked (DataError / ConfigError / WeightsError,
-   one line) before anything is written;
-3. config.json, then training (resuming from checkpoints/last.ckpt), final validation over the
-   whole val set, history.csv, model.pt, and LAST metrics.json (atomic).
+what `experiments/segment.py` and the grid's stage-2 trials call. The folder rules (finished, resume,
+nothing written before the inputs check out, rank 0 writes, metrics.json last) are
+core/runs/skeleton.py's; this module says what segmentation builds and measures: the final
+validation over the whole val set, and model.pt.
 
 The backbone's weights come from ``cfg.source`` through `core.weights.load_source`: ``random``,
 ``imagenet``, ``dino``, ``coco-deeplab``, ... or ``checkpoint:PATH`` to a stage-1 ``backbone.pt``
@@ -22,28 +18,29 @@ model.pt and metrics.json; the other ranks return ``{}``.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 
 from core.config import SegmentConfig
 from core.errors import ConfigError
-from core.runs.common import (
-    ExternalDDP,
-    _jsonable,
-    atomic_write_json,
-    finish_wandb,
-    last_checkpoint,
-    make_loggers,
-    make_trainer,
-    write_history,
-)
+from core.runs.common import ExternalDDP
+from core.runs.skeleton import StageRun, execute
 from core.weights import load_source
 
 STAGE = "segment"
+MODEL = "model.pt"
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resolve_segment_config(cfg: Union[SegmentConfig, dict]) -> SegmentConfig:
@@ -77,29 +74,34 @@ def backbone_options(cfg: SegmentConfig) -> dict:
     return {}
 
 
-def preflight(cfg: SegmentConfig, devices: Optional[int] = None):
-    """Build the (randomly initialised) backbone and check that the head, the fusion and the image /
-    sliding-window sizes fit it: one ConfigError line otherwise. Returns the backbone. `devices`:
-    the devices this process drives (default `cfg.devices`; 1 for a rank of an external DDP job)."""
+def check_fit(cfg: SegmentConfig, backbone) -> None:
+    """The one check that the head, the fusion and the image / sliding-window sizes fit `backbone`:
+    one ConfigError line otherwise. Used by `preflight` and by the grid's pre-start validation."""
     from core.models.heads import head_refusal
-    from core.models.heads.fusion import check_fusion
-    from core.models.registry import create_backbone
+    from core.models.heads.fusion import fusion_refusal
 
-    from core.runs.common import resolve_accelerator
-
-    resolve_accelerator(cfg.device, cfg.devices if devices is None else devices)  # device=cuda without a GPU: ConfigError
-    backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size, **backbone_options(cfg))
-    err = head_refusal(cfg.head, backbone)
-    if err is not None:
-        raise err
-    check_fusion(cfg.fusion, backbone, cfg.fusion_blocks)
     size = cfg.data.image_size
     backbone.check_input_size(size, size)
+    err = fusion_refusal(cfg.fusion, backbone, cfg.fusion_blocks) or head_refusal(cfg.head, backbone)
+    if err is not None:
+        raise err
     if cfg.inference == "slide":
         m = getattr(backbone, "size_multiple", None)
         if m and cfg.slide_crop % m:
             raise ConfigError(f"slide_crop={cfg.slide_crop} is not a multiple of {m} required by {backbone.name}; "
                               f"use a multiple of {m}")
+
+
+def preflight(cfg: SegmentConfig, devices: Optional[int] = None):
+    """Build the (randomly initialised) backbone and `check_fit` it: one ConfigError line otherwise.
+    Returns the backbone. `devices`: the devices this process drives (default `cfg.devices`; 1 for a
+    rank of an external DDP job)."""
+    from core.models.registry import create_backbone
+    from core.runs.common import resolve_accelerator
+
+    resolve_accelerator(cfg.device, cfg.devices if devices is None else devices)  # device=cuda without a GPU: ConfigError
+    backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size, **backbone_options(cfg))
+    check_fit(cfg, backbone)
     return backbone
 
 
@@ -108,76 +110,53 @@ def default_run_name(cfg: SegmentConfig) -> str:
     return f"segment-{tag}-{cfg.backbone}-{cfg.source.split(':')[0]}-{cfg.mode}-s{cfg.seed}"
 
 
-def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, progress: bool = True,
-                wandb_group: Optional[str] = None, callbacks: Iterable = (), name: Optional[str] = None,
-                ddp: Optional[ExternalDDP] = None) -> dict:
-    cfg = resolve_segment_config(cfg)
-    writer = ddp is None or ddp.is_rank_zero  # under DDP only global rank 0 writes files
-    out_dir = Path(out_dir)
-    metrics_path = out_dir / "metrics.json"
-    if metrics_path.is_file():
-        with open(metrics_path) as f:
-            return json.load(f)
+class SegmentRun(StageRun):
+    stage = STAGE
+    artifact = MODEL
+    summary_keys = ("mIoU", "aAcc", "mAcc")
 
-    import lightning.pytorch as pl
+    def build(self) -> None:
+        from core.data.module import build_seg_loaders
+        from core.methods.segmentation import SegmentationMethod
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        cfg = self.cfg
+        self.backbone = preflight(cfg, None if self.ddp is None else 1)  # backbone / head / fusion fit, sizes
+        self.load_report = load_source(self.backbone, cfg.source)  # WeightsError; on resume too
+        self.loaders = build_seg_loaders(cfg.data, cfg.batch_size, seed=cfg.seed)  # DataError
+        self.num_classes, self.class_names = int(self.loaders.num_classes), list(self.loaders.class_names)
+        self.model = SegmentationMethod(cfg, self.num_classes, self.class_names,
+                                        ignore_index=int(getattr(self.loaders, "ignore_index", 255)),
+                                        backbone=self.backbone)
+        if cfg.mode == "frozen":  # the frozen backbone is in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")  # resuming into the folder
 
-    # ---- everything that can be wrong with the inputs fails here, before any file is written
-    backbone = preflight(cfg, None if ddp is None else 1)  # backbone / head / fusion fit, sizes (ConfigError)
-    resume = last_checkpoint(out_dir)
-    load_report = load_source(backbone, cfg.source)  # WeightsError; also on resume: the source must resolve
+    def module(self):
+        return self.model
 
-    from core.data.module import build_seg_loaders
+    def fit_kwargs(self, trainer) -> dict:
+        return {"train_dataloaders": self.loaders.train, "val_dataloaders": self.loaders.val}
 
-    loaders = build_seg_loaders(cfg.data, cfg.batch_size, seed=cfg.seed)  # DataError
-    train_loader, val_loader = loaders.train, loaders.val
-    num_classes, class_names = int(loaders.num_classes), list(loaders.class_names)
-    ignore_index = int(getattr(loaders, "ignore_index", 255))
-    palette = getattr(loaders, "palette", None)
+    def callbacks(self, out_dir: Path) -> list:
+        return _diagnostic_callbacks(self.cfg, out_dir, self.backbone, self.class_names,
+                                     getattr(self.loaders, "palette", None))
 
-    from core.methods.segmentation import SegmentationMethod
+    def default_name(self, out_dir: Path) -> str:
+        return default_run_name(self.cfg)
 
-    module = SegmentationMethod(cfg, num_classes, class_names, ignore_index=ignore_index, backbone=backbone)
-
-    # ---- the run
-    if resume is not None:
-        warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
-    if cfg.mode == "frozen":  # the frozen backbone is in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if writer:
-        atomic_write_json(out_dir / "config.json", cfg.to_dict())
-    run_name = name or default_run_name(cfg)
-    model_path = out_dir / "model.pt"
-    loggers: list = []
-    try:
-        from core.accounting import AccountingCallback
-
-        accounting = AccountingCallback()
-        cbs = [accounting, *_diagnostic_callbacks(cfg, out_dir, backbone, class_names, palette), *callbacks]
-        loggers = make_loggers(out_dir, cfg.wandb, wandb_group, run_name, cfg.to_dict())
-        trainer = make_trainer(out_dir=out_dir, max_epochs=cfg.epochs, device=cfg.device, devices=cfg.devices,
-                               precision=cfg.precision, loggers=loggers, callbacks=cbs, progress=progress, ddp=ddp)
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                    ckpt_path=str(resume) if resume else None)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
-        final = module.final_metrics()
-        if final is None:  # resumed from a completed fit: evaluate now
-            trainer.validate(module, dataloaders=val_loader, verbose=False)
-            final = module.final_metrics()
-        if final is None:
+    def on_every_rank_after_fit(self, trainer) -> None:
+        if self.model.final_metrics() is None:  # resumed from a completed fit: evaluate now
+            trainer.validate(self.model, dataloaders=self.loaders.val, verbose=False)
+        if self.model.final_metrics() is None:
             raise RuntimeError("segmentation run ended without a validation pass")
-        if not trainer.is_global_zero:
-            return {}
-        write_history(out_dir)
-        tmp = model_path.with_name(".model.pt.tmp")
-        torch.save({"arch": cfg.backbone, "head": cfg.head, "fusion": cfg.fusion, "num_classes": num_classes,
-                    "class_names": class_names, "state_dict": module.model.state_dict()}, tmp)
-        tmp.replace(model_path)
-        metrics: dict[str, Any] = {
-            "stage": STAGE,
+
+    def after_fit(self, trainer, out_dir: Path) -> dict:
+        cfg, final = self.cfg, self.model.final_metrics()
+        model_path = out_dir / MODEL
+        atomic_torch_save({"arch": cfg.backbone, "head": cfg.head, "fusion": cfg.fusion,
+                           "num_classes": self.num_classes, "class_names": self.class_names,
+                           "state_dict": self.model.model.state_dict()}, model_path)
+        return {
             "evaluation": cfg.evaluation,
             "backbone": cfg.backbone,
             "head": cfg.head,
@@ -189,39 +168,28 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
             "seed": cfg.seed,
             "dataset": cfg.data.dataset,
             "image_size": cfg.data.image_size,
-            "num_classes": num_classes,
-            "output_stride": int(getattr(backbone, "stride", 0) or 0),
+            "num_classes": self.num_classes,
+            "output_stride": int(getattr(self.backbone, "stride", 0) or 0),
             "mIoU": final["mIoU"],
             "aAcc": final["aAcc"],
             "mAcc": final["mAcc"],
             "IoU": final["IoU"],
-            "class_names": class_names,
+            "class_names": self.class_names,
             "epochs": cfg.epochs,
             "final_train_loss": _scalar(trainer.callback_metrics.get("train/loss_epoch")),
             "val_loss": _scalar(trainer.callback_metrics.get("val/loss")),
-            "source_report": _short_report(load_report),
-            # data.corrupt_policy=skip: how many unreadable / out-of-range samples were skipped
-            "skipped_files": _skipped(loaders),
-            **accounting.summary(),
+            "source_report": _short_report(self.load_report),
+            "skipped_files": _skipped(self.loaders),  # data.corrupt_policy=skip: samples skipped
             "model_path": str(model_path),
         }
-        for lg in loggers:
-            if type(lg).__name__ == "WandbLogger":
-                try:
-                    lg.experiment.summary.update({f"final/{k}": metrics[k] for k in ("mIoU", "aAcc", "mAcc")})
-                except Exception as e:  # noqa: BLE001 - logging never fails a finished run, but says so
-                    warnings.warn(f"wandb: writing the final summary failed ({type(e).__name__}: {e}); "
-                                  "metrics.json is complete", RuntimeWarning, stacklevel=2)
-        atomic_write_json(metrics_path, metrics)
-        return _jsonable(metrics)  # exactly what metrics.json holds (NaN -> None)
-    except BaseException:
-        # nothing that could pass for a result survives a failed run (checkpoints stay for resume)
-        if writer:
-            model_path.unlink(missing_ok=True)
-            model_path.with_name(".model.pt.tmp").unlink(missing_ok=True)
-        raise
-    finally:
-        finish_wandb(loggers)
+
+
+def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, progress: bool = True,
+                wandb_group: Optional[str] = None, callbacks: Iterable = (), name: Optional[str] = None,
+                ddp: Optional[ExternalDDP] = None) -> dict:
+    """Train and evaluate `cfg` into `out_dir`; returns the metrics dict (also metrics.json)."""
+    return execute(SegmentRun(resolve_segment_config(cfg), ddp), out_dir, progress=progress,
+                   wandb_group=wandb_group, callbacks=callbacks, name=name)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,11 +1,11 @@
 """Attention fusion: the study's own ways of feeding a ViT's self-attention to a segmentation head.
 
-Seed: Apavou & Zucker, "Barlow Twins with Vision Transformers for semantic segmentation" (README in
-shared/seeds). CLS-attention maps follow DINO's visualisation (Caron et al., arXiv:2104.14294);
-propagating predictions along an attention affinity follows the random-walk refinement of
-affinity-based segmentation (Ahn & Kwak, "Learning Pixel-level Semantic Affinity with Image-level
-Supervision", CVPR 2018, arXiv:1803.10464) with the transformer's own attention as the transition
-matrix.
+Seed: Apavou & Zucker, "Barlow Twins with Vision Transformers for semantic segmentation" (the study
+is described in README.md; what the fusions did in the smoke study is in docs/findings.md).
+CLS-attention maps follow DINO's visualisation (Caron et al., arXiv:2104.14294); propagating
+predictions along an attention affinity follows the random-walk refinement of affinity-based
+segmentation (Ahn & Kwak, "Learning Pixel-level Semantic Affinity with Image-level Supervision",
+CVPR 2018, arXiv:1803.10464) with the transformer's own attention as the transition matrix.
 
 Fusion 1, `AttentionFeatureFusion` ("attention as features")
     From the last K blocks' attentions (B, heads, T, T) take the CLS-to-patch rows
@@ -20,7 +20,8 @@ Fusion 2, `AttentionAffinityFusion` ("attention as affinity")
     and renormalised so each row sums to 1 (row-stochastic). Coarse logits L (B, K, gh, gw) on the
     patch grid, flattened to (B, N, K), are propagated t steps:  L <- (1 - a) L + a A L,  then
     bilinearly upsampled to the input size. a = sigmoid(alpha_logit) is learnable, initialised
-    from `fusion_alpha`; an initial value of exactly 0 or 1 (or learnable=False) keeps a fixed
+    from `alpha`, which callers must pass (its one default is `SegmentConfig.fusion_alpha` in
+    core/config.py); an initial value of exactly 0 or 1 (or learnable=False) keeps a fixed
     (a = 0 gives exactly the plain head). If the base head's native output is finer than the patch
     grid (SETR-PUP upsamples inside the head), L is its average-pool to the grid and the
     propagation is added as a residual: out = head_out + up(L_t - L), so fine detail is kept and
@@ -146,7 +147,7 @@ class AttentionAffinityFusion(nn.Module):
 
     kind = "affinity"
 
-    def __init__(self, attention_block: int, steps: int = 2, alpha: float = 0.5, learnable: bool = True):
+    def __init__(self, attention_block: int, steps: int = 2, *, alpha: float, learnable: bool = True):
         super().__init__()
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"fusion_alpha={alpha} must be between 0 and 1")
@@ -163,9 +164,9 @@ class AttentionAffinityFusion(nn.Module):
             self.register_buffer("alpha_fixed", torch.tensor(alpha))
 
     @classmethod
-    def from_backbone(cls, backbone, steps: int = 2, alpha: float = 0.5, learnable: bool = True):
+    def from_backbone(cls, backbone, steps: int = 2, *, alpha: float, learnable: bool = True):
         check_fusion("affinity", backbone)
-        return cls(int(backbone.num_blocks) - 1, steps, alpha, learnable)
+        return cls(int(backbone.num_blocks) - 1, steps, alpha=alpha, learnable=learnable)
 
     @property
     def alpha(self) -> torch.Tensor:

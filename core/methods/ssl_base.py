@@ -1,0 +1,147 @@
+"""What every self-supervised method shares, as a LightningModule base class.
+
+`SSLMethod`: backbone construction (channels_last for CNNs, optional torch.compile), optional GPU
+batch augmentation of the views, optimiser + per-step warmup/cosine schedule (core/methods/optim.py),
+and the k-NN monitor on the validation loaders `[knn_train, knn_val]` (core/methods/knn_monitor.py)
+that logs `val/knn_acc`. A method (core/methods/<name>.py) subclasses it, builds its heads and loss
+in `__init__`, writes `training_step`, and may override the hooks below; its registry entry
+(`core.methods.registry.SSLMethodSpec`) declares the rest (config section, views, labels).
+
+Hooks a method may override:
+- `eval_backbone_attr`: the attribute holding the backbone that is evaluated and exported
+  ("backbone"; DINO: "teacher_backbone", as DINO's evaluation uses the teacher);
+- `result_metrics(loader, device) -> dict`: method-specific keys for metrics.json, computed after
+  training on rank 0 alone (no collective call); `result_keys` documents each (key -> description,
+  read by core/runs/metrics_schema.py);
+- `diagnostic_callbacks(every_n_epochs) -> list`: method-specific Lightning diagnostics;
+- `on_weights_loaded()`: called after a weight source was loaded into `self.backbone`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from core.methods.knn_monitor import KNNMonitorMixin, prepare_images
+from core.methods.optim import configure_optimizers
+
+if TYPE_CHECKING:
+    from core.config import PretrainConfig
+
+
+def unpack_views(batch: Any) -> list[Tensor]:
+    """The list of augmented views in an SSL batch.
+
+    Accepted layouts: `[v1, v2, ...]` (list/tuple of image tensors), `(views, ...)` where `views` is
+    such a list (lightly style `(views, targets, names)`), or a dict with a "views" key.
+    """
+    if isinstance(batch, dict):
+        batch = batch["views"]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple)):
+        batch = batch[0]
+    if isinstance(batch, Tensor):
+        raise TypeError("an SSL batch must hold several views, got a single tensor")
+    return list(batch)
+
+
+class SSLMethod(KNNMonitorMixin, pl.LightningModule):
+    """Shared plumbing of the pretraining methods. Subclasses build heads and `training_step`."""
+
+    method_name = "ssl"
+    eval_backbone_attr = "backbone"
+    result_keys: dict[str, str] = {}  # metrics.json keys of `result_metrics` -> their description
+
+    def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
+                 backbone: Optional[nn.Module] = None):
+        """`gpu_augment`: one callable per view (`core.data.gpu_augment.BatchAugment`, from the data
+        loaders' `batch_augment`) applied to each view's batch on the device, or None when the CPU
+        pipeline already did the whole recipe."""
+        super().__init__()
+        self.cfg = cfg
+        self.num_train_batches = max(int(num_train_batches), 1)
+        self.knn_k = cfg.knn_k
+        if backbone is None:
+            from core.models.registry import create_backbone
+
+            backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size)
+            backbone.check_input_size(cfg.data.image_size, cfg.data.image_size)
+        self.backbone = backbone
+        self.channels_last = not getattr(backbone, "is_transformer", True)
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        # kept out of the state dict / module tree (a plain tuple)
+        self._gpu_aug = tuple(gpu_augment) if gpu_augment else ()
+        self._compiled: Optional[tuple] = None
+        self.last_knn_acc: Optional[float] = None
+
+    # ------------------------------------------------------------------ helpers
+    def encoder(self) -> nn.Module:
+        """The backbone used in the training forward (compiled when cfg.compile)."""
+        if self.cfg.compile:
+            if self._compiled is None:
+                self._compiled = (torch.compile(self.backbone),)
+            return self._compiled[0]
+        return self.backbone
+
+    def prepare_view(self, x: Tensor, index: int = 0) -> Tensor:
+        x = prepare_images(x, self.device)
+        if self._gpu_aug:
+            aug = self._gpu_aug[min(index, len(self._gpu_aug) - 1)]
+            with torch.no_grad():
+                x = aug(x)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def knn_backbone(self) -> nn.Module:
+        return getattr(self, self.eval_backbone_attr)
+
+    def export_backbone(self) -> nn.Module:
+        """The backbone written to backbone.pt and evaluated by the k-NN monitor."""
+        return self.knn_backbone()
+
+    def optimized_module(self) -> nn.Module:  # what the optimiser updates
+        return self
+
+    def setup(self, stage: str) -> None:
+        """Under DDP, BatchNorm layers become SyncBatchNorm (official Barlow Twins / DINO); this hook
+        runs before Lightning wraps the module in DistributedDataParallel. Not on CPU ranks (gloo,
+        tests): torch's SyncBatchNorm refuses CPU tensors, so each rank normalises its own batch."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1 and trainer.strategy.root_device.type != "cpu":
+            for name, child in list(self.named_children()):
+                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+    def on_weights_loaded(self) -> None:
+        """Called after a weight source was loaded into `self.backbone` (DINO: copy to the teacher)."""
+
+    def result_metrics(self, loader, device) -> dict:
+        """Method-specific metrics.json entries (keys: `result_keys`), after training, rank 0 alone."""
+        return {}
+
+    def diagnostic_callbacks(self, every_n_epochs: int) -> list:
+        """Method-specific diagnostic callbacks (figures every `every_n_epochs` epochs)."""
+        return []
+
+    def options(self):
+        """This method's own config section (`cfg.<method name>`)."""
+        return getattr(self.cfg, self.method_name)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        cfg = self.cfg
+        try:
+            total = int(self.trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - no trainer (unit use)
+            total = self.num_train_batches * cfg.epochs
+        if not math.isfinite(total) or total <= 0:
+            total = self.num_train_batches * cfg.epochs
+        steps_per_epoch = max(1, total // max(cfg.epochs, 1))
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        world = getattr(getattr(self, "_trainer", None), "world_size", 1) or 1
+        return configure_optimizers(self.optimized_module(), cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                    cfg.batch_size * world, total, warmup)
