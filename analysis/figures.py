@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 
 from analysis import atomic  # noqa: E402
 from analysis.history import knn_column, loss_column, miou_column, read_history, series, find_column  # noqa: E402
-from analysis.results import METHOD_SHORT, Results, Trial, finite, pretrain_variant, variant_label  # noqa: E402
-from analysis.tables import Stat, _eval_order, pretrain_groups, segment_groups  # noqa: E402
+from analysis.results import Results, Trial, Variant, axis_header, finite, method_order, pretrain_variant  # noqa: E402
+from analysis.tables import PreGroup, Stat, _eval_order, pretrain_groups, segment_groups  # noqa: E402
 
 LINESTYLES = ["-", "--", ":", "-."]
 # The report's look, applied only inside the plotting functions below (never to the global rcParams:
@@ -65,44 +65,71 @@ def _seed_style(t: Trial, seeds: list) -> str:
 
 
 # ----------------------------------------------------------------------------- lambda sweep
+SWEEP_AXIS = "lambd"  # the label the sweep figure plots against (any method whose trials carry it)
+
+
+def _sweep_value(v: Optional[Variant]) -> Optional[float]:
+    if v is None or SWEEP_AXIS not in v or isinstance(v[SWEEP_AXIS], bool):
+        return None
+    return finite(v[SWEEP_AXIS])
+
+
+def sweep_lines(res: Results) -> dict[Variant, list[PreGroup]]:
+    """The pretraining groups whose labels give a numeric SWEEP_AXIS value, one line per variant
+    without that axis (method, backbone, source and any other axis), points sorted by the value."""
+    lines: dict[Variant, list[PreGroup]] = {}
+    for g in pretrain_groups(res):
+        if _sweep_value(g.variant) is not None:
+            lines.setdefault(g.variant.without(SWEEP_AXIS), []).append(g)
+    return {k: sorted(gs, key=lambda g: _sweep_value(g.variant)) for k, gs in lines.items()}
+
+
+def sweep_segmentation(res: Results) -> tuple[Optional[str], dict[Variant, list[tuple[float, Stat]]]]:
+    """(evaluation, line -> [(value, mIoU stat)]): segmentation mIoU against the swept axis, for the
+    evaluation whose finished trials cover the most values of it (ties: the declared order)."""
+    per_ev: dict[str, dict[Variant, dict[float, list[float]]]] = {}
+    for t in res.stage("segment"):
+        x, y = _sweep_value(t.variant), finite(t.metrics.get("mIoU"))
+        if x is None or y is None:
+            continue
+        ev = str(t.get("evaluation") or "custom")
+        per_ev.setdefault(ev, {}).setdefault(t.variant.without(SWEEP_AXIS), {}).setdefault(x, []).append(y)
+    if not per_ev:
+        return None, {}
+    ev = min(per_ev, key=lambda e: (-len({x for pts in per_ev[e].values() for x in pts}), _eval_order(e)))
+    return ev, {line: sorted((x, Stat.of(v)) for x, v in pts.items()) for line, pts in per_ev[ev].items()}
+
+
 @_styled
 def lambda_sweep(res: Results, path: Path) -> Optional[Path]:
-    bt = [g for g in pretrain_groups(res) if g.variant[0] == "barlow_twins" and g.variant[3] is not None]
-    if not bt:
+    lines = sweep_lines(res)
+    if not lines:
         return None
-    lines: dict[tuple, list] = {}
-    for g in bt:
-        lines.setdefault((g.variant[1], g.variant[2]), []).append(g)
-    # E2 mIoU per pretraining variant (segment trials grouped by the BT variant they used)
-    pre = {t.id: t for t in res.trials if t.stage == "pretrain"}
-    seg: dict[tuple, list[float]] = {}
-    for t in res.stage("segment"):
-        p = pre.get(t.pretrain_id) if t.pretrain_id else None
-        if str(t.get("evaluation")) != "E2" or p is None or finite(t.metrics.get("mIoU")) is None:
-            continue
-        v = pretrain_variant(p)
-        if v[0] == "barlow_twins" and v[3] is not None:
-            seg.setdefault(v, []).append(finite(t.metrics["mIoU"]))
+    ev, seg = sweep_segmentation(res)
     n_panels = 2 if seg else 1
     fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 3.8), squeeze=False)
-    colors = _colors(len(lines))
-    all_l = sorted({g.variant[3] for g in bt})
-    for (key, gs), col in zip(sorted(lines.items()), colors):
-        gs = sorted(gs, key=lambda g: g.variant[3])
-        lam = [g.variant[3] for g in gs]
+    rank = method_order(res)
+    keys = sorted(set(lines) | set(seg), key=lambda v: v.sort_key(rank))
+    colors = dict(zip(keys, _colors(len(keys))))
+    all_l = sorted({_sweep_value(g.variant) for gs in lines.values() for g in gs}
+                   | {x for pts in seg.values() for x, _ in pts})
+    for key in keys:
+        col, label = colors[key], key.label
+        gs = lines.get(key, [])
+        lam = [_sweep_value(g.variant) for g in gs]
         st = [g.stat("knn_acc") for g in gs]
         ok = [i for i, s in enumerate(st) if s.mean is not None]
-        label = f"{key[0]} (init={key[1]})"
         if ok:
             axes[0, 0].errorbar([lam[i] for i in ok], [st[i].mean for i in ok], yerr=_yerr(st[i].std for i in ok),
                                 marker="o", capsize=3, color=col, label=label)
-        if seg:
-            pts = sorted((v[3], Stat.of(vals)) for v, vals in seg.items() if (v[1], v[2]) == key)
-            if pts:
-                axes[0, 1].errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=_yerr(p[1].std for p in pts),
-                                    marker="s", capsize=3, color=col, label=label)
-    titles = ["Barlow Twins λ sweep: k-NN accuracy", "Barlow Twins λ sweep: E2 segmentation mIoU"]
-    ylabels = ["k-NN accuracy (frozen features)", "E2 mIoU (%)"]
+        pts = seg.get(key)
+        if pts:
+            axes[0, 1].errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=_yerr(p[1].std for p in pts),
+                                marker="s", capsize=3, color=col, label=label)
+    sym = axis_header(SWEEP_AXIS)
+    methods = ", ".join(dict.fromkeys(k.method_label for k in lines))
+    titles = [f"{methods} {sym} sweep: k-NN accuracy", f"{methods} {sym} sweep: {ev} segmentation mIoU"]
+    ylabels = ["k-NN accuracy (frozen features)", f"{ev} mIoU (%)"]
     for i in range(n_panels):
         ax = axes[0, i]
         scale = "log"
@@ -115,16 +142,17 @@ def lambda_sweep(res: Results, path: Path) -> Optional[Path]:
         ax.set_xticks(all_l)
         ax.set_xticklabels([f"{v:g}" for v in all_l], rotation=30)
         ax.minorticks_off()
-        ax.set_xlabel(f"λ (off-diagonal weight, {scale} scale)")
+        ax.set_xlabel(f"{sym} ({SWEEP_AXIS}, {scale} scale)")
         ax.set_ylabel(ylabels[i])
         ax.set_title(titles[i])
-        ax.legend(title="backbone", loc="best")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(title="pretraining variant", loc="best")
     fig.suptitle("Error bars: std over seeds", fontsize=8, y=0.01, va="bottom", color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _save(fig, path)
 
 
-# ----------------------------------------------------------------------------- E1-E5 bars
+# ----------------------------------------------------------------------------- evaluation bars
 @_styled
 def evaluation_bars(res: Results, path: Path) -> Optional[Path]:
     groups = segment_groups(res)
@@ -202,16 +230,16 @@ def pretrain_curves(res: Results, path: Path) -> Optional[Path]:
     trials = [t for t in res.trials if t.stage == "pretrain" and t.history_path]
     if not trials:
         return None
-    variants = sorted({variant_label(pretrain_variant(t)) for t in trials})
+    rank = method_order(res)
+    variants = sorted({pretrain_variant(t).label for t in trials})
     colors = dict(zip(variants, _colors(len(variants))))
     seeds = sorted({t.get("seed") for t in trials}, key=str)
-    methods = sorted({str(t.get("method")) for t in trials})
+    method_label = {pretrain_variant(t).method: pretrain_variant(t).method_label for t in trials}
+    methods = sorted(method_label, key=lambda m: (rank.get(m, len(rank)), m))
     panels: dict[str, tuple[str, str, list]] = {}
     order = [f"loss:{m}" for m in methods] + ["knn", "cc_diag", "cc_off"]
-    for k in order:
-        if k.startswith("loss:"):
-            m = k.split(":", 1)[1]
-            panels[k] = (f"Training loss ({METHOD_SHORT.get(m, m)})", "loss", [])
+    for m in methods:  # one loss panel per method: their losses have unrelated scales
+        panels[f"loss:{m}"] = (f"Training loss ({method_label[m]})", "loss", [])
     panels["knn"] = ("k-NN accuracy", "k-NN accuracy", [])
     panels["cc_diag"] = ("Cross-correlation: mean diagonal", "mean C_ii (→ 1)", [])
     panels["cc_off"] = ("Cross-correlation: off-diagonal RMS", "RMS C_ij, i≠j (→ 0)", [])
@@ -219,9 +247,9 @@ def pretrain_curves(res: Results, path: Path) -> Optional[Path]:
         df = read_history(t)
         if df is None:
             continue
-        lab = variant_label(pretrain_variant(t))
+        lab = pretrain_variant(t).label
         style = (colors[lab], _seed_style(t, seeds), lab)
-        cols = {f"loss:{t.get('method')}": loss_column(df), "knn": knn_column(df),
+        cols = {f"loss:{pretrain_variant(t).method}": loss_column(df), "knn": knn_column(df),
                 "cc_diag": find_column(df, ["diag"], exclude=["off"]),
                 "cc_off": find_column(df, ["off"], prefer=["rms", "diag"])}
         for k, col in cols.items():
@@ -233,14 +261,13 @@ def pretrain_curves(res: Results, path: Path) -> Optional[Path]:
 
 
 def segment_curves(res: Results, path: Path) -> Optional[Path]:
-    pre = {t.id: t for t in res.trials if t.stage == "pretrain"}
     trials = [t for t in res.trials if t.stage == "segment" and t.history_path]
     if not trials:
         return None
     from analysis.results import segment_variant
 
     def lab(t: Trial) -> str:
-        return f"{t.get('evaluation') or 'custom'}: {segment_variant(t, pre)}"
+        return f"{t.get('evaluation') or 'custom'}: {segment_variant(t)}"
 
     labels = sorted({lab(t) for t in trials}, key=lambda s: (_eval_order(s.split(":")[0]), s))
     colors = dict(zip(labels, _colors(len(labels))))

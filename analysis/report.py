@@ -27,7 +27,7 @@ from core.cli import guard  # noqa: E402
 from core.errors import TwinsegError  # noqa: E402
 
 from analysis import atomic  # noqa: E402
-from analysis.results import Results, Trial, load_results, pretrain_variant, variant_label  # noqa: E402
+from analysis.results import Results, Trial, load_results, pretrain_variant  # noqa: E402
 
 # pandas / matplotlib are imported only once the folder is known to be a results folder, so a bad
 # RESULTS_DIR fails in a fraction of a second: analysis.tables (T) and analysis.figures (F).
@@ -57,7 +57,7 @@ def _link(target: Path, base: Path) -> str:
 
 def _trial_caption(t: Trial) -> str:
     if t.stage == "pretrain":
-        return f"{t.id}\n{variant_label(pretrain_variant(t))} s{t.get('seed', '?')}"
+        return f"{t.id}\n{pretrain_variant(t).label} s{t.get('seed', '?')}"
     return f"{t.id}\n{t.get('evaluation') or ''} {t.get('backbone', '')} {t.get('head', '')}"
 
 
@@ -142,9 +142,9 @@ def _build(res: Results, out: Path) -> Path:
     seg = {t.name: t for t in seg_tables}
     per_class = T.per_class_table(res)
     pre_table = T.pretraining_table(res)
-    bvd = T.bt_vs_dino_table(res)
+    cmp_table = T.method_comparison_table(res)
     trials_table = T.trials_table(res)
-    all_tables = [t for t in [*seg_tables, per_class, pre_table, bvd, trials_table] if t]
+    all_tables = [t for t in [*seg_tables, per_class, pre_table, cmp_table, trials_table] if t]
     for t in all_tables:
         t.write(tables_dir)
 
@@ -179,7 +179,7 @@ def _build(res: Results, out: Path) -> Path:
 
     L += ["## Segmentation (stage 2)", ""]
     if seg_tables:
-        L.append("E1-E5 are the study's evaluations: " + "; ".join(f"{k} = {v}" for k, v in T.EVAL_DESC.items())
+        L.append("The study's evaluations: " + "; ".join(f"{k} = {T.eval_short(k)}" for k in T.eval_order())
                  + ". Values are percent, mean ± std over seeds (std blank for one seed); the pretraining variant is "
                    "the stage-1 run whose checkpoint the trial used.")
         L.append("")
@@ -188,29 +188,32 @@ def _build(res: Results, out: Path) -> Path:
         L += _table_block(seg.get("segmentation_runs"), out, tables_dir)
         L += _table_block(per_class, out, tables_dir)
         present = {g.evaluation for g in T.segment_groups(res)}
-        absent = [e for e in T.EVALUATIONS if e not in present]
+        absent = [e for e in T.eval_order() if e not in present]
         if absent:
             L += [f"_No finished trial for: {', '.join(absent)}._", ""]
     else:
         L += ["_No finished segmentation trial yet._", ""]
-    L += _figure_block(fig_bars, "E1-E5 mIoU and aAcc", out, "Bars: mean over seeds; error bars: std over seeds.")
+    L += _figure_block(fig_bars, "Evaluations: mIoU and aAcc", out, "Bars: mean over seeds; error bars: std over seeds.")
     L += _figure_block(fig_sc, "Segmentation training curves", out)
 
     L += ["## Pretraining (stage 1)", ""]
     if pre_table:
-        L.append("k-NN: weighted cosine k-NN on frozen pooled features (labels from the masks), after training "
-                 "and at initialisation; C: Barlow Twins cross-correlation matrix; device-hours = device_seconds / 3600.")
+        L.append("Rows: one per pretraining variant (the trials' grid labels, seeds pooled). k-NN: weighted cosine "
+                 "k-NN on frozen pooled features (labels from the masks), after training and at initialisation; "
+                 "C: the cross-correlation matrix of the methods that report it (blank for the others); "
+                 "device-hours = device_seconds / 3600.")
         L.append("")
         L += _table_block(pre_table, out, tables_dir)
-        if bvd:
-            L += ["### Barlow Twins vs DINO", ""]
-            L += _table_block(bvd, out, tables_dir)
+        if cmp_table:
+            L += ["### SSL methods compared at equal budget", ""]
+            L += _table_block(cmp_table, out, tables_dir)
         else:
-            L += ["_No backbone has both a Barlow Twins and a DINO run finished: no BT vs DINO comparison._", ""]
+            L += ["_No backbone and init has finished runs of two or more SSL methods: no method comparison._", ""]
     else:
         L += ["_No finished pretraining trial yet._", ""]
-    L += _figure_block(fig_sweep, "Lambda sweep", out, "k-NN accuracy (and E2 mIoU when present) against the "
-                       "Barlow Twins λ, one line per backbone; error bars: std over seeds.")
+    L += _figure_block(fig_sweep, "Lambda sweep", out, "k-NN accuracy (and the segmentation mIoU of the evaluation "
+                       "that covers the most λ values, when present) against the λ label of the variants that "
+                       "have one, one line per method, backbone and init; error bars: std over seeds.")
     L += _figure_block(fig_pc, "Pretraining training curves", out)
 
     L += ["## Diagnostics", ""]

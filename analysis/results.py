@@ -3,6 +3,11 @@
 Reads ONLY the given folder: `summary.json` and `trials/<id>/{metrics.json,config.json,history.csv,
 figures/*.png}`. A missing or unreadable `summary.json` is tolerated by scanning `trials/`. Anything
 that is not a results folder raises `TwinsegError` with one line.
+
+Pretraining variants are read from the results, not declared here: a trial's summary `labels` (the
+stage-1 axis values the grid declared, minus the seed; axes that do not apply to its method are null)
+and the `method_label` its metrics.json carries. No SSL method, evaluation or axis list is named in
+this package: a method or axis added to the grid shows up in the report by itself.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +23,16 @@ from typing import Any, Optional
 from core.errors import TwinsegError
 
 STATUSES = ("done", "failed", "skipped", "pending")
-METHOD_SHORT = {"barlow_twins": "BT", "dino": "DINO"}
+
+# Label names with a fixed role (summary.json "labels"); every other stage-1 label is a grid axis
+# whose name and values are read from the results and shown generically ("name=value").
+METHOD, BACKBONE, SOURCE, SEED = "method", "backbone", "source", "seed"
+SEGMENT_LABELS = ("evaluation", "from")  # a segmentation trial's own labels (not stage-1 axes)
+AXIS_SYMBOLS = {"lambd": "λ"}  # display aliases of axis names (anything else is shown by its name)
+# Folders written before summary labels existed: the method option that was a grid axis, and the
+# metric that shows a run used it. Old runs wrote the (flat) `lambd` for EVERY method; only the runs
+# that also reported the cross-correlation statistics it weighs were sweeping it.
+LEGACY_AXES = {"lambd": "cc_offdiag_rms"}
 
 
 @dataclass
@@ -30,19 +45,24 @@ class Trial:
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     dir: Optional[Path] = None
+    labels: dict = field(default_factory=dict)  # summary.json "labels" ({} in older folders)
     # filled by link_trials()
     pretrain_id: Optional[str] = None
+    # filled by assign_variants(): a pretraining trial's own variant; for a segmentation trial, the
+    # variant of the pretraining whose checkpoint it used (None when unknown)
+    variant: Optional["Variant"] = None
 
     @property
     def ok(self) -> bool:
         return self.status == "done" and bool(self.metrics)
 
     def get(self, key: str, default: Any = None) -> Any:
-        """A metric, else the config value, else `default`."""
-        v = self.metrics.get(key)
-        if v is None:
-            v = self.config.get(key)
-        return default if v is None else v
+        """A metric, else the config value, else the summary label, else `default`."""
+        for src in (self.metrics, self.config, self.labels):
+            v = src.get(key)
+            if v is not None:
+                return v
+        return default
 
     def figures(self, prefix: str) -> list[Path]:
         if self.dir is None:
@@ -196,6 +216,7 @@ def load_results(results_dir: str | Path) -> Results:
                 config=dict(entry.get("config") or {}),
                 metrics=dict(entry.get("metrics") or {}),
                 dir=_resolve_dir(root, tid, entry.get("dir")),
+                labels=dict(entry.get("labels") or {}) if isinstance(entry.get("labels"), dict) else {},
             )
             _load_trial_files(t, notes)
             if t.status == "done" and not t.metrics:
@@ -218,6 +239,7 @@ def load_results(results_dir: str | Path) -> Results:
 
     res = Results(root=root, grid=grid, created=created, trials=trials, notes=notes, has_summary=summary is not None)
     link_trials(res)
+    assign_variants(res)
     return res
 
 
@@ -237,6 +259,10 @@ def link_trials(res: Results) -> None:
     for t in res.trials:
         if t.stage != "segment":
             continue
+        src_id = t.labels.get("from")
+        if isinstance(src_id, str) and src_id in pre:  # the grid's record of the stage-1 trial it consumed
+            t.pretrain_id = src_id
+            continue
         for dep in t.depends_on:
             if dep in pre:
                 t.pretrain_id = dep
@@ -254,32 +280,189 @@ def link_trials(res: Results) -> None:
                     break
 
 
-# ----------------------------------------------------------------------------- variant labels
-def fmt_lambda(x: Any) -> str:
-    v = _finite(x)
-    return "" if v is None else f"{v:g}"
+# ----------------------------------------------------------------------------- variants
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted((str(k), _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
 
 
-def pretrain_variant(t: Trial) -> tuple:
-    """(method, backbone, source, lambd) of a pretraining trial; lambd is None for DINO."""
-    method = str(t.get("method", "?"))
-    lam = _finite(t.get("lambd")) if method == "barlow_twins" else None
-    return (method, str(t.get("backbone", "?")), str(t.get("source", "?")), lam)
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def variant_label(v: tuple) -> str:
-    method, backbone, source, lam = v
-    s = f"{METHOD_SHORT.get(method, method)} {backbone} init={source}"
-    if lam is not None:
-        s += f" λ={fmt_lambda(lam)}"
-    return s
+def fmt_value(v: Any) -> str:
+    """An axis value for display: numbers as %g, anything else as text."""
+    if _is_number(v):
+        f = _finite(v)
+        return f"{f:g}" if f is not None else str(v)
+    return str(v)
 
 
-def segment_variant(t: Trial, pre: dict[str, Trial]) -> str:
+def _sortable(v: Any) -> tuple:
+    return (0, float(v), "") if _is_number(v) and _finite(v) is not None else (1, 0.0, str(v))
+
+
+def axis_header(name: str) -> str:
+    return AXIS_SYMBOLS.get(name, name)
+
+
+class Variant(Mapping):
+    """A pretraining variant: the stage-1 axis values of a trial (its labels minus the seed; axes
+    that are null, i.e. do not apply to its method, are left out), in the results' order, plus the
+    method's display name. Two trials are the same variant when their axis values are equal."""
+
+    __slots__ = ("_items", "_key", "method_label")
+
+    def __init__(self, axes: Mapping[str, Any], method_label: str = ""):
+        items = tuple((str(k), _freeze(v)) for k, v in axes.items() if v is not None and k != SEED)
+        self._items = items
+        self._key = frozenset(items)
+        self.method_label = str(method_label or dict(items).get(METHOD) or "?")
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self):
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Variant) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"Variant({dict(self._items)!r}, method_label={self.method_label!r})"
+
+    @property
+    def method(self) -> str:
+        return str(self.get(METHOD, "?"))
+
+    @property
+    def backbone(self) -> str:
+        return str(self.get(BACKBONE, "?"))
+
+    @property
+    def source(self) -> str:
+        return str(self.get(SOURCE, "?"))
+
+    def extra(self) -> list[tuple[str, Any]]:
+        """The axes beyond method / backbone / source (e.g. a method's own option), in order."""
+        return [(k, v) for k, v in self._items if k not in (METHOD, BACKBONE, SOURCE)]
+
+    def without(self, *names: str) -> "Variant":
+        return Variant({k: v for k, v in self._items if k not in names}, self.method_label)
+
+    @property
+    def label(self) -> str:
+        s = f"{self.method_label} {self.backbone} init={self.source}"
+        for k, v in self.extra():
+            s += f" {axis_header(k)}={fmt_value(v)}"
+        return s
+
+    def sort_key(self, method_rank: Optional[Mapping[str, int]] = None) -> tuple:
+        rank = (method_rank or {}).get(self.method, len(method_rank or {}))
+        return (self.backbone, self.source, rank, self.method,
+                tuple(sorted((k, _sortable(v)) for k, v in self.extra())))
+
+
+def _stage1_labels(labels: dict) -> dict:
+    return {k: v for k, v in labels.items() if k not in SEGMENT_LABELS and k != SEED}
+
+
+def _fallback_axes(t: Trial, legacy_axes: Mapping[str, set]) -> dict:
+    """Stage-1 axis values of a pretraining trial without summary labels (scanned or older folders):
+    method / backbone / source from metrics or config; a method option (LEGACY_AXES) from metrics,
+    else the config section of the trial's method, else the old flat config field, when not null."""
+    method = t.get(METHOD)
+    axes = {METHOD: method, BACKBONE: t.get(BACKBONE), SOURCE: t.get(SOURCE)}
+    section = t.config.get(str(method)) if method is not None else None
+    new_format = "method_label" in t.metrics or isinstance(section, dict)
+    for name in LEGACY_AXES:
+        v = t.metrics.get(name)
+        if v is None and isinstance(section, dict):
+            v = section.get(name)
+        if v is None and not new_format:
+            v = t.config.get(name)
+        # old folders wrote the flat option for every method: keep it only for the methods whose runs
+        # show they used it (LEGACY_AXES)
+        if v is not None and not new_format and str(method) not in legacy_axes.get(name, set()):
+            v = None
+        axes[name] = v
+    return axes
+
+
+def method_labels(res: Results) -> dict[str, str]:
+    """method name -> display name, from the metrics.json of the trials that wrote one."""
+    out: dict[str, str] = {}
+    for t in res.trials:
+        m, lab = t.get(METHOD), t.metrics.get("method_label")
+        if m is not None and lab and str(m) not in out:
+            out[str(m)] = str(lab)
+    return out
+
+
+def method_order(res: Results) -> dict[str, int]:
+    """method name -> rank, in the order the results list the methods' trials (the grid's order)."""
+    out: dict[str, int] = {}
+    for t in res.trials:
+        if t.variant is not None and t.variant.method not in out:
+            out[t.variant.method] = len(out)
+    return out
+
+
+def assign_variants(res: Results) -> None:
+    """Set `variant` of every pretraining trial (and of each segmentation trial: the variant it used)."""
+    legacy: dict[str, set] = {}
+    for t in res.trials:
+        if t.stage == "pretrain" and not t.labels:
+            for name, evidence in LEGACY_AXES.items():
+                if t.metrics.get(evidence) is not None:
+                    legacy.setdefault(name, set()).add(str(t.get(METHOD)))
+    labels = method_labels(res)
+    for t in res.trials:
+        if t.stage != "pretrain":
+            continue
+        axes = _stage1_labels(t.labels) if t.labels else _fallback_axes(t, legacy)
+        m = axes.get(METHOD)
+        t.variant = Variant(axes, t.metrics.get("method_label") or labels.get(str(m), ""))
+    pre = {t.id: t for t in res.trials if t.stage == "pretrain"}
+    for t in res.trials:
+        if t.stage != "segment":
+            continue
+        p = pre.get(t.pretrain_id) if t.pretrain_id else None
+        if p is not None:
+            t.variant = p.variant
+        else:
+            axes = _stage1_labels(t.labels)
+            if axes.get(METHOD) is not None:  # consumed a stage-1 trial this folder does not hold
+                t.variant = Variant(axes, labels.get(str(axes[METHOD]), ""))
+
+
+def pretrain_variant(t: Trial) -> Variant:
+    """The variant of a pretraining trial (set by load_results; computed alone otherwise)."""
+    if t.variant is None:
+        axes = _stage1_labels(t.labels) if t.labels else _fallback_axes(t, {})
+        t.variant = Variant(axes, str(t.metrics.get("method_label") or ""))
+    return t.variant
+
+
+def segment_variant(t: Trial, pre: Optional[dict[str, Trial]] = None) -> str:
     """Label of the pretraining a segment trial used (its stage-1 variant, or its weight source)."""
-    p = pre.get(t.pretrain_id) if t.pretrain_id else None
+    if t.variant is not None:
+        return t.variant.label
+    p = (pre or {}).get(t.pretrain_id) if t.pretrain_id else None
     if p is not None:
-        return variant_label(pretrain_variant(p))
+        return pretrain_variant(p).label
     src = str(t.get("source", "?"))
     if src.startswith("checkpoint:"):
         src = "checkpoint " + Path(src[len("checkpoint:"):]).parent.name

@@ -19,25 +19,30 @@ import pandas as pd
 from analysis import atomic
 from analysis.history import knn_at_fraction
 from analysis.results import (
-    METHOD_SHORT,
     Results,
     Trial,
+    Variant,
+    axis_header,
     finite,
-    fmt_lambda,
+    fmt_value,
+    method_order,
     pretrain_variant,
     segment_variant,
-    variant_label,
 )
+from core.evaluations import EVALUATIONS  # the one declaration of the evaluations (order, labels)
 
-EVALUATIONS = ("E1", "E2", "E3", "E4", "E5")
-EVAL_DESC = {
-    "E1": "BT ResNet-50 + DeepLabV3",
-    "E2": "BT transformer, no attention",
-    "E3": "BT transformer + fusion 1 (attention as features)",
-    "E4": "BT transformer + fusion 2 (attention as affinity)",
-    "E5": "DINO weights + fusion 2",
-}
 DASH = "—"
+
+
+def eval_order() -> tuple[str, ...]:
+    """The evaluations in their declared order."""
+    return tuple(EVALUATIONS)
+
+
+def eval_short(ev: str) -> str:
+    """An evaluation's report label (its declared `short`), or its name when it is not declared."""
+    spec = EVALUATIONS.get(ev) or {}
+    return str(spec.get("short") or spec.get("description") or ev)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -187,7 +192,7 @@ def trials_table(res: Results) -> Table:
     for t in res.trials:
         what = ""
         if t.stage == "pretrain":
-            what = variant_label(pretrain_variant(t)) + f" seed={t.get('seed', '?')}"
+            what = pretrain_variant(t).label + f" seed={t.get('seed', '?')}"
         elif t.stage == "segment":
             what = f"{t.get('evaluation') or '-'} {t.get('backbone', '?')} {t.get('head', '?')} fusion={t.get('fusion', '?')} seed={t.get('seed', '?')}"
         rows.append([t.id, t.stage, t.status, what, t.reason])
@@ -217,15 +222,15 @@ class SegGroup:
 
 
 def _eval_order(e: str) -> tuple:
-    return (EVALUATIONS.index(e) if e in EVALUATIONS else len(EVALUATIONS), e)
+    order = eval_order()
+    return (order.index(e) if e in order else len(order), e)
 
 
 def segment_groups(res: Results) -> list[SegGroup]:
-    pre = {t.id: t for t in res.trials if t.stage == "pretrain"}
     groups: dict[tuple, SegGroup] = {}
     for t in res.stage("segment"):
         ev = str(t.get("evaluation") or "custom")
-        key = (ev, segment_variant(t, pre), str(t.get("backbone", "?")), str(t.get("head", "?")),
+        key = (ev, segment_variant(t), str(t.get("backbone", "?")), str(t.get("head", "?")),
                str(t.get("fusion", "?")), str(t.get("mode", "?")))
         groups.setdefault(key, SegGroup(*key, trials=[])).trials.append(t)
     return sorted(groups.values(), key=lambda g: (_eval_order(g.evaluation), g.variant, g.head, g.fusion, g.mode))
@@ -361,7 +366,7 @@ PRETRAIN_COLS = [  # (metric key, header, digits, best: +1 higher / -1 lower / 0
 
 @dataclass
 class PreGroup:
-    variant: tuple
+    variant: Variant
     trials: list[Trial]
 
     def values(self, key: str) -> list:
@@ -375,20 +380,34 @@ class PreGroup:
 
     @property
     def label(self) -> str:
-        return variant_label(self.variant)
-
-
-def _variant_sort(v: tuple) -> tuple:
-    method, backbone, source, lam = v
-    return (backbone, source, method != "barlow_twins", method, lam if lam is not None else -1.0)
+        return self.variant.label
 
 
 def pretrain_groups(res: Results) -> list[PreGroup]:
-    groups: dict[tuple, PreGroup] = {}
+    """Finished pretraining trials grouped by variant (seeds pooled), sorted by backbone, init,
+    method (in the results' order), then the other axes."""
+    groups: dict[Variant, PreGroup] = {}
     for t in res.stage("pretrain"):
         v = pretrain_variant(t)
         groups.setdefault(v, PreGroup(v, [])).trials.append(t)
-    return [groups[k] for k in sorted(groups, key=_variant_sort)]
+    rank = method_order(res)
+    return [groups[k] for k in sorted(groups, key=lambda v: v.sort_key(rank))]
+
+
+def extra_axes(groups: Sequence[PreGroup]) -> list[str]:
+    """Axis names beyond method / backbone / source that some variant has, in first-seen order."""
+    out: list[str] = []
+    for g in groups:
+        for k, _ in g.variant.extra():
+            if k not in out:
+                out.append(k)
+    return out
+
+
+def _axis_cells(g: PreGroup, axes: Sequence[str]) -> tuple[list[str], dict]:
+    cells = [fmt_value(g.variant[a]) if a in g.variant else DASH for a in axes]
+    rec = {a: g.variant.get(a) for a in axes}
+    return cells, rec
 
 
 def _devices(g: PreGroup) -> str:
@@ -399,15 +418,17 @@ def pretraining_table(res: Results) -> Optional[Table]:
     groups = pretrain_groups(res)
     if not groups:
         return None
-    headers = ["Method", "Backbone", "Init", "λ", "Seeds", "Epochs"] + [h for _, h, _, _ in PRETRAIN_COLS] + ["Device"]
+    axes = extra_axes(groups)
+    fixed = ["Method", "Backbone", "Init", *[axis_header(a) for a in axes], "Seeds", "Epochs"]
+    headers = fixed + [h for _, h, _, _ in PRETRAIN_COLS] + ["Device"]
     rows, recs = [], []
     for g in groups:
-        method, backbone, source, lam = g.variant
+        v = g.variant
         epochs = sorted({str(t.get("epochs")) for t in g.trials if t.get("epochs") is not None})
-        row = [METHOD_SHORT.get(method, method), backbone, source, fmt_lambda(lam) or DASH, str(len(g.trials)),
-               "/".join(epochs)]
-        rec = {"method": method, "backbone": backbone, "source": source, "lambd": lam, "n_seeds": len(g.trials),
-               "epochs": "/".join(epochs)}
+        cells, axis_rec = _axis_cells(g, axes)
+        row = [v.method_label, v.backbone, v.source, *cells, str(len(g.trials)), "/".join(epochs)]
+        rec = {"method": v.method, "method_label": v.method_label, "backbone": v.backbone, "source": v.source,
+               **axis_rec, "variant": v.label, "n_seeds": len(g.trials), "epochs": "/".join(epochs)}
         for key, _, digits, _ in PRETRAIN_COLS:
             s = g.stat(key)
             row.append(fmt_stat(s, digits))
@@ -419,25 +440,28 @@ def pretraining_table(res: Results) -> Optional[Table]:
         recs.append(rec)
     t = Table("pretraining", "Pretraining per variant (mean ± std over seeds; best k-NN / probe / cost in bold)",
               headers, rows, pd.DataFrame(recs))
-    for c, (key, _, _, best) in enumerate(PRETRAIN_COLS, start=6):
+    for c, (key, _, _, best) in enumerate(PRETRAIN_COLS, start=len(fixed)):
         if best:
             t.mark_best(c, [g.stat(key).mean for g in groups], higher=best > 0)
     return t
 
 
-def bt_vs_dino_table(res: Results) -> Optional[Table]:
-    """Barlow Twins vs DINO per backbone (+ init): accuracy, cost, and k-NN at an equal device budget."""
+def method_comparison_table(res: Results) -> Optional[Table]:
+    """Every SSL method present for the same backbone and init: accuracy, cost relative to the
+    cheapest variant, and k-NN at an equal device budget (that of the cheapest)."""
     groups = pretrain_groups(res)
-    pairs: dict[tuple, list[PreGroup]] = {}
+    sets: dict[tuple, list[PreGroup]] = {}
     for g in groups:
-        pairs.setdefault((g.variant[1], g.variant[2]), []).append(g)
-    pairs = {k: v for k, v in pairs.items() if {"barlow_twins", "dino"} <= {g.variant[0] for g in v}}
-    if not pairs:
+        sets.setdefault((g.variant.backbone, g.variant.source), []).append(g)
+    sets = {k: v for k, v in sets.items() if len({g.variant.method for g in v}) >= 2}
+    if not sets:
         return None
-    headers = ["Backbone", "Init", "Method", "λ", "Seeds", "Epochs", "k-NN acc", "Device-hours", "k-NN / device-hour",
-               "Img/s", "Peak mem (MB)", "Cost (× cheapest)", "k-NN @ equal budget"]
+    axes = extra_axes([g for gs in sets.values() for g in gs])
+    fixed = ["Backbone", "Init", "Method", *[axis_header(a) for a in axes], "Seeds", "Epochs"]
+    headers = fixed + ["k-NN acc", "Device-hours", "k-NN / device-hour", "Img/s", "Peak mem (MB)",
+                       "Cost (× cheapest)", "k-NN @ equal budget"]
     rows, recs, knn_ph, knn_budget = [], [], [], []
-    for (backbone, source), gs in sorted(pairs.items()):
+    for (backbone, source), gs in sorted(sets.items()):
         budget = min((g.stat("device_hours").mean for g in gs if g.stat("device_hours").mean), default=None)
         for g in gs:
             knn, dh = g.stat("knn_acc"), g.stat("device_hours")
@@ -448,25 +472,31 @@ def bt_vs_dino_table(res: Results) -> Optional[Table]:
             at_b = Stat.of([knn_at_fraction(t, budget * 3600 / finite(t.metrics.get("device_seconds")))
                             if budget and finite(t.metrics.get("device_seconds")) else None for t in g.trials])
             epochs = sorted({str(t.get("epochs")) for t in g.trials if t.get("epochs") is not None})
-            method, _, _, lam = g.variant
-            rows.append([backbone, source, METHOD_SHORT.get(method, method), fmt_lambda(lam) or DASH,
+            v = g.variant
+            cells, axis_rec = _axis_cells(g, axes)
+            rows.append([backbone, source, v.method_label, *cells,
                          str(len(g.trials)), "/".join(epochs), fmt_stat(knn), fmt_stat(dh, 4), fmt_stat(per_h, 1),
                          fmt_stat(g.stat("images_per_s"), 1), fmt_stat(g.stat("peak_mem_mb"), 1),
                          f"{cost:.2f}×" if cost else "", fmt_stat(at_b)])
             knn_ph.append(per_h.mean)
             knn_budget.append(at_b.mean)
-            recs.append({"backbone": backbone, "source": source, "method": method, "lambd": lam,
-                         "n_seeds": len(g.trials), "epochs": "/".join(epochs),
+            recs.append({"backbone": backbone, "source": source, "method": v.method, "method_label": v.method_label,
+                         **axis_rec, "variant": v.label, "n_seeds": len(g.trials), "epochs": "/".join(epochs),
                          "knn_acc_mean": knn.mean, "knn_acc_std": knn.std, "device_hours_mean": dh.mean,
                          "knn_per_device_hour_mean": per_h.mean, "knn_per_device_hour_std": per_h.std,
                          "images_per_s_mean": g.stat("images_per_s").mean, "peak_mem_mb_mean": g.stat("peak_mem_mb").mean,
                          "cost_vs_cheapest": cost, "budget_device_hours": budget,
                          "knn_at_equal_budget_mean": at_b.mean, "knn_at_equal_budget_std": at_b.std})
-    t = Table("bt_vs_dino", "Barlow Twins vs DINO at equal budget (pairs by backbone and init)", headers, rows,
-              pd.DataFrame(recs))
-    t.mark_best(8, knn_ph)
-    t.mark_best(12, knn_budget)
+    labels = []
+    for g in groups:
+        if g.variant.method_label not in labels and any(g in gs for gs in sets.values()):
+            labels.append(g.variant.method_label)
+    t = Table("method_comparison",
+              f"SSL methods at equal budget: {' vs '.join(labels)} (per backbone and init; cost relative to the cheapest)",
+              headers, rows, pd.DataFrame(recs))
+    t.mark_best(len(fixed) + 2, knn_ph)
+    t.mark_best(len(fixed) + 6, knn_budget)
     t.note = ("'k-NN @ equal budget' is each run's k-NN accuracy (from its history.csv, linearly interpolated "
               "between epochs, k-NN at init at 0) after the device time of the cheapest variant of the same "
-              "backbone; blank when history.csv has no per-epoch k-NN column.")
+              "backbone and init; blank when history.csv has no per-epoch k-NN column.")
     return t

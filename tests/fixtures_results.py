@@ -5,10 +5,19 @@ results folder"), for testing analysis/report.py without running a grid.
     built.root, built.trials[id] -> {"stage", "status", "config", "metrics", ...}
 
 Study layout (defaults): Barlow Twins on `vit_nano_patch8` over 2 lambdas x 2 seeds, Barlow Twins on
-`resnet_tiny` (for E1) x 2 seeds, DINO on `vit_nano_patch8` x 2 seeds; segmentation E1-E5 x 2 seeds
-(E2 for each lambda), each depending on the pretraining trial of the same seed. Metric values are
-deterministic functions of the variant and seed. Config dicts use the real config field names
-(defaults read from the dataclasses without validating, so no model registry is needed).
+`resnet_tiny` (for E1) x 2 seeds, DINO on `vit_nano_patch8` x 2 seeds, one VICReg trial on
+`vit_nano_patch8` (first seed; no evaluation consumes it); segmentation E1-E5 x 2 seeds (E2 for each
+lambda), each depending on the pretraining trial of the same seed. Metric values are deterministic
+functions of the variant and seed. Config dicts use the real config field names (defaults read from
+the dataclasses without validating, so no model registry is needed).
+
+Format (as experiments/grid.py and core/runs write it now): summary.json entries carry `labels` (the
+stage-1 axis values, null where an axis does not apply to the method; segmentation: evaluation +
+the consumed trial's labels + `from`), pretraining metrics.json carries `method` and `method_label`
+(only Barlow Twins writes `lambd` and the cross-correlation statistics), and config.json nests each
+method's options in its own section. `legacy=True` writes a folder as the code did before: no labels,
+no method_label, a flat `lambd` in every pretraining config and metrics.json (DINO included), and
+null cross-correlation statistics for DINO; no VICReg.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ EVAL_SPEC = {  # evaluation -> (backbone kind, head, fusion, pretraining method)
     "E5": ("vit", "setr_pup", "affinity", "dino"),
 }
 EVAL_BASE = {"E1": 30.0, "E2": 40.0, "E3": 44.0, "E4": 47.0, "E5": 45.0}
+METHOD_LABEL = {"barlow_twins": "Barlow Twins", "dino": "DINO", "vicreg": "VICReg"}
+METHOD_SHORT = {"barlow_twins": "bt", "dino": "dino", "vicreg": "vicreg"}
+STAGE1_AXES = ("backbone", "source", "method", "lambd", "seed")  # experiments/gridspec.py stage1_axes() order
 
 
 def _defaults(cls_path: str) -> dict:
@@ -90,24 +102,67 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
 
 
-def pretrain_metrics(method: str, backbone: str, lambd: float, seed: int, epochs: int) -> dict:
-    if method == "barlow_twins":
+def pretrain_metrics(method: str, backbone: str, lambd: float, seed: int, epochs: int, legacy: bool = False) -> dict:
+    """metrics.json of a pretraining run. `lambd` is the Barlow Twins option (ignored by the others,
+    except that legacy runs wrote it for every method)."""
+    bt = method == "barlow_twins"
+    if bt:
         knn = 40.0 + 8.0 * math.log10(max(lambd, 1e-4) / 0.001) + 1.5 * seed + (5.0 if backbone.startswith("vit") else 0.0)
         secs = 100.0 + 5.0 * seed
-    else:
+        loss = 120.0 - 10 * seed
+    elif method == "dino":
         knn = 52.0 + 1.0 * seed
         secs = 260.0 + 10.0 * seed
-    return {
-        "stage": "pretrain", "method": method, "backbone": backbone, "source": "random", "lambd": lambd,
-        "seed": seed, "knn_acc": knn, "knn_acc_init": 20.0 + seed, "linear_probe_acc": knn + 3.0,
+        loss = 6.5 - 0.1 * seed
+    else:  # vicreg
+        knn = 50.0 + 1.0 * seed
+        secs = 180.0 + 8.0 * seed
+        loss = 22.0 - 0.5 * seed
+    m = {"stage": "pretrain", "method": method}
+    if legacy:
+        m["lambd"] = lambd
+    else:
+        m["method_label"] = METHOD_LABEL[method]
+    m.update({"backbone": backbone, "source": "random", "seed": seed})
+    if bt and not legacy:
+        m.update({"lambd": lambd, "cc_diag_mean": 0.8 + 0.01 * seed, "cc_offdiag_rms": 0.02 + 0.001 * seed})
+    m.update({
+        "knn_acc": knn, "knn_acc_init": 20.0 + seed, "linear_probe_acc": knn + 3.0,
         "dense_rank": 20.0 + seed, "dense_rank_init": 30.0, "dense_local_var": 0.4, "dense_local_var_init": 0.6,
-        "final_loss": (120.0 - 10 * seed) if method == "barlow_twins" else 6.5 - 0.1 * seed,
-        "cc_diag_mean": 0.8 + 0.01 * seed if method == "barlow_twins" else None,
-        "cc_offdiag_rms": 0.02 + 0.001 * seed if method == "barlow_twins" else None,
-        "epochs": epochs, "wall_time_s": secs * 1.1, "device_seconds": secs, "device": "cpu",
-        "images_per_s": 96 * epochs / secs, "peak_mem_mb": 300.0 + (200.0 if method == "dino" else 0.0),
+        "final_loss": loss, "epochs": epochs, "wall_time_s": secs * 1.1, "device_seconds": secs, "device": "cpu",
+        "images_per_s": 96 * epochs / secs, "peak_mem_mb": {"barlow_twins": 300.0, "dino": 500.0}.get(method, 350.0),
         "backbone_path": "",  # filled with the trial path
-    }
+    })
+    if legacy:  # the old writer: cross-correlation statistics for every method, null unless Barlow Twins
+        m["cc_diag_mean"] = 0.8 + 0.01 * seed if bt else None
+        m["cc_offdiag_rms"] = 0.02 + 0.001 * seed if bt else None
+    return m
+
+
+def pretrain_config(cfg0: dict, method: str, backbone: str, lambd: float, seed: int, epochs: int,
+                    legacy: bool = False) -> dict:
+    """config.json of a pretraining run: the method options in per-method sections (the grid sets
+    the lambd axis only in the Barlow Twins section; the other runs keep its default there), or, for a
+    legacy run, a flat `lambd` and no sections."""
+    cfg = {**cfg0, "method": method, "backbone": backbone, "source": "random", "seed": seed, "epochs": epochs}
+    if legacy:
+        for sec in METHOD_LABEL:
+            cfg.pop(sec, None)
+        cfg["lambd"] = lambd
+        return cfg
+    cfg["barlow_twins"] = {"lambd": 0.0051, "scale": 1.0, **(cfg0.get("barlow_twins") or {})}
+    cfg.setdefault("dino", {"out_dim": 1024})
+    cfg.setdefault("vicreg", {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0})
+    if method == "barlow_twins":
+        cfg["barlow_twins"] = {**cfg["barlow_twins"], "lambd": lambd}
+    return cfg
+
+
+def pretrain_labels(method: str, backbone: str, lambd: float, seed: int) -> dict:
+    """summary.json labels of a pretraining trial: every stage-1 axis, null where it does not apply."""
+    vals = {"backbone": backbone, "source": "random", "method": method,
+            "lambd": lambd if method == "barlow_twins" else None, "seed": seed}
+    return {k: vals[k] for k in STAGE1_AXES}
 
 
 def segment_metrics(evaluation: str, backbone: str, head: str, fusion: str, source: str, seed: int,
@@ -134,7 +189,7 @@ def _pretrain_history(m: dict) -> list[dict]:
             step += 1
         row = {"epoch": ep, "step": step - 1, "train/loss_epoch": m["final_loss"] * (2 - frac),
                "knn_acc": m["knn_acc_init"] + (m["knn_acc"] - m["knn_acc_init"]) * frac, "lr-LARS": 0.1 * (1 - frac)}
-        if m["method"] == "barlow_twins":
+        if m.get("cc_diag_mean") is not None:
             row["cc_diag_mean"] = m["cc_diag_mean"] * frac
             row["cc_offdiag_rms"] = m["cc_offdiag_rms"] * (2 - frac)
         rows.append(row)
@@ -163,6 +218,8 @@ def build_results(
     partial: bool = False,
     summary: bool = True,
     dir_style: str = "absolute",  # how summary.json spells "dir": absolute | relative
+    vicreg: bool = True,  # one VICReg pretraining trial (first seed); never in a legacy folder
+    legacy: bool = False,  # the format written before summary labels (see the module docstring)
 ) -> Built:
     """Write a results folder under `root`; return what was written.
 
@@ -178,7 +235,8 @@ def build_results(
     entries: list[dict] = []
 
     def add(tid: str, stage: str, cfg: dict, metrics: Optional[dict], history: list[dict], figs: list[str],
-            status: str = "done", reason: str = "", depends_on: Optional[list] = None, write_metrics: bool = True):
+            status: str = "done", reason: str = "", depends_on: Optional[list] = None, write_metrics: bool = True,
+            labels: Optional[dict] = None):
         d = root / "trials" / tid
         (d / "checkpoints").mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -196,20 +254,27 @@ def build_results(
                  "depends_on": depends_on or [], "config": cfg,
                  "metrics": metrics if status == "done" and write_metrics else None,
                  "dir": str(d) if dir_style == "absolute" else f"trials/{tid}"}
+        if not legacy:
+            entry["resources"] = {"cpu": 1, "gpu": 0}
+            entry["labels"] = labels
         entries.append(entry)
         built.trials[tid] = {**entry, "metrics": metrics if status == "done" else None, "has_metrics_file":
                              status == "done" and write_metrics}
 
     # ------------------------------------------------------------------ stage 1
     pre_ids: dict[tuple, str] = {}
-    plan = [("barlow_twins", vit, lam) for lam in lambdas] + [("barlow_twins", cnn, lambdas[0])] + [("dino", vit, lambdas[0])]
-    for method, backbone, lam in plan:
-        for s in seeds:
-            short = "bt" if method == "barlow_twins" else "dino"
+    pre_labels: dict[str, dict] = {}
+    plan = [("barlow_twins", vit, lam, seeds) for lam in lambdas] + [("barlow_twins", cnn, lambdas[0], seeds)]
+    plan += [("dino", vit, lambdas[0], seeds)]
+    if vicreg and not legacy:
+        plan += [("vicreg", vit, lambdas[0], seeds[:1])]
+    for method, backbone, lam, method_seeds in plan:
+        for s in method_seeds:
+            short = METHOD_SHORT[method]
             tid = f"pretrain_{short}_{backbone}" + (f"_l{lam:g}" if method == "barlow_twins" else "") + f"_s{s}"
-            cfg = {**pre_cfg0, "method": method, "backbone": backbone, "source": "random", "lambd": lam, "seed": s,
-                   "epochs": epochs}
-            m = pretrain_metrics(method, backbone, lam, s, epochs)
+            cfg = pretrain_config(pre_cfg0, method, backbone, lam, s, epochs, legacy)
+            m = pretrain_metrics(method, backbone, lam, s, epochs, legacy)
+            pre_labels[tid] = pretrain_labels(method, backbone, lam, s)
             m["backbone_path"] = str(root / "trials" / tid / "backbone.pt")
             figs = [f"erf_{backbone}_block1.png"]
             if method == "barlow_twins":
@@ -220,7 +285,7 @@ def build_results(
             if partial and method == "dino" and s == seeds[-1]:
                 status, reason = "failed", "CUDA out of memory at epoch 2 (RuntimeError)"
             add(tid, "pretrain", cfg, m, _pretrain_history(m) if status == "done" else _pretrain_history(m)[:3],
-                figs if status == "done" else [], status, reason)
+                figs if status == "done" else [], status, reason, labels=pre_labels[tid])
             pre_ids[(method, backbone, lam, s)] = tid
 
     # ------------------------------------------------------------------ stage 2
@@ -247,7 +312,8 @@ def build_results(
                         write_metrics = False
                 figs = ["predictions_epoch002.png"] + (["attention_epoch002.png"] if fusion != "none" else [])
                 add(tid, "segment", cfg, m, _segment_history(m, epochs) if status == "done" else [],
-                    figs if status == "done" else [], status, reason, [pid], write_metrics)
+                    figs if status == "done" else [], status, reason, [pid], write_metrics,
+                    labels={"evaluation": ev, **pre_labels[pid], "from": pid})
 
     if summary:
         (root / "summary.json").write_text(json.dumps(

@@ -21,17 +21,18 @@ from analysis.report import build_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# the pretraining variants that segmentation trials consume (VICReg is pretrained but not evaluated)
 VARIANT = {
-    ("barlow_twins", "vit_nano_patch8", 0.0051): "BT vit_nano_patch8 init=random λ=0.0051",
-    ("barlow_twins", "vit_nano_patch8", 0.05): "BT vit_nano_patch8 init=random λ=0.05",
-    ("barlow_twins", "resnet_tiny", 0.0051): "BT resnet_tiny init=random λ=0.0051",
+    ("barlow_twins", "vit_nano_patch8", 0.0051): "Barlow Twins vit_nano_patch8 init=random λ=0.0051",
+    ("barlow_twins", "vit_nano_patch8", 0.05): "Barlow Twins vit_nano_patch8 init=random λ=0.05",
+    ("barlow_twins", "resnet_tiny", 0.0051): "Barlow Twins resnet_tiny init=random λ=0.0051",
     ("dino", "vit_nano_patch8", None): "DINO vit_nano_patch8 init=random",
 }
+VICREG = "VICReg vit_nano_patch8 init=random"
 
 
 def _variant_of(pre_metrics: dict) -> str:
-    lam = pre_metrics["lambd"] if pre_metrics["method"] == "barlow_twins" else None
-    return VARIANT[(pre_metrics["method"], pre_metrics["backbone"], lam)]
+    return VARIANT[(pre_metrics["method"], pre_metrics["backbone"], pre_metrics.get("lambd"))]
 
 
 def _mean_std(vals):
@@ -124,39 +125,90 @@ def test_segmentation_runs_and_per_class(full):
         assert best["id"] in (built.root / "tables" / "per_class_iou.md").read_text()
 
 
-def test_pretraining_and_bt_vs_dino_tables(full):
-    built, _ = full
+def test_pretraining_and_method_comparison_tables(full):
+    built, report = full
     df = pd.read_csv(built.root / "tables" / "pretraining.csv")
-    assert len(df) == 4
+    assert len(df) == 5
+    # sorted by backbone, init, then method in the results' (grid's) order, then the other axes
+    assert list(zip(df["backbone"], df["method"])) == [
+        ("resnet_tiny", "barlow_twins"), ("vit_nano_patch8", "barlow_twins"), ("vit_nano_patch8", "barlow_twins"),
+        ("vit_nano_patch8", "dino"), ("vit_nano_patch8", "vicreg")]
     for _, row in df.iterrows():
-        lam = None if row["method"] == "dino" else row["lambd"]
+        lam = None if pd.isna(row["lambd"]) else row["lambd"]
         trials = [t["metrics"] for t in built.trials.values() if t["stage"] == "pretrain"
                   and t["metrics"]["method"] == row["method"] and t["metrics"]["backbone"] == row["backbone"]
                   and (lam is None or math.isclose(t["metrics"]["lambd"], lam))]
-        assert row["n_seeds"] == len(trials) == 2
+        assert row["n_seeds"] == len(trials) == (1 if row["method"] == "vicreg" else 2)
+        assert row["method_label"] == trials[0]["method_label"]
         for key in ("knn_acc", "knn_acc_init", "linear_probe_acc", "dense_rank", "dense_local_var", "final_loss",
                     "wall_time_s", "images_per_s", "peak_mem_mb"):
             m, s = _mean_std([t[key] for t in trials])
             assert row[f"{key}_mean"] == pytest.approx(m), key
-            assert row[f"{key}_std"] == pytest.approx(s), key
+            if s is None:
+                assert pd.isna(row[f"{key}_std"]), key
+            else:
+                assert row[f"{key}_std"] == pytest.approx(s), key
         m, _ = _mean_std([t["device_seconds"] / 3600 for t in trials])
         assert row["device_hours_mean"] == pytest.approx(m)
-        if row["method"] == "dino":
+        if row["method"] != "barlow_twins":  # lambd is null in their labels, and they write no C statistics
             assert pd.isna(row["lambd"]) and pd.isna(row["cc_diag_mean_mean"])
         else:
             assert row["cc_diag_mean_mean"] == pytest.approx(_mean_std([t["cc_diag_mean"] for t in trials])[0])
-    bvd = pd.read_csv(built.root / "tables" / "bt_vs_dino.csv")
-    assert set(bvd["backbone"]) == {"vit_nano_patch8"}  # resnet_tiny has no DINO run: not paired
-    assert set(bvd["method"]) == {"barlow_twins", "dino"}
-    dino = bvd[bvd["method"] == "dino"].iloc[0]
-    trials = [t["metrics"] for t in built.trials.values() if t["stage"] == "pretrain" and t["metrics"]["method"] == "dino"]
-    assert dino["knn_per_device_hour_mean"] == pytest.approx(
-        np.mean([t["knn_acc"] / (t["device_seconds"] / 3600) for t in trials]))
-    assert dino["cost_vs_cheapest"] > 1.0
-    # DINO is more expensive: at the BT budget it has done fewer epochs -> lower k-NN than its final one
-    assert dino["knn_at_equal_budget_mean"] < dino["knn_acc_mean"]
-    bt_cheapest = bvd[bvd["cost_vs_cheapest"] == bvd["cost_vs_cheapest"].min()].iloc[0]
-    assert bt_cheapest["method"] == "barlow_twins"
+    # the VICReg row, labelled by its method_label, with the lambda column blank
+    md = _md_table(built.root / "tables" / "pretraining.md")
+    header, body = md[0], md[1:]
+    assert header[:6] == ["Method", "Backbone", "Init", "λ", "Seeds", "Epochs"]
+    vic = [r for r in body if r[0] == "VICReg"]
+    assert len(vic) == 1 and vic[0][1:5] == ["vit_nano_patch8", "random", "—", "1"]
+    assert {r[0] for r in body} == {"Barlow Twins", "DINO", "VICReg"}
+    assert VICREG in set(df["variant"])
+
+    cmp = pd.read_csv(built.root / "tables" / "method_comparison.csv")
+    assert set(cmp["backbone"]) == {"vit_nano_patch8"}  # resnet_tiny has one method only: not compared
+    assert set(cmp["method"]) == {"barlow_twins", "dino", "vicreg"}
+    assert set(cmp["method_label"]) == {"Barlow Twins", "DINO", "VICReg"}
+    assert len(cmp) == 4  # both Barlow Twins lambdas, DINO, VICReg
+    for method, n in (("dino", 2), ("vicreg", 1)):
+        row = cmp[cmp["method"] == method].iloc[0]
+        trials = [t["metrics"] for t in built.trials.values() if t["stage"] == "pretrain"
+                  and t["metrics"]["method"] == method]
+        assert row["n_seeds"] == len(trials) == n
+        assert row["knn_per_device_hour_mean"] == pytest.approx(
+            np.mean([t["knn_acc"] / (t["device_seconds"] / 3600) for t in trials]))
+        assert row["cost_vs_cheapest"] > 1.0
+        # more expensive: at the cheapest variant's budget it has done fewer epochs -> lower k-NN than its final one
+        assert row["knn_at_equal_budget_mean"] < row["knn_acc_mean"]
+    cheapest = cmp[cmp["cost_vs_cheapest"] == cmp["cost_vs_cheapest"].min()].iloc[0]
+    assert cheapest["method"] == "barlow_twins" and cheapest["cost_vs_cheapest"] == pytest.approx(1.0)
+    # relative to the cheapest: device hours / cheapest device hours
+    assert (cmp["cost_vs_cheapest"] * cheapest["device_hours_mean"]).tolist() == pytest.approx(
+        cmp["device_hours_mean"].tolist())
+    cmd = _md_table(built.root / "tables" / "method_comparison.md")
+    assert cmd[0][:4] == ["Backbone", "Init", "Method", "λ"]
+    assert [r[2] for r in cmd[1:]].count("VICReg") == 1
+    text = report.read_text()
+    assert "### SSL methods compared at equal budget" in text and "Barlow Twins vs DINO vs VICReg" in text
+    # the evaluations' descriptions come from their declaration
+    from core.evaluations import EVALUATIONS
+
+    assert "; ".join(f"{k} = {v['short']}" for k, v in EVALUATIONS.items()) in text
+
+
+def test_analysis_names_no_method():
+    """Methods, evaluations and axes are read from the results / their declarations: the analysis
+    code names none of the SSL methods (outside comments and docstrings)."""
+    import ast
+
+    for path in sorted((REPO / "analysis").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert not re.search(r"barlow|dino|vicreg", node.value, re.I), f"{path.name}: {node.value!r}"
+            if isinstance(node, ast.Name):
+                assert not re.search(r"barlow|dino|vicreg|\bbt\b", node.id, re.I), f"{path.name}: {node.id}"
 
 
 def test_figures_are_pngs_and_links_resolve(full):
@@ -181,6 +233,121 @@ def test_figures_are_pngs_and_links_resolve(full):
     assert n > 30
     assert not list(built.root.rglob("*.tmp*")), "temporary files left behind"
     assert "all results present" in text
+
+
+def _relabel(root: Path, fn) -> None:
+    """Rewrite summary.json's labels: fn(entry) edits entry["labels"] in place."""
+    import json
+
+    doc = json.loads((root / "summary.json").read_text())
+    for e in doc["trials"]:
+        fn(e)
+    (root / "summary.json").write_text(json.dumps(doc))
+
+
+def test_lambda_sweep_is_drawn_from_the_labels(tmp_path):
+    import json
+
+    from analysis.figures import sweep_lines, sweep_segmentation
+    from analysis.results import load_results
+
+    built = build_results(tmp_path / "res", seeds=(0,), evaluations=("E2", "E5"))
+    res = load_results(built.root)
+    lines = {k.label: [g.variant["lambd"] for g in gs] for k, gs in sweep_lines(res).items()}
+    # the groups with a numeric lambd label, one line per (method, backbone, source): not DINO, not VICReg
+    assert lines == {"Barlow Twins resnet_tiny init=random": [0.0051],
+                     "Barlow Twins vit_nano_patch8 init=random": [0.0051, 0.05]}
+    ev, seg = sweep_segmentation(res)
+    assert ev == "E2" and {k.label: [x for x, _ in pts] for k, pts in seg.items()} == {
+        "Barlow Twins vit_nano_patch8 init=random": [0.0051, 0.05]}
+
+    # The labels are the truth: the lambda=0.05 trials relabelled 0.2 (metrics.json and config.json no
+    # longer say it), and a VICReg trial given a lambd label and another axis, show up as such.
+    def edit(e):
+        lab = e["labels"]
+        if lab.get("lambd") == 0.05:
+            lab["lambd"] = 0.2
+        if lab.get("method") == "vicreg":
+            lab.update({"lambd": 0.01, "scale": 2})
+    _relabel(built.root, edit)
+    for tid in built.ids("pretrain"):
+        mp = built.root / "trials" / tid / "metrics.json"
+        m = json.loads(mp.read_text())
+        m.pop("lambd", None)
+        mp.write_text(json.dumps(m))
+    res = load_results(built.root)
+    lines = {k.label: [g.variant["lambd"] for g in gs] for k, gs in sweep_lines(res).items()}
+    assert lines == {"Barlow Twins resnet_tiny init=random": [0.0051],
+                     "Barlow Twins vit_nano_patch8 init=random": [0.0051, 0.2],
+                     "VICReg vit_nano_patch8 init=random scale=2": [0.01]}
+    _, seg = sweep_segmentation(res)
+    assert [x for pts in seg.values() for x, _ in pts] == [0.0051, 0.2]
+    report = build_report(built.root)
+    assert (built.root / "figures" / "lambda_sweep.png").read_bytes()[:8] == PNG_MAGIC
+    df = pd.read_csv(built.root / "tables" / "pretraining.csv")
+    assert "VICReg vit_nano_patch8 init=random λ=0.01 scale=2" in set(df["variant"])
+    assert sorted(df["lambd"].dropna()) == [0.0051, 0.0051, 0.01, 0.2]
+    assert "| scale" in (built.root / "tables" / "pretraining.md").read_text()
+    seg_df = pd.read_csv(built.root / "tables" / "segmentation_miou.csv")
+    assert "Barlow Twins vit_nano_patch8 init=random λ=0.2" in set(seg_df["pretraining"])
+
+    # no numeric lambd label anywhere: no sweep figure (and no stale one), no λ column
+    _relabel(built.root, lambda e: e["labels"].update({"lambd": None}))
+    report = build_report(built.root)
+    assert not (built.root / "figures" / "lambda_sweep.png").exists()
+    assert "_Lambda sweep: nothing to plot yet._" in report.read_text()
+    md = _md_table(built.root / "tables" / "pretraining.md")
+    assert "λ" not in md[0] and "scale" in md[0]
+
+
+def test_variant_is_a_named_mapping():
+    from analysis.results import Variant
+
+    a = Variant({"backbone": "vit", "source": "random", "method": "m1", "lambd": None, "seed": 3, "k": 0.5},
+                "Method One")
+    b = Variant({"method": "m1", "k": 0.5, "source": "random", "backbone": "vit"})
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1  # null axes and the seed are not part of it
+    assert dict(a) == {"backbone": "vit", "source": "random", "method": "m1", "k": 0.5}
+    assert a["k"] == 0.5 and "lambd" not in a and a.get("seed") is None
+    assert a.label == "Method One vit init=random k=0.5"
+    assert b.label == "m1 vit init=random k=0.5"  # no method_label: the method's name
+    assert Variant({"method": "m1", "lambd": 0.0051}).label == "m1 ? init=? λ=0.0051"
+    assert a.without("k") == Variant({"backbone": "vit", "source": "random", "method": "m1"})
+
+
+def test_old_format_folder_without_labels(tmp_path):
+    """Folders written before summary labels: no labels, no method_label, a flat lambd in every
+    pretraining config and metrics.json (DINO included). Variants come from metrics / config; the
+    flat lambd counts only for the method whose runs report the statistics it weighs."""
+    built = build_results(tmp_path / "old", legacy=True, partial=True)
+    import json
+
+    doc = json.loads((built.root / "summary.json").read_text())
+    assert all("labels" not in e for e in doc["trials"])
+    dino_cfg = json.loads((built.root / "trials" / "pretrain_dino_vit_nano_patch8_s0" / "config.json").read_text())
+    assert dino_cfg["lambd"] == 0.0051 and "barlow_twins" not in dino_cfg
+    report = build_report(built.root)
+    text = report.read_text()
+    df = pd.read_csv(built.root / "tables" / "pretraining.csv")
+    assert set(df["variant"]) == {"barlow_twins vit_nano_patch8 init=random λ=0.0051",
+                                  "barlow_twins vit_nano_patch8 init=random λ=0.05",
+                                  "barlow_twins resnet_tiny init=random λ=0.0051",
+                                  "dino vit_nano_patch8 init=random"}
+    assert pd.isna(df[df["method"] == "dino"].iloc[0]["lambd"])
+    seg = pd.read_csv(built.root / "tables" / "segmentation_miou.csv").set_index("pretraining")
+    assert seg.loc["dino vit_nano_patch8 init=random", "E5_n"] == 1
+    assert seg.loc["barlow_twins vit_nano_patch8 init=random λ=0.0051", "E2_n"] == 2
+    assert set(pd.read_csv(built.root / "tables" / "method_comparison.csv")["method"]) == {"barlow_twins", "dino"}
+    trials = (built.root / "tables" / "trials.md").read_text()
+    assert "dino vit_nano_patch8 init=random seed=1" in trials  # the failed run: no lambda either
+    assert (built.root / "figures" / "lambda_sweep.png").is_file()
+    assert "pretrain_dino_vit_nano_patch8_s1 (failed: CUDA out of memory at epoch 2 (RuntimeError))" in text
+    _assert_links_resolve(report)
+    # the same folder without summary.json (trials scanned)
+    (built.root / "summary.json").unlink()
+    build_report(built.root)
+    df2 = pd.read_csv(built.root / "tables" / "pretraining.csv")
+    assert set(df2["variant"]) == set(df["variant"])
 
 
 # ----------------------------------------------------------------------------- partial results

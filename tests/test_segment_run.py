@@ -68,7 +68,9 @@ def test_run_folder_contract_and_rerun_skips(tmp_path, voc_root, monkeypatch):
         raise AssertionError("a finished run must not train again")
 
     with monkeypatch.context() as mp:
-        mp.setattr(seg, "make_trainer", boom)
+        import core.runs.skeleton as skeleton
+
+        mp.setattr(skeleton, "make_trainer", boom)
         assert seg.run_segment(_cfg(voc_root), out, progress=False) == on_disk
 
     # interrupted after training (no metrics.json): resumes from last.ckpt, only re-validates

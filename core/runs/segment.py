@@ -129,7 +129,6 @@ class SegmentRun(StageRun):
                                         backbone=self.backbone)
         if cfg.mode == "frozen":  # the frozen backbone is in eval mode on purpose
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-        warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")  # resuming into the folder
 
     def module(self):
         return self.model

@@ -22,6 +22,7 @@ every rank builds and fits, only global rank 0 writes files, the other ranks ret
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -151,6 +152,8 @@ def execute(run: StageRun, out_dir, *, progress: bool = True, wandb_group: Optio
                                precision=cfg.precision, loggers=loggers, progress=progress, ddp=run.ddp,
                                callbacks=[accounting, *run.callbacks(out_dir), *callbacks])
         resume = last_checkpoint(out_dir)
+        if resume is not None:  # Lightning warns that the checkpoint folder it resumes from is not empty
+            warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
         trainer.fit(run.module(), ckpt_path=str(resume) if resume else None, **run.fit_kwargs(trainer))
         if trainer.interrupted:
             raise KeyboardInterrupt
@@ -172,8 +175,6 @@ def execute(run: StageRun, out_dir, *, progress: bool = True, wandb_group: Optio
 
 
 def _wandb_summary(loggers: list, values: dict) -> None:
-    import warnings
-
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger" and values:
             try:
