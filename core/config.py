@@ -252,7 +252,7 @@ class PretrainSettings(ConfigBase):
     source: str = "random"
     """Initial weights: random | imagenet | barlowtwins-imagenet | dino | coco-deeplab | checkpoint:PATH."""
     projector: tuple[int, ...] = (512, 512)
-    """Projector widths, e.g. 8192-8192-8192 (official Barlow Twins / VICReg); DINO's head hidden width is
+    """Projector (expander) widths, e.g. 8192-8192-8192 (the official Barlow Twins size); DINO's head hidden width is
     their maximum (capped at 2048)."""
     optimizer: str = "adamw"
     """lars | adamw."""

@@ -37,7 +37,7 @@ class BarlowTwinsOptions(ConfigBase):
 
 
 def pair_views(cfg: PretrainConfig, gpu_augment: bool):
-    """The official asymmetric two-view recipe (also VICReg's)."""
+    """The official asymmetric two-view recipe (other methods that use it point their `views` here)."""
     from core.data.transforms import BarlowTwinsTransform
 
     return BarlowTwinsTransform(cfg.data.image_size, gpu_augment=gpu_augment, scale=cfg.data.ssl_crop_scale())
