@@ -12,7 +12,8 @@ Design (see also experiments/gridspec.py and experiments/trial.py):
   whose dependencies are done (segmentation trials first, then the pretraining runs that unblock the
   most segmentation trials), up to `max_concurrent` at once. A stage-2 trial therefore starts as
   soon as ITS stage-1 trial is done (no barrier between stages), and every trial is a Tune trial
-  (an actor with its own resources, visible in the Ray dashboard).
+  (an actor with its own resources, listed in the Ray dashboard as `trial <id>`: the trainable's
+  `__repr__`, experiments/trial.py `make_trainable`).
 * A trial whose settings say `devices: N` (N > 1) is the driver of a Ray Train job of N workers
   (Lightning DDP, experiments/ray_ddp.py): the Tune trial reserves 0.01 CPU, each worker the
   trial's `resources`; the pre-start check counts N x resources (+ the driver).
@@ -38,7 +39,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python experiments/grid.py` puts experiments/ first, not the repo
@@ -53,7 +54,8 @@ from experiments.trial import read_error, read_metrics, scalar_metrics  # noqa: 
 
 STATUSES = ("done", "failed", "skipped", "pending")
 KEY_METRICS = {"pretrain": ("knn_acc", "final_loss"), "segment": ("mIoU", "aAcc")}
-CSV_CONFIG_KEYS = ("evaluation", "method", "backbone", "source", "lambd", "seed", "head", "fusion", "mode", "epochs")
+# the stage-1 axes (declared once in gridspec), then stage-2 choices; values from the trial's labels first
+CSV_CONFIG_KEYS = ("evaluation", *gridspec.AXES, "head", "fusion", "mode", "epochs")
 
 
 # ============================================================================ console
@@ -268,7 +270,9 @@ def summary_csv(entries: list[dict]) -> str:
         row = {k: e.get(k, "") for k in ("id", "stage", "status", "reason", "dir")}
         row["depends_on"] = ";".join(e["depends_on"])
         for k in CSV_CONFIG_KEYS:
-            v = e["metrics"].get(k, e["config"].get(k, ""))
+            v = (e.get("labels") or {}).get(k)
+            if v is None:
+                v = e["metrics"].get(k, e["config"].get(k, ""))
             row[k] = "" if v is None else v
         row.update(scalar_metrics(e["metrics"]))
         w.writerow(row)
@@ -535,7 +539,7 @@ def check_cluster_fits(spec: gridspec.GridSpec, strict: bool) -> None:
 
 
 # ============================================================================ data pre-checks
-def prepare_data(spec: gridspec.GridSpec, console: Console, fake: bool) -> None:
+def prepare_data(spec: gridspec.GridSpec, console: Console) -> None:
     """Check given dataset folders and generate the synthetic dataset ONCE, before trials start
     (so that concurrent trials never race to generate it)."""
     from core.config import DataConfig
@@ -557,8 +561,6 @@ def prepare_data(spec: gridspec.GridSpec, console: Console, fake: bool) -> None:
             from core.data.module import validate_data
 
             validate_data(DataConfig.from_dict(d), t.stage)
-            continue
-        if fake:
             continue
         try:
             from core.data.synthetic import default_voc_root
@@ -688,7 +690,10 @@ def _grid_name_hint(args) -> str:
 
 
 @guard
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, *, run: Optional[Callable[..., dict]] = None) -> int:
+    """The grid CLI. `run`: the run function of every trial (an `experiments.trial.RunFunction`;
+    default `experiments.trial.run_stage`, the real runs); it is pickled with the Tune trainable, so
+    Ray's worker processes must be able to import it or unpickle it by value."""
     args = parse_args(argv)
     console = Console()
     overrides = {"data_root": args.data_root, "wandb": args.wandb, "max_concurrent": args.max_concurrent}
@@ -711,8 +716,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     spec = gridspec.build_grid(doc, grid_path, None, trials_root=results_dir / "trials")
     check_wandb(spec.wandb)
     console.line(f"grid     {gridspec.describe(spec)}", "bold")
-    fake = os.environ.get("TWINSEG_FAKE_RUNS") == "1"
-    prepare_data(spec, console, fake)
+    prepare_data(spec, console)
     check_weights(spec)
 
     # ---- results folder
@@ -739,7 +743,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     console.line(f"results  {results_dir}" + (f" (resuming: {n_done} trial(s) already done)" if resuming else ""))
 
     if state.unlaunched_pending():
-        run_on_ray(args, spec, state, console)
+        run_on_ray(args, spec, state, console, run=run)
     else:
         console.line("nothing to run: every trial is already finished")
 
@@ -767,7 +771,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console) -> None:
+def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console,
+               run: Optional[Callable[..., dict]] = None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -779,7 +784,7 @@ def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console
     if str(REPO_ROOT) not in pp.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([pp] if pp else []))
     env_vars = {"PYTHONPATH": os.environ["PYTHONPATH"], "WANDB_SILENT": "true"}
-    # Project settings (data cache, test hooks) reach the workers of a joined cluster too; secrets
+    # Project settings (e.g. the data cache) reach the workers of a joined cluster too; secrets
     # (e.g. WANDB_API_KEY) are never put into the Ray job config: cluster nodes log in themselves.
     for k, v in os.environ.items():
         if k.startswith("TWINSEG_"):
@@ -788,7 +793,7 @@ def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console
     import ray
     from ray import tune
 
-    from experiments.trial import grid_trial
+    from experiments.trial import make_trainable
 
     url = start_ray(args, console, env_vars)
     quiet_tune_logs()
@@ -806,7 +811,8 @@ def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console
                 return {"cpu": DRIVER_CPU, "gpu": 0}
             return {"cpu": r["cpu"], "gpu": r["gpu"]}
 
-        trainable = tune.with_resources(grid_trial, resources=resources)
+        # one actor per trial, named `trial <id>` in the dashboard's actor list and in log prefixes
+        trainable = make_trainable(run, resources=resources)
         name_of = lambda trial: trial.config["trial"]["id"]  # noqa: E731
         tuner = tune.Tuner(
             trainable,

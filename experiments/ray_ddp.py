@@ -12,10 +12,12 @@ Resources
   GPU workers NCCL (TorchConfig's default for use_gpu).
 
 Workers (`_worker`, one per rank)
-* Each worker calls the stage's run function (`core.runs.pretrain.run_pretrain` /
+* Each worker calls the trial's run function (`experiments.trial.RunFunction`; by default
+  `experiments.trial.run_stage`, i.e. `core.runs.pretrain.run_pretrain` /
   `core.runs.segment.run_segment`) with `ddp=core.runs.common.ExternalDDP(...)`: Lightning's Trainer
   gets `RayDDPStrategy()` and `RayLightningEnvironment()` and goes through `prepare_trainer`. core
-  never imports ray: the Ray pieces are injected from here.
+  never imports ray: the Ray pieces are injected from here. The run function travels to the workers
+  in `train_loop_config` (pickled like the Tune trainable).
 * `batch_size` is PER WORKER: the global batch is N x batch_size (Barlow Twins' cross-correlation is
   taken over the global batch; the optimiser's learning rate scales with the global batch).
 * Only global rank 0 writes the run folder's files; metrics.json is still written last and
@@ -40,7 +42,7 @@ State and storage
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 DRIVER_CPU = 0.01  # what the Tune trial (the Train driver) reserves for itself
 STORAGE_DIR = ".ray_train"  # in the trial folder, when the payload names no Ray folder
@@ -74,10 +76,11 @@ def scaling(payload: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver (the Tune trial)
-def run_ddp(payload: dict) -> Optional[dict]:
-    """Run the trial described by `payload` as a Ray Train job; returns its metrics.json (None if
-    the job ended without writing it). Needs a running Ray (the grid's)."""
-    from experiments.trial import read_metrics
+def run_ddp(payload: dict, run: Optional[Callable[..., dict]] = None) -> Optional[dict]:
+    """Run the trial described by `payload` as a Ray Train job whose workers call `run` (an
+    `experiments.trial.RunFunction`, default `experiments.trial.run_stage`); returns its metrics.json
+    (None if the job ended without writing it). Needs a running Ray (the grid's)."""
+    from core.runs.common import read_metrics
 
     out = Path(payload["dir"])
     done = read_metrics(out)
@@ -97,7 +100,7 @@ def run_ddp(payload: dict) -> Optional[dict]:
         pass
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"payload": payload},
+        train_loop_config={"payload": payload, "run": run},
         scaling_config=ray.train.ScalingConfig(**scaling(payload)),
         run_config=ray.train.RunConfig(
             name=name,
@@ -139,11 +142,11 @@ def _unwrap(e: BaseException) -> BaseException:
 
 # ----------------------------------------------------------------------------- workers (one per rank)
 def _worker(config: dict) -> None:
-    """One DDP rank: the stage's run function on the trial folder with Ray's Lightning pieces."""
+    """One DDP rank: the trial's run function on the trial folder with Ray's Lightning pieces."""
     import ray.train
     import torch
 
-    from experiments.trial import build_config, fault_callbacks, get_run_function, setup_trial_env
+    from experiments.trial import build_config, run_stage, setup_trial_env
 
     payload = config["payload"]
     tid, stage, out = payload["id"], payload["stage"], Path(payload["dir"])
@@ -165,9 +168,9 @@ def _worker(config: dict) -> None:
         device = torch.device("cpu")
     ddp = ExternalDDP(accelerator=accelerator, device=device, world_size=world, global_rank=rank,
                       strategy=RayDDPStrategy(), plugins=(RayLightningEnvironment(),), prepare=prepare_trainer)
-    run = get_run_function(stage)
-    cbs = [_epoch_report_callback(tid), *fault_callbacks(tid, out, rank)]
-    run(cfg, out, progress=False, wandb_group=payload.get("group"), callbacks=cbs, name=tid, ddp=ddp)
+    run = config.get("run") or run_stage
+    run(stage, payload["config"], out, progress=False, wandb_group=payload.get("group"), name=tid,
+        callbacks=[_epoch_report_callback(tid)], ddp=ddp)
 
 
 def _epoch_report_callback(tid: str):

@@ -1,8 +1,10 @@
-"""experiments/grid.py end to end on CPU through Ray Tune, with fast fake runs (TWINSEG_FAKE_RUNS=1).
+"""experiments/grid.py end to end on CPU through Ray Tune, with fast fake runs.
 
-The fake runs (experiments/trial.py `fake_run`) write the same run folder as run_pretrain /
-run_segment (metrics.json last) and log each call to calls.log, so reruns can be counted. The same
-grids run the real functions when TWINSEG_FAKE_RUNS is not set (the lead's end-to-end check).
+The grid runs through tests/fake_grid.py, which calls `experiments.grid.main(argv, run=...)` with a
+test double from tests/fakes.py as every trial's run function: `FakeRun` writes the same run folder as
+run_pretrain / run_segment (metrics.json last) and logs each call to calls.log, so reruns can be
+counted; `WithFaults` injects failures by trial id. The same grids run the real functions through
+experiments/grid.py itself (the lead's end-to-end check). CLI errors go to experiments/grid.py directly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GRID = REPO / "experiments" / "grid.py"
+FAKE_GRID = REPO / "tests" / "fake_grid.py"  # experiments.grid.main with tests/fakes.py run functions
 
 VIT = "pt-vit_nano_patch8-random-bt-l0.0051-s0"
 RES = "pt-resnet_tiny-random-bt-l0.0051-s0"
@@ -50,9 +53,8 @@ TINY = {
 
 def _env(**extra) -> dict:
     env = dict(os.environ)
-    for k in ("TWINSEG_FAULT_ONCE", "TWINSEG_FAULT_ALWAYS", "TWINSEG_FAKE_SLEEP", "RAY_ADDRESS"):
-        env.pop(k, None)
-    env.update({"TWINSEG_FAKE_RUNS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
+    env.pop("RAY_ADDRESS", None)
+    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -65,12 +67,16 @@ def _grid_file(tmp_path: Path, **changes) -> Path:
     return p
 
 
-def _cmd(*args) -> list[str]:
-    return [sys.executable, str(GRID), *args]
+def _cmd(*args, fake=None) -> list[str]:
+    """experiments/grid.py ARGS, or with `fake` (a list of tests/fake_grid.py options, [] for plain
+    fake runs) tests/fake_grid.py FAKE -- ARGS."""
+    if fake is None:
+        return [sys.executable, str(GRID), *args]
+    return [sys.executable, str(FAKE_GRID), *fake, "--", *args]
 
 
-def _run(args, env, cwd, timeout=400) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(*args), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def _run(args, env, cwd, timeout=400, fake=None) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(*args, fake=fake), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def _summary(out: Path) -> dict:
@@ -112,9 +118,8 @@ def test_grid_retry_failure_skip_and_summary(tmp_path):
     `failed` and its dependant `skipped` with the reason; summary.json/csv written; exit 1."""
     grid = _grid_file(tmp_path)
     out = tmp_path / "out"
-    env = _env(TWINSEG_FAULT_ONCE=VIT, TWINSEG_FAULT_ALWAYS=RES)
     r = _run(["--grid", str(grid), "--output", str(out), "--num-cpus", "2", "--no-dashboard", "--no-report"],
-             env, cwd=tmp_path)
+             _env(), cwd=tmp_path, fake=["--fail-once", VIT, "--fail-always", RES])
     assert r.returncode == 1, r.stdout + r.stderr
     s = _summary(out)
     assert s[VIT]["status"] == "done" and s[E2]["status"] == "done"
@@ -156,10 +161,10 @@ def _calls(out: Path) -> dict[str, str]:
     return {p.parent.name: p.read_text() for p in (out / "trials").glob("*/calls.log")}
 
 
-def _kill_when(args, env, cwd: Path, log: Path, done) -> None:
+def _kill_when(args, env, cwd: Path, log: Path, done, fake) -> None:
     """Start the driver, SIGKILL it (and everything in its session) once `done()` is true."""
     with open(log, "w") as f:
-        p = subprocess.Popen(_cmd(*args), env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(_cmd(*args, fake=fake), env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
                              start_new_session=True)
         deadline = time.time() + 300
         try:
@@ -179,18 +184,29 @@ def test_resume_after_driver_killed_twice_matches_uninterrupted(tmp_path):
     """Fault injection (MISSION "done when"): the same grid run (a) uninterrupted and (b) SIGKILLed
     twice at different points and resumed each time ends in the same summary.json (ids, statuses,
     configs, metrics), no finished trial is rerun, summaries are always whole (atomic writes) and
-    no secret from the environment reaches the results folder."""
+    no secret from the environment reaches the results folder.
+    The uninterrupted run also starts the Ray dashboard (127.0.0.1, token auth): its state API lists
+    every trial's actor under the repr name `trial <id>`."""
     grid = _grid_file(tmp_path, max_concurrent=1)
-    env = _env(TWINSEG_FAKE_SLEEP="2", WANDB_API_KEY=SECRET)
+    env = _env(WANDB_API_KEY=SECRET)
+    fake = ["--sleep", "2"]
     common = ["--num-cpus", "2", "--no-dashboard", "--no-report"]
 
-    ref = tmp_path / "ref"  # (a) uninterrupted
-    r = _run(["--grid", str(grid), "--output", str(ref), *common], env, cwd=tmp_path)
+    ref = tmp_path / "ref"  # (a) uninterrupted, with the dashboard
+    actors = tmp_path / "actors.json"
+    r = _run(["--grid", str(grid), "--output", str(ref), "--num-cpus", "2", "--no-report"], env, cwd=tmp_path,
+             fake=[*fake, "--actors", str(actors)])
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "dashboard: http://127.0.0.1:" in r.stdout and "token auth on" in r.stdout, r.stdout
+    # the dashboard names each trial's actor after the trial (ray.util.state.list_actors, repr_name)
+    listed = json.loads(actors.read_text())
+    assert isinstance(listed, list), listed
+    trial_actors = [a for a in listed if a["class_name"] == "grid_trial"]
+    assert {a["repr_name"] for a in trial_actors} == {f"trial {t}" for t in _summary(ref)}, listed
 
     out = tmp_path / "out"  # (b) killed twice
     _kill_when(["--grid", str(grid), "--output", str(out), *common], env, tmp_path, tmp_path / "first.log",
-               lambda: (out / "trials" / VIT / "metrics.json").exists())  # the vit run unblocks E2: it goes first
+               lambda: (out / "trials" / VIT / "metrics.json").exists(), fake)  # the vit run unblocks E2: it goes first
     s = _summary(out)  # whole JSON after a SIGKILL
     assert s[VIT]["status"] in ("done", "pending")  # summary may be a step behind the kill
     assert any(t["status"] == "pending" for t in s.values())
@@ -198,12 +214,12 @@ def test_resume_after_driver_killed_twice_matches_uninterrupted(tmp_path):
     assert VIT in before1 and len(before1) < 4
 
     resume = ["--resume", "--output", str(out), *common]
-    _kill_when(resume, env, tmp_path, tmp_path / "second.log", lambda: len(_finished(out)) > len(before1))
+    _kill_when(resume, env, tmp_path, tmp_path / "second.log", lambda: len(_finished(out)) > len(before1), fake)
     _summary(out)
     before2, calls2 = _finished(out), _calls(out)
     assert len(before2) > len(before1)
 
-    r = _run(resume, env, cwd=tmp_path)
+    r = _run(resume, env, cwd=tmp_path, fake=fake)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "already done" in r.stdout
 
@@ -230,8 +246,23 @@ def test_resume_after_driver_killed_twice_matches_uninterrupted(tmp_path):
             if f.is_file():
                 assert SECRET.encode() not in f.read_bytes(), f
     # a further --resume has nothing to do and does not start Ray
-    r2 = _run(["--resume", "--output", str(out), "--no-report"], env, cwd=tmp_path, timeout=120)
+    r2 = _run(["--resume", "--output", str(out), "--no-report"], env, cwd=tmp_path, timeout=120, fake=fake)
     assert r2.returncode == 0 and "nothing to run" in r2.stdout, r2.stdout + r2.stderr
+
+
+def test_trial_actor_repr_is_the_trial_id():
+    """The trainable's __repr__ (Ray's repr name of the actor: dashboard actor list, log prefixes)."""
+    sys.path.insert(0, str(REPO))
+    from ray.tune.trainable import FunctionTrainable
+
+    from experiments.trial import make_trainable
+
+    cls = make_trainable(resources=lambda config: {"cpu": 1, "gpu": 0})
+    assert issubclass(cls, FunctionTrainable) and cls.__name__ == "grid_trial"
+    actor = cls.__new__(cls)  # no Ray: only the naming
+    actor.config = {"trial": {"id": VIT, "stage": "pretrain"}}
+    assert repr(actor) == f"trial {VIT}"
+    assert cls.default_resource_request({"trial": {}}) is not None
 
 
 def test_dashboard_line_never_prints_the_token(monkeypatch):

@@ -3,7 +3,9 @@
 The end-to-end test runs real 2-worker CPU jobs (gloo) through experiments/grid.py on the tiny
 generated data, in ONE Ray start (each Ray Train run costs ~45 s of process start-up and imports on
 2 cores): a DDP pretraining trial that fails once mid-training and resumes from
-checkpoints/last.ckpt on the retry, and, at the same time, a standalone DDP segmentation trial.
+checkpoints/last.ckpt on the retry, and, at the same time, a standalone DDP segmentation trial. The
+grid runs through tests/fake_grid.py --real: the real run functions, wrapped by tests/fakes.py
+`WithFaults` to inject the fault (a Lightning callback) into the pretraining trial's workers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-GRID = REPO / "experiments" / "grid.py"
+FAKE_GRID = REPO / "tests" / "fake_grid.py"
 
 PT = "pt-vit_nano_patch8-random-bt-l0.0051-s0"
 SEG = "seg-E2-vit_nano_patch8-random-s0"
@@ -50,9 +52,7 @@ DDP_GRID = {
 
 def _env(**extra) -> dict:
     env = dict(os.environ)
-    for k in ("TWINSEG_FAKE_RUNS", "TWINSEG_FAULT_ONCE", "TWINSEG_FAULT_ALWAYS", "TWINSEG_FAULT_EPOCH_ONCE",
-              "TWINSEG_FAKE_SLEEP", "RAY_ADDRESS"):
-        env.pop(k, None)
+    env.pop("RAY_ADDRESS", None)
     env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -124,9 +124,9 @@ def test_grid_ddp_trials_on_two_cpu_workers(tmp_path):
     grid = tmp_path / "ddp.yaml"
     grid.write_text(yaml.safe_dump(doc, sort_keys=False))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(GRID), "--grid", str(grid), "--output", str(out), "--num-cpus", "2",
-                        "--no-dashboard", "--no-report"], cwd=tmp_path, capture_output=True, text=True, timeout=1440,
-                       env=_env(TWINSEG_FAULT_EPOCH_ONCE=f"{PT}:1"))
+    r = subprocess.run([sys.executable, str(FAKE_GRID), "--real", "--fail-at-epoch", f"{PT}:1", "--",
+                        "--grid", str(grid), "--output", str(out), "--num-cpus", "2", "--no-dashboard", "--no-report"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1440, env=_env())
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     s = {t["id"]: t for t in json.loads((out / "summary.json").read_text())["trials"]}
     assert s[PT]["status"] == "done" and s[SEG]["status"] == "done", s

@@ -332,7 +332,7 @@ def test_bad_grid_file_matrix(cid, changes, needles, opts, tmp_path, base_voc, r
     ctx = Ctx(tmp_path, base_voc, resnet_ckpt, opts.get("dataset", "good"))
     monkeypatch.delenv("TWINSEG_TRACEBACK", raising=False)
     monkeypatch.delenv("TWINSEG_ONLINE", raising=False)
-    monkeypatch.setenv("TWINSEG_FAKE_RUNS", "1")
+    monkeypatch.setenv("TWINSEG_DATA_DIR", str(tmp_path / "data"))  # a generated dataset stays in tmp_path
     for k, v in opts.get("env", {}).items():
         monkeypatch.setenv(k, ctx.fill(v))
     doc = json.loads(json.dumps(TINY))
