@@ -1,4 +1,5 @@
-"""Atomic file writes (no heavy imports: the report CLI uses this before loading pandas).
+"""Atomic file writes, and what makes a run folder finished (no heavy imports: the report CLI and the
+grid driver use this before loading pandas or torch).
 
 Write a temporary file in the same folder, fsync, then `os.replace` it into place: a run, grid or
 report killed half-way never leaves a truncated file behind, only the old one or the new one.
@@ -6,10 +7,25 @@ report killed half-way never leaves a truncated file behind, only the old one or
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+METRICS_FILE = "metrics.json"
+
+
+def read_metrics(out_dir) -> Optional[dict]:
+    """The result of a finished run folder (its metrics.json as a mapping), or None when the run is not
+    finished (absent, unreadable or not a mapping). The ONE definition of "finished": metrics.json is
+    written last and atomically, so a readable one is a complete result."""
+    try:
+        with open(Path(out_dir) / METRICS_FILE, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
 
 
 def _umask() -> int:

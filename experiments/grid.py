@@ -54,8 +54,10 @@ from experiments.trial import read_error, read_metrics, scalar_metrics  # noqa: 
 
 STATUSES = ("done", "failed", "skipped", "pending")
 KEY_METRICS = {"pretrain": ("knn_acc", "final_loss"), "segment": ("mIoU", "aAcc")}
-# the stage-1 axes (declared once in gridspec), then stage-2 choices; values from the trial's labels first
-CSV_CONFIG_KEYS = ("evaluation", *gridspec.AXES, "head", "fusion", "mode", "epochs")
+def csv_config_keys() -> tuple[str, ...]:
+    """summary.csv's config columns: the stage-1 axes (declared once in gridspec), then stage-2 choices;
+    values from the trial's labels first."""
+    return ("evaluation", *gridspec.axis_names(), "head", "fusion", "mode", "epochs")
 
 
 # ============================================================================ console
@@ -257,19 +259,20 @@ class GridState:
 
 
 def summary_csv(entries: list[dict]) -> str:
+    config_keys = csv_config_keys()
     metric_keys: list[str] = []
     for e in entries:
         for k in scalar_metrics(e["metrics"]):
-            if k not in metric_keys and k not in CSV_CONFIG_KEYS:
+            if k not in metric_keys and k not in config_keys:
                 metric_keys.append(k)
-    cols = ["id", "stage", "status", "reason", "depends_on", "dir", *CSV_CONFIG_KEYS, *metric_keys]
+    cols = ["id", "stage", "status", "reason", "depends_on", "dir", *config_keys, *metric_keys]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for e in entries:
         row = {k: e.get(k, "") for k in ("id", "stage", "status", "reason", "dir")}
         row["depends_on"] = ";".join(e["depends_on"])
-        for k in CSV_CONFIG_KEYS:
+        for k in config_keys:
             v = (e.get("labels") or {}).get(k)
             if v is None:
                 v = e["metrics"].get(k, e["config"].get(k, ""))

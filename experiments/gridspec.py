@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import itertools
 import re
@@ -61,7 +62,7 @@ from typing import Any, Optional
 
 import yaml
 
-from core.config import WANDB_MODES, DataConfig, PretrainConfig, SegmentConfig
+from core.config import WANDB_MODES, DataConfig, SegmentConfig
 from core.errors import ConfigError, TwinsegError
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
@@ -93,8 +94,10 @@ class Axis:
         d[self.path[-1]] = value
 
 
+@functools.lru_cache(maxsize=None)
 def stage1_axes() -> dict[str, Axis]:
-    """The stage-1 axes, in trial-id order: backbone, source, method, each method's own axes, seed."""
+    """The stage-1 axes, in trial-id order: backbone, source, method, each method's own axes, seed.
+    (Built on first use: the method registry imports the methods, and with them Lightning.)"""
     from core.methods.registry import ssl_methods
 
     axes = [Axis("backbone", ("backbone",)), Axis("source", ("source",)), Axis("method", ("method",))]
@@ -104,16 +107,26 @@ def stage1_axes() -> dict[str, Axis]:
     return {a.name: a for a in axes}
 
 
-AXES = tuple(stage1_axes())
-STAGE2_MATCH_KEYS = ("evaluation",) + AXES
+def axis_names() -> tuple[str, ...]:
+    return tuple(stage1_axes())
+
+
+def stage2_match_keys() -> tuple[str, ...]:
+    return ("evaluation",) + axis_names()
+
+
+def stage1_axis_fields() -> set[str]:
+    """Config fields the stage-1 axes set (dotted for a section's field): settings may not set them."""
+    return {".".join(a.path) for a in stage1_axes().values()}
+
 
 TOP_KEYS = ("name", "description", "wandb", "max_concurrent", "retries", "data", "stage1", "stage2")
 STAGE1_KEYS = ("resources", "settings", "axes", "exclude", "overrides")
 STAGE2_KEYS = ("resources", "settings", "overrides", "evaluations")
 ENTRY_KEYS = ("evaluation", "from", "settings", "tag")
 RESOURCE_KEYS = ("cpu", "gpu")
-# Fields a grid sets itself (per trial): refusing them in `settings` avoids silent no-ops.
-STAGE1_AXIS_FIELDS = {".".join(a.path) for a in stage1_axes().values()}
+# Fields a grid sets itself (per trial): refusing them in `settings` avoids silent no-ops
+# (stage 1: `stage1_axis_fields()`).
 STAGE2_OWN_FIELDS = {"evaluation"}
 
 
@@ -495,7 +508,7 @@ def _sections(cls) -> dict[str, type]:
 
 def _check_settings_keys(c: _Ctx, path: str, settings: dict, cls, own: set) -> None:
     names = [f for f in cls.__dataclass_fields__ if f not in own]
-    axis_fields = STAGE1_AXIS_FIELDS
+    axis_fields = stage1_axis_fields()
 
     def refuse_own(key: str, where: str) -> ConfigError:
         kind = "an axis" if key in axis_fields else "per entry"
@@ -543,9 +556,9 @@ def _axis_blocks(c: _Ctx, axes: Any) -> list[tuple[str, dict]]:
         blocks = [(f"stage1.axes[{i}]", b) for i, b in enumerate(axes)]
     out = []
     for p, b in blocks:
-        b = c.mapping(p, b, AXES, allow_none=False)
+        b = c.mapping(p, b, axis_names(), allow_none=False)
         norm = {}
-        for k in AXES:
+        for k in axis_names():
             if k not in b:
                 continue
             vals = b[k]
@@ -567,14 +580,17 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
     s1 = c.mapping("stage1", s1, STAGE1_KEYS, allow_none=False)
     res = _resources(c, "stage1.resources", s1.get("resources"))
     settings = c.mapping("stage1.settings", s1.get("settings"))
-    _check_settings_keys(c, "stage1.settings", settings, PretrainConfig, STAGE1_AXIS_FIELDS | {"wandb"})
+    from core.config import PretrainConfig
+
+    axes = stage1_axes()
+    own = stage1_axis_fields() | {"wandb"}
+    _check_settings_keys(c, "stage1.settings", settings, PretrainConfig, own)
     _check_devices(c, "stage1", settings, res, "stage1.resources")
-    overrides = _overrides(c, "stage1.overrides", s1.get("overrides"), AXES, PretrainConfig, STAGE1_AXIS_FIELDS | {"wandb"})
+    overrides = _overrides(c, "stage1.overrides", s1.get("overrides"), tuple(axes), PretrainConfig, own)
     excl = s1.get("exclude")
     if excl is not None and not isinstance(excl, list):
         raise c.err("stage1.exclude", "must be a list of matches, e.g. [{backbone: resnet_tiny, method: dino}]")
-    excludes = [(c.mapping(f"stage1.exclude[{i}]", e, AXES, allow_none=False), i) for i, e in enumerate(excl or [])]
-    axes = stage1_axes()
+    excludes = [(c.mapping(f"stage1.exclude[{i}]", e, tuple(axes), allow_none=False), i) for i, e in enumerate(excl or [])]
     defaults = PretrainConfig().to_dict()
     base = _merge({"data": copy.deepcopy(data)}, settings)
 
@@ -650,7 +666,7 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
     own = STAGE2_OWN_FIELDS | {"wandb"}
     _check_settings_keys(c, "stage2.settings", settings, SegmentConfig, own)
     _check_devices(c, "stage2", settings, res, "stage2.resources")
-    overrides = _overrides(c, "stage2.overrides", s2.get("overrides"), STAGE2_MATCH_KEYS, SegmentConfig, own)
+    overrides = _overrides(c, "stage2.overrides", s2.get("overrides"), stage2_match_keys(), SegmentConfig, own)
     entries = s2.get("evaluations")
     if not isinstance(entries, list) or not entries:
         raise c.err("stage2.evaluations", "must be a non-empty list, e.g. [{evaluation: E2, from: {method: barlow_twins}}]")
@@ -675,13 +691,13 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
         if src is None or (isinstance(src, str) and src.lower() == "none"):
             deps: list[Optional[TrialSpec]] = [None]
         else:
-            match = dict(c.mapping(f"{p}.from", src, AXES, allow_none=False))
+            match = dict(c.mapping(f"{p}.from", src, axis_names(), allow_none=False))
             if not match:
                 raise c.err(f"{p}.from", "is empty; name at least one stage-1 axis (e.g. backbone) or write from: none")
             match.setdefault("method", EVALUATIONS[ev].get("pretrain_method"))
             deps = [t for t in pre if _matches(match, t.labels)]
             if not deps:
-                have = {k: sorted({str(t.labels[k]) for t in pre}) for k in AXES}
+                have = {k: sorted({str(t.labels[k]) for t in pre}) for k in axis_names()}
                 avail = "; ".join(f"{k} in [{', '.join(have[k])}]" for k in match)
                 raise c.err(f"{p}.from={_short(match, 120)}", f"selects no stage-1 trial (stage-1 has {avail or 'no trial'}); fix the match or the stage-1 axes")
         for dep in deps:

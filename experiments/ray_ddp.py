@@ -80,7 +80,7 @@ def run_ddp(payload: dict, run: Optional[Callable[..., dict]] = None) -> Optiona
     """Run the trial described by `payload` as a Ray Train job whose workers call `run` (an
     `experiments.trial.RunFunction`, default `experiments.trial.run_stage`); returns its metrics.json
     (None if the job ended without writing it). Needs a running Ray (the grid's)."""
-    from core.runs.common import read_metrics
+    from core.io import read_metrics
 
     out = Path(payload["dir"])
     done = read_metrics(out)

@@ -5,7 +5,7 @@ experiments/grid.py hands to `tune.with_resources`. Each trial receives `config 
 where the payload (built by experiments/grid.py) holds the trial id, stage, the validated config
 dict, the trial folder, the wandb mode and group, and the driver's working directory. The run folder
 is `<results>/trials/<id>/`, NOT Ray's trial folder, so that:
-  * a finished trial (metrics.json present, `core.runs.common.read_metrics`) is never rerun, even by
+  * a finished trial (metrics.json present, `core.io.read_metrics`) is never rerun, even by
     a retry or a new driver;
   * a retry after a failure (Ray Tune `max_failures`) or a `--resume` after a kill calls the same
     run function on the same folder, which resumes from `checkpoints/last.ckpt`.
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from core.io import atomic_write_text as _atomic_write
+from core.io import read_metrics  # the ONE definition of a finished run folder (grid.py imports it here)
 
 ERROR_FILE = "error.txt"
 TRIAL_FILE = "trial.json"
@@ -49,14 +50,6 @@ ddp=None) -> metrics dict (see the module docstring)."""
 
 
 # ----------------------------------------------------------------------------- helpers
-def read_metrics(trial_dir: Path) -> Optional[dict]:
-    """`core.runs.common.read_metrics`: metrics.json of a finished run folder, or None (the ONE
-    definition of "finished"). Imported on first use: core.runs.common brings torch, which the grid's
-    CLI checks and the trial processes do not need before a trial runs."""
-    from core.runs.common import read_metrics as _read_metrics
-
-    return _read_metrics(trial_dir)
-
 
 def read_error(trial_dir: Path) -> Optional[str]:
     try:

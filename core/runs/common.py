@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from core.errors import ConfigError
-from core.io import atomic_write_text  # noqa: F401  (re-exported: runs and grid use it)
+from core.io import METRICS_FILE, atomic_write_text, read_metrics  # noqa: F401  (re-exported for the runs)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
@@ -44,20 +44,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
-METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
-
-
-def read_metrics(out_dir: Path) -> Optional[dict]:
-    """The result of a finished run folder (its metrics.json as a mapping), or None when the run is not
-    finished (absent, unreadable or not a mapping). The ONE definition of "finished": metrics.json is
-    written last and atomically, so a readable one is a complete result."""
-    try:
-        with open(Path(out_dir) / METRICS_FILE, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return m if isinstance(m, dict) else None
 
 
 def is_finished(out_dir: Path) -> bool:
