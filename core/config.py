@@ -259,8 +259,17 @@ class PretrainSettings(ConfigBase):
     lr: Optional[float] = field(default=2e-3, metadata={"cli_none_words": ("recipe",)})
     """Base learning rate; none (or recipe): the optimiser's official recipe scaled by batch/256 (LARS 0.2 weights /
     0.0048 biases, AdamW 5e-4). The default 2e-3 (AdamW, batch 32) is the CPU setting for the generated data."""
+    min_lr: Optional[float] = None
+    """Learning rate at the end of the cosine decay, the same for every parameter group (official DINO 1e-6);
+    none: 0.001 x each group's base lr (official Barlow Twins)."""
     weight_decay: float = 1.5e-6
     """Weight decay (LARS and AdamW exclude biases and norms)."""
+    weight_decay_end: Optional[float] = None
+    """Final weight decay: a per-step cosine from weight_decay to this over training, on the decayed (weights)
+    group only (official DINO 0.04 -> 0.4); none: constant weight decay."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the trained backbone (timm ViT / Swin only; DINO: the student, never the teacher;
+    official DINO ViT-S 0.1)."""
     epochs: int = 20
     """Training epochs."""
     warmup_epochs: float = 1.0
@@ -290,7 +299,7 @@ class PretrainSettings(ConfigBase):
 
     def validate(self) -> None:
         from core.methods.registry import ssl_methods
-        from core.models.registry import check_backbone_name  # late import: registry is heavy
+        from core.models.registry import check_backbone_name, check_drop_path  # late import: registry is heavy
 
         check_choice("method", self.method, tuple(ssl_methods()))
         check_backbone_name("backbone", self.backbone)
@@ -303,10 +312,23 @@ class PretrainSettings(ConfigBase):
         if self.lr is not None:
             check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if self.weight_decay_end is not None:
+            check_positive("weight_decay_end", self.weight_decay_end, allow_zero=True)
+        check_drop_path("drop_path", self.drop_path, self.backbone)
         check_positive("epochs", self.epochs)
         check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
         if self.batch_size < 2:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 2 (the SSL losses normalise over the batch)")
+        if self.min_lr is not None:
+            from core.methods.optim import recipe_lrs
+
+            check_positive("min_lr", self.min_lr, allow_zero=True)
+            base = min(recipe_lrs(self.optimizer, self.lr, self.batch_size * max(self.devices, 1)))
+            if self.min_lr > base:
+                raise ConfigError(
+                    f"min_lr={self.min_lr!r} must be <= the smallest base learning rate {base:.3g} (optimizer="
+                    f"{self.optimizer}, lr={self.lr}, global batch {self.batch_size * max(self.devices, 1)})"
+                )
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
         check_positive("devices", self.devices)

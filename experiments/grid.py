@@ -2,11 +2,23 @@
 
     python experiments/grid.py [--grid smoke|paper|FILE] [--data-root DIR] [--output DIR] [--resume]
                                [--address ADDR] [--wandb offline|online|disabled] [--max-concurrent N]
-                               [--no-report] [--num-cpus N] [--no-dashboard]
+                               [--no-report] [--num-cpus N] [--no-dashboard] [--dry-run]
 
 Design (see also experiments/gridspec.py and experiments/trial.py):
 * The grid file is validated and expanded into trials (with a dependency graph) before Ray starts;
-  a bad file is one line on stderr and exit 2.
+  a malformed file is one line on stderr and exit 2.
+* Pre-start checks, before Ray starts or any folder is written (`pre_start_problems`): the grid's
+  per-trial problems (gridspec: image sizes, head / fusion fit, (source, backbone) pairs without
+  weights), wandb credentials, the given data folders (layout only, nothing generated), every
+  missing weight file when offline (with its fetch command), and, for a local start, whether each
+  trial fits this machine (CPUs, GPUs counted by torch; --num-cpus replaces the CPU count). EVERY
+  problem is printed, one `twinseg: error: <file>: <where>: <problem>; <fix>` line each on stderr,
+  and the exit status is 2. With --address the cluster is only known once Ray is up: that check
+  runs after the start (a warning there, the autoscaler may add nodes).
+* `--dry-run`: the same checks, then the plan on stdout (one line per trial: id, stage, what it
+  depends on, its resources; totals per stage; which cluster size was assumed) and the problems on
+  stderr; exit 0 when there is none, 2 otherwise. It starts no Ray, creates no results folder and
+  generates no dataset.
 * ONE Tune experiment runs every trial. Its search algorithm is a small dependency-aware scheduler
   (`GridScheduler`, a Tune `Searcher`): whenever Tune asks for a trial, it hands out the next trial
   whose dependencies are done (segmentation trials first, then the pretraining runs that unblock the
@@ -38,6 +50,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -499,8 +512,17 @@ def trial_needs(resources: dict) -> tuple[float, float]:
 
 
 def cluster_fit_problem(spec: gridspec.GridSpec, cpus: float, gpus: float) -> Optional[str]:
-    """The first trial that can never start on a cluster of `cpus` / `gpus` (one line, no file
-    prefix), or None. Trials with the same needs are reported once."""
+    """The first of `cluster_fit_problems`, or None."""
+    found = cluster_fit_problems(spec, cpus, gpus)
+    return found[0] if found else None
+
+
+def cluster_fit_problems(spec: gridspec.GridSpec, cpus: float, gpus: float,
+                         cluster: str = "the Ray cluster") -> list[str]:
+    """Why trials can never start on a cluster of `cpus` / `gpus` (one line each, no file prefix;
+    GPUs before CPUs). Trials with the same needs are reported once. `cluster`: how the lines name
+    the cluster."""
+    out: list[str] = []
     seen: set[tuple] = set()
     for t in spec.trials:
         key = "stage1" if t.stage == "pretrain" else "stage2"
@@ -513,21 +535,21 @@ def cluster_fit_problem(spec: gridspec.GridSpec, cpus: float, gpus: float) -> Op
         need_cpu, need_gpu = trial_needs(r)
         if n > 1:
             if need_gpu > gpus:
-                return (f"{key}: trial {t.id} runs devices={n} workers x {key}.resources.gpu={_fmt(r['gpu'])} = "
-                        f"{_fmt(need_gpu)} GPU(s) but the Ray cluster has {_fmt(gpus)}; lower settings.devices "
-                        "for it or run on a machine / cluster with more GPUs")
+                out.append(f"{key}: trial {t.id} runs devices={n} workers x {key}.resources.gpu={_fmt(r['gpu'])} = "
+                           f"{_fmt(need_gpu)} GPU(s) but {cluster} has {_fmt(gpus)}; lower settings.devices "
+                           "for it or run on a machine / cluster with more GPUs")
             if need_cpu > cpus:
-                return (f"{key}: trial {t.id} runs devices={n} workers x {key}.resources.cpu={_fmt(r['cpu'])} "
-                        f"(+{_fmt(DRIVER_CPU)} for its driver) = {_fmt(need_cpu)} CPU(s) but the Ray cluster has "
-                        f"{_fmt(cpus)}; lower {key}.resources.cpu or settings.devices, or add CPUs (--num-cpus)")
+                out.append(f"{key}: trial {t.id} runs devices={n} workers x {key}.resources.cpu={_fmt(r['cpu'])} "
+                           f"(+{_fmt(DRIVER_CPU)} for its driver) = {_fmt(need_cpu)} CPU(s) but {cluster} has "
+                           f"{_fmt(cpus)}; lower {key}.resources.cpu or settings.devices, or add CPUs (--num-cpus)")
             continue
         if need_gpu > gpus:
-            return (f"{key}.resources.gpu={_fmt(r['gpu'])} but the Ray cluster has {_fmt(gpus)} GPU(s); "
-                    "use --grid smoke (CPU) or run on a GPU machine / cluster")
+            out.append(f"{key}.resources.gpu={_fmt(r['gpu'])} but {cluster} has {_fmt(gpus)} GPU(s); "
+                       "use --grid smoke (CPU) or run on a GPU machine / cluster")
         if need_cpu > cpus:
-            return (f"{key}.resources.cpu={_fmt(r['cpu'])} but the Ray cluster has {_fmt(cpus)} CPU(s); "
-                    f"lower {key}.resources.cpu or add CPUs (--num-cpus)")
-    return None
+            out.append(f"{key}.resources.cpu={_fmt(r['cpu'])} but {cluster} has {_fmt(cpus)} CPU(s); "
+                       f"lower {key}.resources.cpu or add CPUs (--num-cpus)")
+    return out
 
 
 def check_cluster_fits(spec: gridspec.GridSpec, strict: bool) -> None:
@@ -542,28 +564,49 @@ def check_cluster_fits(spec: gridspec.GridSpec, strict: bool) -> None:
 
 
 # ============================================================================ data pre-checks
-def prepare_data(spec: gridspec.GridSpec, console: Console) -> None:
-    """Check given dataset folders and generate the synthetic dataset ONCE, before trials start
-    (so that concurrent trials never race to generate it)."""
-    from core.config import DataConfig
-
-    seen: set[str] = set()
+def _data_groups(spec: gridspec.GridSpec) -> dict[str, tuple[str, dict, list[str]]]:
+    """Distinct (stage, data section) of the trials -> (stage, data, trial ids)."""
+    groups: dict[str, tuple[str, dict, list[str]]] = {}
     for t in spec.trials:
         d = t.config.get("data") or {}
         key = json.dumps([t.stage, d], sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
+        groups.setdefault(key, (t.stage, d, []))[2].append(t.id)
+    return groups
+
+
+def data_problems(spec: gridspec.GridSpec) -> list[gridspec.Problem]:
+    """Given dataset folders (data.root) must exist and have the layout, split lists and listed
+    files (no pixels read, nothing written): a wrong layout is reported here, once, before any
+    trial starts, instead of failing every trial. Generated datasets (root null) are made at the start."""
+    from core.config import DataConfig
+
+    out: list[gridspec.Problem] = []
+    for stage, d, ids in _data_groups(spec).values():
         root = d.get("root")
-        if root is not None:
-            if not Path(root).exists():
-                raise DataError(f"data.root={root} does not exist (trial {t.id}); pass --data-root DIR pointing to the "
-                                "folder that holds VOCdevkit/ (or set data.root in the grid file)")
-            # layout, split lists and listed files (no pixels): a wrong layout fails here, once, before
-            # any trial starts, instead of failing every trial
+        if root is None:
+            continue
+        if not Path(root).exists():
+            what = ("does not exist; pass --data-root DIR pointing to the folder that holds VOCdevkit/ "
+                    "(or set data.root in the grid file)")
+        else:
             from core.data.module import validate_data
 
-            validate_data(DataConfig.from_dict(d), t.stage)
+            try:
+                validate_data(DataConfig.from_dict(d), stage)
+                continue
+            except TwinsegError as e:
+                what = " ".join(str(e).split())
+        _add_problem(out, gridspec.Problem(spec.path.name, f"data.root={root}", what, list(ids)))
+    return out
+
+
+def prepare_data(spec: gridspec.GridSpec, console: Console) -> None:
+    """Generate the synthetic dataset ONCE, before trials start (so that concurrent trials never
+    race to generate it). Given folders were checked by `data_problems`."""
+    from core.config import DataConfig
+
+    for _stage, d, _ids in _data_groups(spec).values():
+        if d.get("root") is not None:
             continue
         try:
             from core.data.synthetic import default_voc_root
@@ -573,22 +616,161 @@ def prepare_data(spec: gridspec.GridSpec, console: Console) -> None:
         console.line(f"data     generated dataset ready at {path}", "dim")
 
 
-def check_weights(spec: gridspec.GridSpec) -> None:
+def weight_problems(spec: gridspec.GridSpec, weights_dir=None, online: Optional[bool] = None) -> list[gridspec.Problem]:
     """Named weight sources (imagenet, dino, ...) must be in the weights folder when offline: one
-    WeightsError line (file, URL, pre-fetch command) before any trial starts, not one per trial."""
-    from core.weights import WEIGHT_SPECS, _resolve, is_online
+    problem per missing file (path, URL, pre-fetch command, the trials that need it), all of them
+    at once. Online, the trials download what is missing. (A pair without any weights is a grid
+    problem: gridspec.weights_refusal.)"""
+    from core.weights import WEIGHT_SPECS, is_online, local_path
 
-    if is_online():
-        return  # the trials download what is missing
-    seen: set[tuple[str, str]] = set()
+    if is_online(online):
+        return []
+    needs: dict[tuple[str, str], list[str]] = {}
     for t in spec.trials:
         key = (str(t.config.get("source", "random")), str(t.config.get("backbone", "")))
-        if key in seen:
+        if key in WEIGHT_SPECS:
+            needs.setdefault(key, []).append(t.id)
+    out: list[gridspec.Problem] = []
+    for (source, backbone), ids in needs.items():
+        ws = WEIGHT_SPECS[(source, backbone)]
+        path = local_path(ws, weights_dir)
+        if path.is_file():
             continue
-        seen.add(key)
-        ws = WEIGHT_SPECS.get(key)
-        if ws is not None:
-            _resolve(ws, None, False)
+        out.append(gridspec.Problem(
+            spec.path.name, f"source={source} backbone={backbone}",
+            f"{source} weights for {backbone} not found at {path} (offline); fetch them with `python -m core.weights "
+            f"fetch --source {source} --backbone {backbone}` on an online machine and copy its weights/ folder here, "
+            f"or download {ws.where} to that path, or set TWINSEG_ONLINE=1 to let the trials download it", ids))
+    return out
+
+
+def _add_problem(out: list[gridspec.Problem], pr: gridspec.Problem) -> None:
+    """Append `pr`, or add its trials to an earlier problem with the same place and message."""
+    for q in out:
+        if (q.fname, q.where, q.what) == (pr.fname, pr.where, pr.what):
+            q.trials += [t for t in pr.trials if t not in q.trials]
+            return
+    out.append(pr)
+
+
+# ============================================================================ pre-start checks, plan
+def available_cpus() -> int:
+    """CPUs this process may use (the affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def local_gpu_count() -> int:
+    """GPUs torch sees here (CUDA_VISIBLE_DEVICES applies); 0 when torch or CUDA is missing. torch
+    is loaded anyway by the grid's model checks; no CUDA context is created."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no driver, broken install: no GPU for the check
+        return 0
+
+
+@dataclass
+class ClusterSize:
+    cpus: float
+    gpus: float
+    name: str  # how a problem line names it ("... but <name> has 0 GPU(s)")
+    text: str  # the plan's description (how it was counted)
+
+
+def local_cluster(args) -> Optional[ClusterSize]:
+    """The cluster a local start gets (this machine; --num-cpus replaces the CPU count), or None
+    with --address (known only once Ray is up)."""
+    if args.address:
+        return None
+    gpus = local_gpu_count()
+    if args.num_cpus is not None:
+        cpus, how = args.num_cpus, "--num-cpus"
+    else:
+        cpus, how = available_cpus(), "the CPUs this process may use"
+    return ClusterSize(float(cpus), float(gpus), "this machine (local start)",
+                       f"this machine (local start): {cpus} CPU(s) ({how}), {gpus} GPU(s) (torch.cuda.device_count)")
+
+
+def pre_start_problems(spec: gridspec.GridSpec, cluster: Optional[ClusterSize]) -> list[str]:
+    """Every problem found before the start, one line each (`<file>: <where>: <problem>; <fix>`):
+    the grid's per-trial problems, wandb, data folders, missing weight files, cluster fit."""
+    lines = [p.line for p in spec.problems]
+    try:
+        check_wandb(spec.wandb)
+    except ConfigError as e:
+        lines.append(str(e))
+    lines += [p.line for p in data_problems(spec)]
+    lines += [p.line for p in weight_problems(spec)]
+    if cluster is not None:
+        lines += [f"{spec.path.name}: {m}" for m in cluster_fit_problems(spec, cluster.cpus, cluster.gpus, cluster.name)]
+    return [" ".join(ln.split()) for ln in lines]
+
+
+def report_problems(lines: list[str]) -> int:
+    """Each problem as one `twinseg: error:` line on stderr; the exit status (0 none, 2 some)."""
+    for ln in lines:
+        print(f"twinseg: error: {ln}", file=sys.stderr)
+    sys.stderr.flush()
+    return 2 if lines else 0
+
+
+def _res_text(r: dict) -> str:
+    n = int(r.get("workers", 1))
+    base = f"{_fmt(r['cpu'])} CPU, {_fmt(r['gpu'])} GPU"
+    return f"{n} workers x ({base}) + {_fmt(DRIVER_CPU)} CPU driver" if n > 1 else base
+
+
+def plan_text(spec: gridspec.GridSpec, cluster: Optional[ClusterSize], results_dir: Optional[Path],
+              resuming: bool = False, address: Optional[str] = None) -> str:
+    """The plan of a dry run: the grid, the assumed cluster, the data and weights, one line per
+    trial (id, stage, dependency, resources; `!` marks a trial named by a problem) and the totals."""
+    from core.weights import default_weights_dir, is_online
+
+    flagged = {tid for p in spec.problems for tid in p.trials}
+    out = [f"plan     {gridspec.describe(spec)}; at most {spec.max_concurrent} at once, "
+           f"{spec.retries} retr{'y' if spec.retries == 1 else 'ies'} per trial"]
+    if cluster is not None:
+        out.append(f"cluster  assumed: {cluster.text}")
+    else:
+        out.append(f"cluster  --address {address}: its size is known only once Ray is up, so the fit is checked at "
+                   "the start (not by this dry run)")
+    roots = sorted({str((t.config.get("data") or {}).get("root")) for t in spec.trials})
+    data = ", ".join("generated dataset (made at the start, under data/)" if r == "None" else f"{r} (layout checked)"
+                     for r in roots)
+    out.append(f"data     {data}")
+    wdir = default_weights_dir()
+    out.append(f"weights  {wdir} " + ("(online: the trials download missing files)" if is_online()
+                                      else "(offline: every file must be there before the start)"))
+    if results_dir is not None:
+        out.append(f"results  {results_dir} ({'resuming; ' if resuming else ''}not written by a dry run)")
+    out.append("")
+    wid = max([len(t.id) for t in spec.trials] + [2])
+    dw = max([len(", ".join(t.depends_on) or "-") for t in spec.trials] + [10])
+    out.append(f"  {'id':<{wid}}  {'stage':<8}  {'depends on':<{dw}}  resources")
+    for t in spec.trials:
+        mark = "!" if t.id in flagged else " "
+        dep = ", ".join(t.depends_on) or "-"
+        out.append(f"{mark} {t.id:<{wid}}  {t.stage:<8}  {dep:<{dw}}  {_res_text(t.resources)}")
+    out.append("")
+    for stage in ("pretrain", "segment"):
+        ts = spec.stage(stage)
+        if not ts:
+            continue
+        needs = [trial_needs(t.resources) for t in ts]
+        cpu, gpu = sum(n[0] for n in needs), sum(n[1] for n in needs)
+        big = max(needs)
+        out.append(f"totals   {stage:<8} {len(ts)} trial(s); requests {_fmt(cpu)} CPU and {_fmt(gpu)} GPU in all "
+                   f"(largest trial {_fmt(big[0])} CPU, {_fmt(big[1])} GPU)")
+    out.append(f"totals   all      {len(spec.trials)} trial(s), {len(flagged)} marked ! (named by a problem)")
+    if spec.left_out:
+        n_pre = sum(1 for t in spec.left_out if not t.startswith("seg-"))
+        out.append(f"left out {n_pre} pretraining + {len(spec.left_out) - n_pre} segmentation trial(s) whose (source, "
+                   "backbone) pair has no weights (see the problems)")
+    return "\n".join(out)
 
 
 def _absolute_data_root(raw: dict) -> None:
@@ -669,6 +851,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-report", action="store_true", help="do not build report.md at the end")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray start (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="local start without the Ray dashboard")
+    p.add_argument("--dry-run", action="store_true",
+                   help="expand and check the grid, print the plan and EVERY problem, then stop: no Ray, no folder "
+                        "written; exit 0 if nothing is wrong, 2 otherwise")
     a = p.parse_args(argv)
     if a.max_concurrent is not None and a.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {a.max_concurrent} must be >= 1")
@@ -714,13 +899,24 @@ def main(argv: Optional[list[str]] = None, *, run: Optional[Callable[..., dict]]
     doc = gridspec.apply_overrides(doc, overrides)
     _absolute_data_root(doc)
     if not resuming:
-        probe = gridspec.build_grid(doc, grid_path, None, check_models=False)
+        probe = gridspec.build_grid(doc, grid_path, None, check_models=False, collect=True)
         results_dir, resuming = choose_results_dir(args, probe.name)
-    spec = gridspec.build_grid(doc, grid_path, None, trials_root=results_dir / "trials")
-    check_wandb(spec.wandb)
+    spec = gridspec.build_grid(doc, grid_path, None, trials_root=results_dir / "trials", collect=True)
+    cluster = local_cluster(args)
+    problems = pre_start_problems(spec, cluster)  # every problem at once; nothing written or started yet
+    if args.dry_run:
+        print(plan_text(spec, cluster, results_dir, resuming, args.address))
+        print(f"dry run: {len(problems)} problem(s) (on stderr); nothing written, Ray not started" if problems else
+              "dry run: no problem found; nothing written, Ray not started. Run the same command without --dry-run")
+        sys.stdout.flush()
+        return report_problems(problems)
+    if problems:
+        code = report_problems(problems)
+        console.line(f"{len(problems)} problem(s): nothing started, nothing written; the plan: the same command "
+                     "with --dry-run", "bold red")
+        return code
     console.line(f"grid     {gridspec.describe(spec)}", "bold")
     prepare_data(spec, console)
-    check_weights(spec)
 
     # ---- results folder
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,24 @@ stage-1 trial (one segmentation trial each, which inherits its backbone and seed
 
 Validation happens before anything starts: every trial's `PretrainConfig` / `SegmentConfig` is
 built with `from_dict`; errors are ONE line `<file>: <key path> ...` (ConfigError).
+
+Two kinds of errors:
+* a malformed file (YAML syntax, unknown keys, a value a config refuses, an empty match) stops the
+  expansion at once: one ConfigError line;
+* per-trial problems, independent of one another, are COLLECTED (`build_grid(..., collect=True)` puts
+  them in `GridSpec.problems`, one `Problem` each; without `collect` the first one is raised as
+  before): an image size a backbone refuses, a head or fusion that does not fit the backbone of a
+  segmentation trial (e.g. E3's attention fusion on a CNN), and a (source, backbone) pair that has
+  no weights at all (`core.weights.WEIGHT_SPECS`, what `load_source` resolves; e.g. imagenet for
+  vit_small_patch8). Identical problems are merged into one line naming the trials concerned:
+  `<file>: <key path> (<n> trials: <ids>): <problem>; <fix>`.
+  A trial whose (source, backbone) pair has no weights is NOT part of the grid (it could only fail,
+  every attempt) and neither are the segmentation trials that would consume it: the problem names
+  the pair, the pretraining trials it would create and how many segmentation trials depend on
+  them; the fix is to remove the pair from the axes or add a `stage1.exclude` entry. The other
+  problem trials stay in `GridSpec.trials` (the plan marks them).
+Environment problems (weight files missing offline, data folders, cluster size) are collected by
+experiments/grid.py with the same `Problem` lines.
 """
 
 from __future__ import annotations
@@ -152,6 +170,8 @@ class GridSpec:
     max_concurrent: int
     retries: int
     trials: list[TrialSpec]
+    problems: list["Problem"] = field(default_factory=list)  # per-trial problems (build_grid(collect=True))
+    left_out: list[str] = field(default_factory=list)  # ids of trials not scheduled: their pair has no weights
 
     def by_id(self) -> dict[str, TrialSpec]:
         return {t.id: t for t in self.trials}
@@ -213,15 +233,83 @@ def read_yaml(path: Path) -> dict:
     return doc
 
 
+# ----------------------------------------------------------------------------- problems
+@dataclass
+class Problem:
+    """One reason the grid cannot run as written, printed as ONE line:
+    `<file>: <where> (<trials>): <what>` where `what` is `<problem>; <fix>`."""
+
+    fname: str
+    where: str  # key path (or another short locator, e.g. `source=dino backbone=resnet50`)
+    what: str  # "<problem>; <fix>"
+    trials: list[str] = field(default_factory=list)  # ids of the trials concerned (may be empty)
+    note: str = ""  # more about the trials concerned (e.g. how many trials depend on them)
+
+    @property
+    def line(self) -> str:
+        who = _trial_list(self.trials)
+        if self.note:
+            who = f"{who}; {self.note}" if who else self.note
+        loc = f"{self.where} ({who})" if who and self.where else (self.where or (f"({who})" if who else ""))
+        return f"{self.fname}: {loc}: {self.what}" if loc else f"{self.fname}: {self.what}"
+
+
+def _trial_list(ids: list[str], shown: int = 2) -> str:
+    if not ids:
+        return ""
+    if len(ids) == 1:
+        return f"trial {ids[0]}"
+    more = f", +{len(ids) - shown} more" if len(ids) > shown else ""
+    return f"{len(ids)} trials: {', '.join(ids[:shown])}{more}"
+
+
+def weights_refusal(source: str, backbone: str) -> Optional[str]:
+    """Why `source` can never initialise `backbone` (no weight file exists for the pair; what
+    `core.weights.load_source` would refuse at run time), or None. random / checkpoint:PATH always can."""
+    source = str(source)
+    if source == "random" or source.startswith("checkpoint:"):
+        return None
+    from core.weights import WEIGHT_SPECS, available_sources
+
+    if (source, backbone) in WEIGHT_SPECS:
+        return None
+    return (f"source {source} has no weights for backbone {backbone} (no such weight file exists, sources "
+            f"for {backbone}: {', '.join(available_sources(backbone))}, checkpoint:PATH)")
+
+
 # ----------------------------------------------------------------------------- small checks
 class _Ctx:
-    """Error helper: every message is `<file>: <key path> <problem>; <fix>`."""
+    """Error helper: every message is `<file>: <key path> <problem>; <fix>`.
 
-    def __init__(self, fname: str):
+    `collect`: per-trial problems go to `problems` (merged by location and message) instead of
+    being raised at once."""
+
+    def __init__(self, fname: str, collect: bool = False):
         self.fname = fname
+        self.collect = collect
+        self.problems: list[Problem] = []
+        self._index: dict[tuple[str, str], Problem] = {}
+        # (source, backbone) -> {"where": [...], "trials": [TrialSpec], "dependants": [ids]}
+        self.no_weights: dict[tuple[str, str], dict] = {}
+        self.left_out: list[str] = []  # ids of trials not part of the grid for want of weights
 
     def err(self, path: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.fname}: {path} {msg}" if path else f"{self.fname}: {msg}")
+
+    def problem(self, where: str, what: str, trials: Any = (), note: str = "") -> None:
+        """A per-trial problem: raised at once (ConfigError) unless collecting; the same
+        (where, what) again adds its trials to the first line."""
+        trials = [trials] if isinstance(trials, str) else list(trials)
+        key = (where, what)
+        if key in self._index:
+            pr = self._index[key]
+            pr.trials += [t for t in trials if t not in pr.trials]
+        else:
+            pr = Problem(self.fname, where, what, trials, note)
+            self._index[key] = pr
+            self.problems.append(pr)
+        if not self.collect:
+            raise ConfigError(pr.line)
 
     def mapping(self, path: str, v: Any, allowed: Optional[tuple] = None, *, allow_none: bool = True) -> dict:
         if v is None and allow_none:
@@ -388,14 +476,24 @@ class _ModelChecks:
         check_fit(cfg, self.backbone(cfg.backbone, cfg.data.image_size))
 
 
+def _refusal(check, *args) -> Optional[ConfigError]:
+    """The ConfigError `check(*args)` raises, or None."""
+    try:
+        check(*args)
+    except ConfigError as e:
+        return e
+    return None
+
+
 # ----------------------------------------------------------------------------- loading
 def load_grid(path: Path | str, overrides: Optional[dict] = None, *, trials_root: Path | str = "trials",
-              check_models: bool = True) -> GridSpec:
+              check_models: bool = True, collect: bool = False) -> GridSpec:
     """Read, validate and expand a grid file. `overrides`: CLI values (`data_root`, `wandb`,
-    `max_concurrent`). `trials_root`: folder of the trial dirs (segment sources point into it)."""
+    `max_concurrent`). `trials_root`: folder of the trial dirs (segment sources point into it).
+    `collect`: per-trial problems go to `GridSpec.problems` (else the first is raised)."""
     path = Path(path)
     doc = read_yaml(path)
-    return build_grid(doc, path, overrides, trials_root=trials_root, check_models=check_models)
+    return build_grid(doc, path, overrides, trials_root=trials_root, check_models=check_models, collect=collect)
 
 
 def apply_overrides(doc: dict, overrides: Optional[dict]) -> dict:
@@ -414,9 +512,12 @@ def apply_overrides(doc: dict, overrides: Optional[dict]) -> dict:
 
 
 def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, trials_root: Path | str = "trials",
-               check_models: bool = True) -> GridSpec:
+               check_models: bool = True, collect: bool = False) -> GridSpec:
+    """Validate and expand a parsed grid document. A malformed file raises one ConfigError line;
+    per-trial problems are collected in the result's `problems` when `collect`, else the first one
+    is raised (see the module docstring)."""
     path = Path(path)
-    c = _Ctx(path.name)
+    c = _Ctx(path.name, collect)
     doc = apply_overrides(doc, overrides)
     c.mapping("", doc, TOP_KEYS)
 
@@ -443,8 +544,18 @@ def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, trial
         raise c.err("", "has neither stage1 nor stage2; add at least one (see experiments/grids/smoke.yaml)")
     pre = _expand_stage1(c, s1, data, wandb, checks) if s1 is not None else []
     seg = _expand_stage2(c, s2, data, wandb, pre, Path(trials_root), checks) if s2 is not None else []
+    for (source, backbone), nw in c.no_weights.items():
+        c.left_out += [t.id for t in nw["trials"]] + nw["dependants"]
+        blocks = sorted({_axes_block(w) for w in nw["where"]})
+        deps = nw["dependants"]
+        c.problem(" and ".join(nw["where"]),
+                  f"{weights_refusal(source, backbone)}, so these trials would fail every attempt and are not "
+                  f"scheduled; remove the pair from {' / '.join(blocks)}, or add {{backbone: {backbone}, "
+                  f"source: {source}}} to stage1.exclude",
+                  [t.id for t in nw["trials"]],
+                  note=f"and {len(deps)} segmentation trial(s) from them" if deps else "")
     trials = pre + seg
-    if not trials:
+    if not trials and not c.problems:
         raise c.err("", "expands to no trial; check stage1.axes and stage2.evaluations")
     seen: set[str] = set()
     for t in trials:
@@ -452,7 +563,13 @@ def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, trial
             raise c.err("", f"two trials get the same id {t.id}; remove the duplicate axis value or add a tag")
         seen.add(t.id)
     return GridSpec(name=name, path=path, raw=doc, wandb=wandb, max_concurrent=int(max_conc),
-                    retries=int(retries), trials=trials)
+                    retries=int(retries), trials=trials, problems=c.problems, left_out=c.left_out)
+
+
+def _axes_block(where: str) -> str:
+    """`stage1.axes[1].source[0]=... x ...` -> `stage1.axes[1]` (the axes block a combination comes from)."""
+    m = re.match(r"stage1\.axes(\[\d+\])?", where)
+    return m.group(0) if m else "stage1.axes"
 
 
 def _resources(c: _Ctx, path: str, v: Any) -> dict:
@@ -627,24 +744,32 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
                 cfg = PretrainConfig.from_dict(d)
             except ConfigError as e:
                 raise c.err("", _locate(str(e), origins)) from None
-            if checks is not None:
-                try:
-                    checks.input_size(cfg.backbone, cfg.data.image_size)
-                except ConfigError as e:
-                    where = origins.get("data.image_size", "data.image_size (default)")
-                    raise c.err(f"{where}={cfg.data.image_size}", f"does not fit backbone {cfg.backbone} ({origins['backbone']}): {e}") from None
             norm_labels = axis_labels(cfg.to_dict())
             tid = pretrain_id(norm_labels)
             if tid in ids:  # e.g. DINO across lambdas: lambd does not apply, one trial
                 continue
             ids.add(tid)
             trial_res = _trial_resources(c, res, "stage1.resources", cfg.devices, origins, cfg.device)
-            trials.append(TrialSpec(id=tid, stage="pretrain", config=cfg.to_dict(), resources=trial_res,
-                                    labels=norm_labels))
+            trial = TrialSpec(id=tid, stage="pretrain", config=cfg.to_dict(), resources=trial_res,
+                              labels=norm_labels)
+            if weights_refusal(cfg.source, cfg.backbone) is not None:
+                # never part of the grid (see the module docstring); reported once per pair by build_grid
+                nw = c.no_weights.setdefault((cfg.source, cfg.backbone), {"where": [], "trials": [], "dependants": []})
+                loc = (f"{origins.get('source', 'stage1 default source')}={cfg.source!r} x "
+                       f"{origins.get('backbone', 'stage1 default backbone')}={cfg.backbone!r}")
+                if loc not in nw["where"]:
+                    nw["where"].append(loc)
+                nw["trials"].append(trial)
+                continue
+            err = _refusal(checks.input_size, cfg.backbone, cfg.data.image_size) if checks is not None else None
+            if err is not None:
+                where = origins.get("data.image_size", "data.image_size (default)")
+                c.problem(f"{where}={cfg.data.image_size}", f"does not fit backbone {cfg.backbone}: {err}", tid)
+            trials.append(trial)
     for e, i in excludes:
         if i not in used_excl:
             raise c.err(f"stage1.exclude[{i}]={_short(e)}", "matches no stage-1 combination; fix or remove it")
-    if not trials:
+    if not trials and not c.no_weights:
         raise c.err("stage1", "expands to no trial (every combination excluded); check stage1.axes and stage1.exclude")
     return trials
 
@@ -696,6 +821,12 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
                 raise c.err(f"{p}.from", "is empty; name at least one stage-1 axis (e.g. backbone) or write from: none")
             match.setdefault("method", EVALUATIONS[ev].get("pretrain_method"))
             deps = [t for t in pre if _matches(match, t.labels)]
+            # stage-1 trials left out for want of weights: their dependants are counted, not created
+            lost = [(pair, t) for pair, nw in c.no_weights.items() for t in nw["trials"] if _matches(match, t.labels)]
+            for pair, t in lost:
+                c.no_weights[pair]["dependants"].append(f"seg-{label}-from-{t.id}")
+            if not deps and lost:
+                continue
             if not deps:
                 have = {k: sorted({str(t.labels[k]) for t in pre}) for k in axis_names()}
                 avail = "; ".join(f"{k} in [{', '.join(have[k])}]" for k in match)
@@ -730,16 +861,27 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
                 cfg = SegmentConfig.from_dict(d)
             except ConfigError as e:
                 raise c.err("", _locate(str(e), origins)) from None
-            if checks is not None:
-                try:
-                    checks.segment(cfg)
-                except ConfigError as e:
-                    ctx = f" (stage-1 trial {dep.id})" if dep is not None else ""
-                    raise c.err(p, f"evaluation {ev} on backbone {cfg.backbone}{ctx}: {e}") from None
             if dep is not None:
                 tid = f"seg-{label}-from-{dep.id}"
             else:
                 tid = "-".join(["seg", label, _safe(cfg.backbone), _source_tag(cfg.source), f"s{_fmt_num(cfg.seed)}"])
+            refusal = weights_refusal(cfg.source, cfg.backbone)
+            if refusal is not None:  # e.g. from: none with source: dino on a backbone DINO never published
+                where = origins.get("source", f"{p} source")
+                c.left_out.append(tid)
+                c.problem(f"{where}={cfg.source!r}",
+                          f"{refusal}, so the trial would fail every attempt and is not scheduled; choose a source "
+                          f"that has weights for {cfg.backbone} (or another backbone) or remove the entry", tid)
+                continue
+            # the image size first, located (and merged with stage 1's line) at the size's key path
+            err = _refusal(checks.input_size, cfg.backbone, cfg.data.image_size) if checks is not None else None
+            if err is not None:
+                where = origins.get("data.image_size", "data.image_size (default)")
+                c.problem(f"{where}={cfg.data.image_size}", f"does not fit backbone {cfg.backbone}: {err}", tid)
+            else:
+                err = _refusal(checks.segment, cfg) if checks is not None else None
+                if err is not None:
+                    c.problem(p, f"evaluation {ev} on backbone {cfg.backbone}: {err}", tid)
             labels = {**labels, "from": dep.id if dep else None}
             trials.append(TrialSpec(id=tid, stage="segment", config=cfg.to_dict(),
                                     depends_on=[dep.id] if dep else [],

@@ -116,3 +116,83 @@ def test_dino_freezes_last_layer_in_first_epoch_and_clips():
     lin.weight.grad = torch.full((3, 3), 10.0)
     clip_gradients_per_param(lin, 3.0)
     assert lin.weight.grad.norm().item() == pytest.approx(3.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------- official recipe fields
+def test_drop_path_in_the_student_only():
+    """Official main_dino.py builds the student with drop_path_rate and the teacher without: the
+    teacher (a deep copy here) has every DropPath off and is deterministic even in train mode."""
+    from core.methods.dino import DINOMethod
+    from core.models.registry import drop_path_rates
+
+    torch.manual_seed(0)
+    m = DINOMethod(_tiny_cfg(backbone="vit_nano_patch8", drop_path=0.5), num_train_batches=2)
+    student, teacher = drop_path_rates(m.backbone), drop_path_rates(m.teacher_backbone)
+    # timm: linear per-block rates 0 .. 0.5 over the 4 blocks (block 0 has none), 2 per block
+    assert student and max(student) == pytest.approx(0.5) and len(teacher) == len(student)
+    assert all(r == 0.0 for r in teacher)
+    for ps, pt in m._pairs():  # parameters unchanged and aligned for the EMA
+        assert torch.equal(ps, pt)
+    x = torch.randn(4, 3, 64, 64)
+    m.backbone.train()
+    m.teacher_backbone.train()
+    with torch.no_grad():
+        assert torch.equal(m.teacher_backbone(x), m.teacher_backbone(x))
+        assert not torch.allclose(m.backbone(x), m.backbone(x))
+    # without drop_path nothing changes: no DropPath anywhere (today's behaviour)
+    m0 = DINOMethod(_tiny_cfg(backbone="vit_nano_patch8"), num_train_batches=2)
+    assert drop_path_rates(m0.backbone) == [] and drop_path_rates(m0.teacher_backbone) == []
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"drop_path": 0.1}, "drop_path=0.1 is not supported by backbone=resnet_tiny (no stochastic depth); use drop_path=0"),
+    ({"backbone": "vit_nano_patch8", "drop_path": 1.0}, "drop_path=1.0 must be >= 0 and < 1"),
+    ({"backbone": "vit_nano_patch8", "drop_path": -0.1}, "drop_path=-0.1 must be >= 0 and < 1"),
+    ({"backbone": "vit_nano_patch8", "drop_path": "x"}, "drop_path='x' must be a number"),
+])
+def test_drop_path_bad_values_are_one_line(kw, needle):
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _tiny_cfg(**kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fit_follows_the_lr_and_weight_decay_schedules():
+    """A short Lightning fit: before every optimiser step the weights group has the cosine weight decay
+    (0.04 -> 0.4 over all steps), the bias/norm group 0; the lr ends at min_lr in every group."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from core.methods.dino import DINOMethod
+    from core.methods.optim import cosine_schedule, warmup_cosine
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.seen.append({g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups})
+
+    torch.manual_seed(0)
+    n_batches, epochs, base, min_lr = 3, 2, 1e-3, 1e-6
+    cfg = _tiny_cfg(epochs=epochs, lr=base, min_lr=min_lr, weight_decay=0.04, weight_decay_end=0.4,
+                    warmup_epochs=1, data={"image_size": 32})
+    views = [[torch.randn(3, 32, 32), torch.randn(3, 32, 32)] for _ in range(4 * n_batches)]
+    loader = DataLoader(views, batch_size=4)
+    m = DINOMethod(cfg, num_train_batches=n_batches)
+    rec = Record()
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=[rec],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(m, train_dataloaders=loader)
+    total, warm = n_batches * epochs, n_batches
+    assert len(rec.seen) == total
+    for step, groups in enumerate(rec.seen):
+        assert groups["weights"][1] == pytest.approx(cosine_schedule(step, total, 0.04, 0.4))
+        assert groups["biases_norms"][1] == 0.0
+        want_lr = base * warmup_cosine(step, total, warm, final=min_lr / base)
+        assert groups["weights"][0] == pytest.approx(want_lr) and groups["biases_norms"][0] == pytest.approx(want_lr)
+    assert rec.seen[0]["weights"][1] == pytest.approx(0.04)
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([min_lr, min_lr])
+    assert m.weight_decay_at(total) == pytest.approx(0.4)

@@ -287,3 +287,98 @@ def test_axes_are_declared_once_and_method_axes_follow_their_method(tmp_path):
     dino = by["pt-vit_nano_patch8-random-dino-s0"]
     assert dino.labels["lambd"] is None and dino.config["dino"]["out_dim"] == 32
     assert dino.config["barlow_twins"]["lambd"] == 0.0051  # not its axis: the default stays
+
+
+# ----------------------------------------------------------------------------- per-trial problems, collected
+def test_collect_lists_every_per_trial_problem(tmp_path):
+    """collect=True: independent per-trial problems are all listed (identical ones merged into one
+    line naming the trials); without it the first is raised as before."""
+    doc = copy.deepcopy(BASE)
+    doc["stage1"]["axes"]["seed"] = [0, 1, 2]
+    doc["stage2"]["evaluations"] += [
+        {"evaluation": "E3", "from": {"backbone": "resnet_tiny"}},   # attention fusion on a CNN, 3 seeds
+        {"evaluation": "E4", "from": {"backbone": "resnet_tiny"}},
+        {"evaluation": "E5", "from": "none", "settings": {"backbone": "vit_nano_patch8", "source": "dino"}},
+    ]
+    g = gridspec.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", collect=True)
+    lines = [p.line for p in g.problems]
+    assert len(lines) == 3, lines
+    e3, e4, e5 = lines
+    assert e3.startswith("bad.yaml: stage2.evaluations[2] (3 trials: seg-E3-from-pt-resnet_tiny-random-bt-l0.0051-s0, "
+                         "seg-E3-from-pt-resnet_tiny-random-bt-l0.0051-s1, +1 more): evaluation E3 on backbone "
+                         "resnet_tiny: fusion='features' needs a transformer backbone")
+    assert e4.startswith("bad.yaml: stage2.evaluations[3] (3 trials: ") and "resnet_tiny is a CNN" in e4
+    assert e5.startswith("bad.yaml: stage2.evaluations[4].settings.source='dino' (trial seg-E5-vit_nano_patch8-dino-s0): "
+                         "source dino has no weights for backbone vit_nano_patch8")
+    assert all("\n" not in ln for ln in lines)
+    ids = {t.id for t in g.trials}
+    assert "seg-E3-from-pt-resnet_tiny-random-bt-l0.0051-s2" in ids  # in the plan (marked), not dropped
+    assert "seg-E5-vit_nano_patch8-dino-s0" not in ids and g.left_out == ["seg-E5-vit_nano_patch8-dino-s0"]
+    with pytest.raises(ConfigError) as ei:  # the normal API: the first problem, one line
+        gridspec.load_grid(_write(tmp_path, doc))
+    assert str(ei.value).startswith("bad.yaml: stage2.evaluations[2] (trial seg-E3-from-pt-resnet_tiny-random-bt-l0.0051-s0): ")
+
+
+def test_pair_without_weights_is_one_problem_and_not_scheduled(tmp_path):
+    """A (source, backbone) pair for which no weights exist (core.weights.WEIGHT_SPECS) is reported
+    once, with its trials and the segmentation trials that would consume them, and left out."""
+    doc = copy.deepcopy(BASE)
+    doc["stage1"]["axes"] = [
+        {"backbone": ["vit_nano_patch8", "resnet_tiny"], "lambd": [0.0051], "method": ["barlow_twins"]},
+        {"backbone": ["vit_nano_patch8"], "source": ["imagenet"], "lambd": [0.0051, 0.02], "method": ["barlow_twins"]},
+    ]
+    g = gridspec.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", check_models=False, collect=True)
+    assert len(g.problems) == 1
+    line = g.problems[0].line
+    assert line.startswith("bad.yaml: stage1.axes[1].source[0]='imagenet' x stage1.axes[1].backbone[0]='vit_nano_patch8' "
+                           "(2 trials: pt-vit_nano_patch8-imagenet-bt-l0.0051-s0, pt-vit_nano_patch8-imagenet-bt-l0.02-s0; "
+                           "and 2 segmentation trial(s) from them): source imagenet has no weights for backbone "
+                           "vit_nano_patch8 (no such weight file exists, sources for vit_nano_patch8: random, checkpoint:PATH)")
+    assert line.endswith("remove the pair from stage1.axes[1], or add {backbone: vit_nano_patch8, source: imagenet} "
+                         "to stage1.exclude")
+    assert not any("imagenet" in t.id for t in g.trials)
+    assert sorted(g.left_out) == sorted([
+        "pt-vit_nano_patch8-imagenet-bt-l0.0051-s0", "pt-vit_nano_patch8-imagenet-bt-l0.02-s0",
+        "seg-E4-from-pt-vit_nano_patch8-imagenet-bt-l0.0051-s0", "seg-E4-from-pt-vit_nano_patch8-imagenet-bt-l0.02-s0"])
+    with pytest.raises(ConfigError, match=r"^bad\.yaml: stage1\.axes\[1\]\.source\[0\]='imagenet' x "):
+        gridspec.load_grid(_write(tmp_path, doc), check_models=False)
+    # the fix it names works; a from: that selects only such trials is no extra error
+    doc["stage1"]["exclude"] = [{"backbone": "vit_nano_patch8", "source": "imagenet"}]
+    assert gridspec.load_grid(_write(tmp_path, doc), check_models=False, collect=True).problems == []
+    only = copy.deepcopy(BASE)
+    only["stage1"]["axes"]["source"] = ["imagenet"]
+    only["stage1"]["axes"]["backbone"] = ["vit_nano_patch8"]
+    only["stage2"]["evaluations"] = only["stage2"]["evaluations"][1:]
+    g = gridspec.load_grid(_write(tmp_path, only), check_models=False, collect=True)
+    assert g.trials == [] and len(g.problems) == 1 and "and 1 segmentation trial(s) from them" in g.problems[0].line
+
+
+def test_cluster_fit_problems_lists_every_stage(tmp_path):
+    from experiments.grid import cluster_fit_problems
+
+    doc = copy.deepcopy(BASE)
+    doc["stage1"]["resources"] = {"cpu": 4, "gpu": 1}
+    doc["stage1"]["settings"]["device"] = "auto"
+    doc["stage2"]["resources"] = {"cpu": 8, "gpu": 0.5}
+    doc["stage2"]["settings"]["device"] = "auto"
+    g = gridspec.load_grid(_write(tmp_path, doc), check_models=False)
+    found = cluster_fit_problems(g, cpus=2, gpus=0, cluster="this machine (local start)")
+    assert found == [
+        "stage1.resources.gpu=1 but this machine (local start) has 0 GPU(s); use --grid smoke (CPU) or run on a GPU machine / cluster",
+        "stage1.resources.cpu=4 but this machine (local start) has 2 CPU(s); lower stage1.resources.cpu or add CPUs (--num-cpus)",
+        "stage2.resources.gpu=0.5 but this machine (local start) has 0 GPU(s); use --grid smoke (CPU) or run on a GPU machine / cluster",
+        "stage2.resources.cpu=8 but this machine (local start) has 2 CPU(s); lower stage2.resources.cpu or add CPUs (--num-cpus)",
+    ]
+
+
+def test_image_size_problem_is_one_line_for_both_stages(tmp_path):
+    """A size the backbone refuses is located at data.image_size once, naming the pretraining and
+    the segmentation trials it breaks."""
+    doc = copy.deepcopy(BASE)
+    doc["data"]["image_size"] = 36
+    g = gridspec.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", collect=True)
+    assert len(g.problems) == 1
+    line = g.problems[0].line
+    assert line.startswith("bad.yaml: data.image_size=36 (2 trials: pt-vit_nano_patch8-random-bt-l0.0051-s0, "
+                           "seg-E4-from-pt-vit_nano_patch8-random-bt-l0.0051-s0): does not fit backbone vit_nano_patch8: ")
+    assert "patch size 8" in line

@@ -383,3 +383,43 @@ def test_affinity_every_head_shapes_and_grads(bb_name, head_name):
     torch.nn.functional.cross_entropy(out, torch.randint(0, NUM_CLASSES, (2, SIZE, SIZE))).backward()
     assert _finite_grads(list(head.parameters()) + list(model.fusion.parameters()))
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bb.parameters())
+
+
+# ---------------------------------------------------------------------------------- SETR-MLA (paper / mmseg)
+@pytest.mark.parametrize("bb_name", ["fake_vit", "fake_cnn"])
+def test_setr_mla_has_level_norms_and_the_3x3_after_the_sum(bb_name):
+    """SETR 3.3 / mmseg MLANeck: a LayerNorm per input level (over the channels of each token), a 3x3
+    conv-BN-ReLU on every top-down aggregate; gradients reach both."""
+    from core.models.heads.base import four_levels
+
+    bb = make_backbone(bb_name)
+    head = create_head("setr_mla", bb, NUM_CLASSES, channels=32, mla_channels=16)
+    dims = list(bb.intermediate_dims(four_levels(bb)))
+    assert [n.normalized_shape for n in head.norms] == [(c,) for c in dims]
+    assert all(isinstance(n, nn.LayerNorm) and n.eps == 1e-6 for n in head.norms)
+    assert len(head.fuse) == 4
+    for f in head.fuse:
+        conv = f[0]
+        assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
+        assert conv.in_channels == conv.out_channels == 32 and isinstance(f[1], nn.BatchNorm2d)
+    model = Segmenter(bb, head, num_classes=NUM_CLASSES).train()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    model(x).sum().backward()
+    for mod in list(head.norms) + list(head.fuse):
+        for p in mod.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all()
+
+
+def test_setr_mla_level_norm_is_over_channels_per_token():
+    """The norm makes the head blind to a per-token affine change of a level's channels (LayerNorm
+    over C at every position, as mmseg reshapes NCHW -> NLC), and nothing else is normalised."""
+    bb = make_backbone("fake_vit")
+    head = create_head("setr_mla", bb, NUM_CLASSES, channels=32, mla_channels=16).eval()
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 16, 4, 4, generator=g)
+    normed = head._token_norm(head.norms[0], f)
+    want = torch.nn.functional.layer_norm(f.permute(0, 2, 3, 1), (16,), eps=1e-6).permute(0, 3, 1, 2)
+    assert torch.allclose(normed, want, atol=1e-6)
+    scale = torch.rand(2, 1, 4, 4, generator=g) + 0.5
+    shift = torch.randn(2, 1, 4, 4, generator=g)
+    assert torch.allclose(head._token_norm(head.norms[0], f * scale + shift), normed, atol=1e-4)

@@ -1,4 +1,5 @@
-"""LARS bias/norm exclusion, lr recipe, warmup-cosine schedule, k-NN / linear probe metrics."""
+"""LARS bias/norm exclusion, lr recipe, warmup-cosine schedule (min_lr), weight-decay schedule
+(weight_decay_end), k-NN / linear probe metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import ConfigError
 from core.methods.optim import (
     FINAL_LR_FACTOR,
+    apply_weight_decay,
     build_optimizer,
     configure_optimizers,
     cosine_schedule,
@@ -105,6 +108,99 @@ def test_configure_optimizers_steps_per_step():
         sched.step()
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.1)
     assert lrs[-1] < 0.01
+
+
+def _run_schedule(d, steps):
+    """lr of every group before each of `steps` optimiser steps, and after the last."""
+    opt, sched = d["optimizer"], d["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(steps):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    seen.append([g["lr"] for g in opt.param_groups])
+    return seen
+
+
+@pytest.mark.parametrize("name", ["lars", "adamw"])
+def test_min_lr_is_reached_by_every_group(name):
+    """min_lr (official DINO 1e-6): every group ends at that absolute lr, whatever its base lr (LARS:
+    0.2 weights / 0.0048 biases); the warmup and the cosine shape are unchanged."""
+    total, warm, min_lr = 20, 4, 1e-6
+    d = configure_optimizers(_model(), name, None, 0.0, 256, total, warm, min_lr=min_lr)
+    bases = [g["initial_lr"] for g in d["optimizer"].param_groups]
+    seen = _run_schedule(d, total)
+    assert seen[0] == [0.0, 0.0]
+    assert seen[warm] == pytest.approx(bases)  # peak after the warmup
+    assert seen[total] == pytest.approx([min_lr, min_lr], rel=1e-9)  # the end of the cosine
+    mid = warm + (total - warm) // 2
+    assert seen[mid] == pytest.approx([min_lr + 0.5 * (b - min_lr) for b in bases])
+    # none (the default): unchanged, 0.001 x each group's base
+    seen0 = _run_schedule(configure_optimizers(_model(), name, None, 0.0, 256, total, warm), total)
+    assert seen0[total] == pytest.approx([FINAL_LR_FACTOR * b for b in bases])
+    for a, b in zip(seen0[:warm + 1], seen[:warm + 1]):  # the same warmup
+        assert a == pytest.approx(b)
+
+
+def test_min_lr_above_a_group_base_lr_is_refused():
+    with pytest.raises(ConfigError, match=r"^min_lr=0.01 must be <= the base learning rate 0.0048 of group 'biases_norms'"):
+        configure_optimizers(_model(), "lars", None, 0.0, 256, 10, 0, min_lr=0.01)
+
+
+def test_weight_decay_schedule_values_and_groups():
+    """Official DINO: cosine 0.04 -> 0.4 over all steps, on the regularised group only."""
+    total = 100
+    assert cosine_schedule(0, total, 0.04, 0.4) == pytest.approx(0.04)
+    assert cosine_schedule(total // 2, total, 0.04, 0.4) == pytest.approx(0.22)
+    assert cosine_schedule(total, total, 0.04, 0.4) == pytest.approx(0.4)
+    v = [cosine_schedule(s, total, 0.04, 0.4) for s in range(total + 1)]
+    assert all(a <= b for a, b in zip(v, v[1:]))  # rising
+    for name in ("lars", "adamw"):
+        opt = build_optimizer(_model(), name, None, 0.04, 256)
+        apply_weight_decay(opt, 0.3)
+        wd = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+        assert wd == {"weights": 0.3, "biases_norms": 0.0}, name
+
+
+def test_lars_uses_the_scheduled_weight_decay():
+    """timm Lars reads the group's weight_decay at every step: a changed value changes the update."""
+    x = torch.randn(8, 6)
+    out = []
+    for wd in (0.0, 0.5):
+        m = _model()
+        opt = build_optimizer(m, "lars", None, 0.01, 256)
+        apply_weight_decay(opt, wd)
+        m(x).pow(2).sum().backward()
+        opt.step()
+        out.append(m[0].weight.detach().clone())
+    assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("min_lr", -1e-6, "min_lr=-1e-06 must be >= 0"),
+    ("min_lr", 0.5, "min_lr=0.5 must be <= the smallest base learning rate 0.002"),
+    ("weight_decay_end", -0.4, "weight_decay_end=-0.4 must be >= 0"),
+    ("weight_decay_end", "x", "weight_decay_end='x' must be a number"),
+    ("min_lr", "x", "min_lr='x' must be a number"),
+])
+def test_schedule_fields_refuse_bad_values_in_one_line(field, value, needle):
+    from core.config import PretrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        PretrainConfig.from_dict({field: value})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_schedule_fields_default_to_todays_behaviour():
+    from core.config import PretrainConfig
+
+    c = PretrainConfig()
+    assert (c.min_lr, c.weight_decay_end, c.drop_path) == (None, None, 0.0)
+    c = PretrainConfig.from_dict({"optimizer": "lars", "lr": None, "batch_size": 256, "min_lr": 1e-6,
+                                  "weight_decay_end": 0.4})
+    assert (c.min_lr, c.weight_decay_end) == (1e-6, 0.4)
+    with pytest.raises(ConfigError, match=r"min_lr=0.01 must be <= the smallest base learning rate 0.0048"):
+        PretrainConfig.from_dict({"optimizer": "lars", "lr": None, "batch_size": 256, "min_lr": 0.01})
 
 
 def test_knn_on_separable_features_is_100():

@@ -3,6 +3,13 @@
 - student = backbone + DINOHead; teacher = deep copy of both, no gradients, updated after every
   optimiser step by EMA: t <- m t + (1 - m) s, with m following a cosine schedule from
   `cfg.dino.momentum` (0.996) to 1 over all training steps;
+- stochastic depth (`cfg.drop_path`, official ViT-S 0.1) in the student only: official
+  `main_dino.py` builds the teacher without `drop_path_rate`; here the teacher's DropPath modules
+  (copied with the student) are set to drop nothing (`core.models.registry.disable_drop_path`);
+- the official ViT-S/16 optimisation (main_dino.py defaults) is `PretrainConfig` settings: AdamW,
+  lr 0.0005 x batch/256 (lr none) with 10 warmup epochs, cosine to `min_lr` 1e-6, weight decay
+  cosine 0.04 -> `weight_decay_end` 0.4 on the decayed group (core/methods/ssl_base.py); the paper
+  grid (experiments/grids/paper.yaml) sets them;
 - the teacher sees the 2 global crops only; the student sees every crop (global + local), crops of
   one resolution forwarded together (the official MultiCropWrapper);
 - DINOLoss with centering and teacher-temperature warmup (`dino.warmup_teacher_temp` ->
@@ -25,6 +32,7 @@ from core.config import ConfigBase, check_positive, check_range
 from core.losses.dino import DINOLoss
 from core.methods.optim import cosine_schedule
 from core.methods.registry import SSLMethodSpec
+from core.models.registry import disable_drop_path
 from core.methods.ssl_base import SSLMethod, unpack_views
 
 if TYPE_CHECKING:
@@ -54,11 +62,13 @@ class DINOOptions(ConfigBase):
     out_dim: int = 1024
     """Output dimension K of the DINO head (official 65536)."""
     teacher_temp: float = 0.07
-    """Teacher softmax temperature after the warmup (official 0.04-0.07)."""
+    """Teacher softmax temperature after the warmup (main_dino.py default 0.04; its README's ViT-S/16 300-epoch
+    run: 0.07 after a 30-epoch warmup)."""
     warmup_teacher_temp: float = 0.04
-    """Teacher temperature at the start of the warmup."""
+    """Teacher temperature at the start of the warmup (official 0.04)."""
     warmup_teacher_temp_epochs: int = 2
-    """Epochs of linear teacher-temperature warmup (official 30; capped at the run's epochs)."""
+    """Epochs of linear teacher-temperature warmup (official 30 with teacher_temp 0.07; capped at the run's
+    epochs)."""
     student_temp: float = 0.1
     """Student softmax temperature."""
     momentum: float = 0.996
@@ -101,6 +111,7 @@ class DINOMethod(SSLMethod):
         opts = cfg.dino
         self.head = DINOHead(self.backbone.embed_dim, opts.out_dim, hidden=hidden, bottleneck=bottleneck)
         self.teacher_backbone = copy.deepcopy(self.backbone)
+        disable_drop_path(self.teacher_backbone)  # stochastic depth is the student's only (official)
         self.teacher_head = copy.deepcopy(self.head)
         for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
             p.requires_grad_(False)

@@ -9,7 +9,15 @@
   0.9, trust coefficient 0.001.
 - AdamW: lr = 5e-4 x batch / 256 (DINO's recipe), no weight decay on biases and norm parameters.
 - `warmup_cosine(step, total, warmup)`: linear warmup from 0 then cosine decay to `final` x base
-  (official Barlow Twins: 0.001), applied per optimisation step through a `LambdaLR`.
+  (official Barlow Twins: 0.001), applied per optimisation step through a `LambdaLR`. With
+  `min_lr` (official DINO `--min_lr 1e-6`) every group ends at that absolute lr instead: its
+  `final` is min_lr / the group's base lr (DINO's `utils.cosine_scheduler(base, min_lr, ...)`).
+- Weight-decay schedule (official DINO, https://github.com/facebookresearch/dino main_dino.py:
+  `wd_schedule = cosine_scheduler(weight_decay, weight_decay_end, epochs, len(data_loader))`, set on
+  `param_groups[0]` "only the first group is regularized" before every iteration):
+  `cosine_schedule(step, total, wd, wd_end)` and `apply_weight_decay(optimizer, wd)`, which sets it on
+  the decayed group ("weights") only; the bias/norm group keeps 0 (timm `Lars` and AdamW read the
+  group's weight_decay at every step).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ ADAMW_LR = 5e-4
 LARS_MOMENTUM = 0.9
 LARS_TRUST_COEFF = 0.001
 FINAL_LR_FACTOR = 0.001
+DECAYED_GROUPS = ("weights",)  # the parameter groups a weight-decay schedule changes
 
 
 def split_decay_groups(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -92,13 +101,43 @@ def warmup_cosine(step: int, total: int, warmup: int, final: float = FINAL_LR_FA
     return q + final * (1.0 - q)
 
 
+def final_factors(optimizer: torch.optim.Optimizer, min_lr: Optional[float]) -> list[float]:
+    """Per group, the end of the cosine as a fraction of the group's base lr: FINAL_LR_FACTOR when
+    min_lr is None, else min_lr / base lr (every group ends at min_lr)."""
+    if min_lr is None:
+        return [FINAL_LR_FACTOR for _ in optimizer.param_groups]
+    out = []
+    for g in optimizer.param_groups:
+        base = float(g["lr"])
+        if min_lr > base:
+            raise ConfigError(f"min_lr={min_lr!r} must be <= the base learning rate {base:.3g} of group "
+                              f"{g.get('name', '?')!r}; lower min_lr")
+        out.append(min_lr / base if base > 0 else 0.0)
+    return out
+
+
 def configure_optimizers(params_module: nn.Module, name: str, lr: Optional[float], weight_decay: float,
-                         batch_size: int, total_steps: int, warmup_steps: int, **kw) -> dict:
-    """Lightning `configure_optimizers` return value: optimizer + per-step warmup/cosine LambdaLR."""
+                         batch_size: int, total_steps: int, warmup_steps: int, *, min_lr: Optional[float] = None,
+                         **kw) -> dict:
+    """Lightning `configure_optimizers` return value: optimizer + per-step warmup/cosine LambdaLR
+    (ending at FINAL_LR_FACTOR x each group's base lr, or at `min_lr` for every group)."""
     opt = build_optimizer(params_module, name, lr, weight_decay, batch_size, **kw)
     total, warm = int(total_steps), int(warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm))
+    if min_lr is None:  # one lambda for every group (unchanged behaviour)
+        lam = lambda s: warmup_cosine(s, total, warm)  # noqa: E731
+    else:
+        lam = [(lambda s, f=f: warmup_cosine(s, total, warm, final=f)) for f in final_factors(opt, min_lr)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def apply_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float,
+                       groups: tuple[str, ...] = DECAYED_GROUPS) -> None:
+    """Set `weight_decay` on the decayed parameter groups (by name) of `optimizer`; the others (biases
+    and norms, weight decay 0) are left alone."""
+    for g in optimizer.param_groups:
+        if g.get("name") in groups:
+            g["weight_decay"] = float(weight_decay)
 
 
 def cosine_schedule(step: int, total: int, start: float, end: float) -> float:

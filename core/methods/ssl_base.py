@@ -1,9 +1,12 @@
 """What every self-supervised method shares, as a LightningModule base class.
 
-`SSLMethod`: backbone construction (channels_last for CNNs, optional torch.compile), optional GPU
-batch augmentation of the views, optimiser + per-step warmup/cosine schedule (core/methods/optim.py),
-and the k-NN monitor on the validation loaders `[knn_train, knn_val]` (core/methods/knn_monitor.py)
-that logs `val/knn_acc`. A method (core/methods/<name>.py) subclasses it, builds its heads and loss
+`SSLMethod`: backbone construction (channels_last for CNNs, optional torch.compile, stochastic depth
+`cfg.drop_path` for timm ViT / Swin), optional GPU batch augmentation of the views, optimiser +
+per-step warmup/cosine lr schedule down to `cfg.min_lr` and, with `cfg.weight_decay_end`, a per-step
+cosine weight decay on the decayed group set before every step (core/methods/optim.py; official DINO
+`main_dino.py` sets `param_groups[0]["weight_decay"] = wd_schedule[it]` the same way), and the k-NN
+monitor on the validation loaders `[knn_train, knn_val]` (core/methods/knn_monitor.py) that logs
+`val/knn_acc`. A method (core/methods/<name>.py) subclasses it, builds its heads and loss
 in `__init__`, writes `training_step`, and may override the hooks below; its registry entry
 (`core.methods.registry.SSLMethodSpec`) declares the rest (config section, views, labels).
 
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from core.methods.knn_monitor import KNNMonitorMixin, prepare_images
-from core.methods.optim import configure_optimizers
+from core.methods.optim import apply_weight_decay, configure_optimizers, cosine_schedule
 
 if TYPE_CHECKING:
     from core.config import PretrainConfig
@@ -67,7 +70,9 @@ class SSLMethod(KNNMonitorMixin, pl.LightningModule):
         if backbone is None:
             from core.models.registry import create_backbone
 
-            backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size)
+            # drop_path_rate only when asked: ResNet builders take no such option (config refuses it)
+            extra = {"drop_path_rate": cfg.drop_path} if cfg.drop_path > 0 else {}
+            backbone = create_backbone(cfg.backbone, image_size=cfg.data.image_size, **extra)
             backbone.check_input_size(cfg.data.image_size, cfg.data.image_size)
         self.backbone = backbone
         self.channels_last = not getattr(backbone, "is_transformer", True)
@@ -77,6 +82,7 @@ class SSLMethod(KNNMonitorMixin, pl.LightningModule):
         self._gpu_aug = tuple(gpu_augment) if gpu_augment else ()
         self._compiled: Optional[tuple] = None
         self.last_knn_acc: Optional[float] = None
+        self._total_steps = self.num_train_batches * cfg.epochs  # set from the trainer in configure_optimizers
 
     # ------------------------------------------------------------------ helpers
     def encoder(self) -> nn.Module:
@@ -143,5 +149,28 @@ class SSLMethod(KNNMonitorMixin, pl.LightningModule):
         steps_per_epoch = max(1, total // max(cfg.epochs, 1))
         warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
         world = getattr(getattr(self, "_trainer", None), "world_size", 1) or 1
+        self._total_steps = total
         return configure_optimizers(self.optimized_module(), cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                    cfg.batch_size * world, total, warmup)
+                                    cfg.batch_size * world, total, warmup, min_lr=cfg.min_lr)
+
+    def weight_decay_at(self, step: int) -> float:
+        """Weight decay of the decayed group at optimisation step `step`: cfg.weight_decay, or with
+        cfg.weight_decay_end a cosine from weight_decay (step 0) to weight_decay_end (last step)."""
+        cfg = self.cfg
+        if cfg.weight_decay_end is None:
+            return cfg.weight_decay
+        return cosine_schedule(step, self._total_steps, cfg.weight_decay, cfg.weight_decay_end)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """Before each optimiser step (official DINO: before the forward): the scheduled weight decay."""
+        if self.cfg.weight_decay_end is None:
+            return None
+        wd = self.weight_decay_at(self.global_step)
+        for opt in self._optimizers():
+            apply_weight_decay(opt, wd)
+        self.log("train/weight_decay", wd, on_step=False, on_epoch=True, batch_size=1)
+        return None
+
+    def _optimizers(self) -> list:
+        opts = self.optimizers(use_pl_optimizer=False)
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]

@@ -8,9 +8,19 @@ Transformers", CVPR 2021, arXiv:2012.15840 (the seed study adapted setr-pytorch)
   /16 ViT, 3 for /8, 5 for a /32 CNN), then a 1x1 classifier: its native output is already at the
   input resolution. Refuses a stride that is not a power of two.
 - `SETRMLAHead`: four block outputs (ViT: blocks D//4*(i+1)-1, e.g. 3/6/9/12-th of 12; CNN/Swin:
-  their four stages) -> per-stream 1x1 conv-BN-ReLU to a common width, resized to a common grid
-  (the finest of the four; all equal for a ViT), top-down aggregation (each stream adds the deeper
-  aggregate), per-stream two 3x3 conv-BN-ReLU, concatenation, 1x1 classifier.
+  their four stages) -> per-level LayerNorm over the channels of each token (`norms`, eps 1e-6) ->
+  per-stream 1x1 conv-BN-ReLU to a common width (`proj`), resized to a common grid (the finest of the
+  four; all equal for a ViT) -> top-down aggregation (each stream adds the deeper aggregate) ->
+  per-stream 3x3 conv-BN-ReLU on the aggregate (`fuse`) -> per-stream two 3x3 conv-BN-ReLU to
+  `mla_channels` (`streams`), concatenation, 1x1 classifier. This is SETR section 3.3 (per stream a
+  reshape-conv, a top-down aggregation by element-wise addition after it with an additional 3x3 conv
+  on the sum, then conv-conv and x4 upsampling, the streams concatenated) as mmsegmentation
+  (github.com/open-mmlab/mmsegmentation) implements it: `mmseg/models/necks/mla_neck.py` (`MLANeck`:
+  one LayerNorm per input level on the tokens, then `MLAModule`: `channel_proj` 1x1, top-down sum,
+  `feat_extract` 3x3; `configs/_base_/models/setr_mla.py`: BN + ReLU in both) and
+  `mmseg/models/decode_heads/setr_mla_head.py` (two 3x3 ConvModules per level, concat, `cls_seg`).
+  The x4 upsampling of each stream is left to the segmenter's final resize (the streams share one
+  grid here).
 """
 
 from __future__ import annotations
@@ -97,21 +107,29 @@ class SETRMLAHead(FourLevelHead):
         self.needs_intermediates = tuple(levels)
         dims = list(in_channels)
         dims[-1] += extra_in_channels
-        self.proj = nn.ModuleList([conv_bn_relu(c, channels, 1) for c in dims])
+        # mmseg MLANeck.norm: LayerNorm(eps=1e-6) per level over each token's channels
+        self.norms = nn.ModuleList([nn.LayerNorm(c, eps=1e-6) for c in dims])
+        self.proj = nn.ModuleList([conv_bn_relu(c, channels, 1) for c in dims])  # MLAModule.channel_proj
+        self.fuse = nn.ModuleList([conv_bn_relu(channels, channels, 3) for _ in dims])  # MLAModule.feat_extract
         self.streams = nn.ModuleList(
             [nn.Sequential(conv_bn_relu(channels, mla_channels, 3), conv_bn_relu(mla_channels, mla_channels, 3))
              for _ in dims]
         )
         self.classifier = nn.Conv2d(4 * mla_channels, num_classes, 1)
 
+    @staticmethod
+    def _token_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm over the channels of every position of a (B, C, h, w) map (the tokens)."""
+        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
     def decode(self, dense, intermediates):
         if len(intermediates) != 4:
             raise ValueError(f"setr_mla expects 4 intermediate maps, got {len(intermediates)}")
         size = max((f.shape[-2:] for f in intermediates), key=lambda s: s[0] * s[1])
-        proj = [resize(p(f), size) for p, f in zip(self.proj, intermediates)]
+        proj = [resize(p(self._token_norm(n, f)), size) for n, p, f in zip(self.norms, self.proj, intermediates)]
         agg = [None] * 4
         agg[3] = proj[3]
         for i in (2, 1, 0):  # top-down: each shallower stream adds the deeper aggregate
             agg[i] = proj[i] + agg[i + 1]
-        outs = [s(a) for s, a in zip(self.streams, agg)]
+        outs = [s(f(a)) for f, s, a in zip(self.fuse, self.streams, agg)]
         return self.classifier(torch.cat(outs, dim=1))

@@ -1,0 +1,41 @@
+"""The paper grid asks only for what exists and trains DINO with the official ViT-S/16 recipe
+(github.com/facebookresearch/dino main_dino.py defaults + its README's 300-epoch ViT-S/16 run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import gridspec
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return gridspec.load_grid(gridspec.resolve_grid("paper"), check_models=False)
+
+
+def test_every_weight_source_exists_for_its_backbone(paper):
+    """No (source, backbone) pair without weights (ViT-S/8 has no supervised ImageNet weights)."""
+    from core.weights import check_source
+
+    for t in paper.trials:
+        check_source("source", t.config["source"], t.config["backbone"])  # ConfigError if impossible
+    assert not [t.id for t in paper.trials if "vit_small_patch8" in t.id and "imagenet" in t.id]
+    s8 = {t.config["source"] for t in paper.stage("pretrain") if t.config["backbone"] == "vit_small_patch8"}
+    assert s8 == {"random", "dino"}
+
+
+def test_dino_trials_follow_the_official_recipe(paper):
+    dino = [t for t in paper.stage("pretrain") if t.config["method"] == "dino"]
+    assert dino
+    for t in dino:
+        c = t.config
+        assert (c["optimizer"], c["lr"], c["min_lr"], c["weight_decay"], c["weight_decay_end"], c["drop_path"]) == (
+            "adamw", None, 1e-6, 0.04, 0.4, 0.1), t.id
+        assert c["warmup_epochs"] == 10
+        o = c["dino"]
+        assert (o["out_dim"], o["warmup_teacher_temp"], o["teacher_temp"], o["warmup_teacher_temp_epochs"],
+                o["momentum"]) == (65536, 0.04, 0.07, 30, 0.996), t.id
+    # the Barlow Twins trials keep their own recipe (LARS, constant weight decay, no drop path)
+    bt = [t.config for t in paper.stage("pretrain") if t.config["method"] == "barlow_twins"]
+    assert bt and all((c["optimizer"], c["min_lr"], c["weight_decay_end"], c["drop_path"]) == ("lars", None, None, 0.0)
+                      for c in bt)
