@@ -411,12 +411,20 @@ class SegmentConfig(ConfigBase):
     """GPUs for this run (DDP when > 1)."""
     compile: bool = False
     """torch.compile the model."""
+    eval_scale: Optional[int] = None
+    """Validation: each val image is resized keeping its aspect ratio to this short side in pixels (long side
+    capped at eval_max_long), predicted, and its logits resized back to the ORIGINAL mask's H x W for scoring
+    (mmseg's VOC test pipeline; paper scale 512); none: data.image_size."""
+    eval_max_long: Optional[int] = None
+    """Validation: cap on the long side after the evaluation resize (the short side then stays below
+    eval_scale); none: 4 x the short side (mmseg's scale=(2048, 512))."""
     inference: str = "whole"
-    """Validation inference: whole | slide (sliding windows)."""
-    slide_crop: int = 64
-    """Sliding-window side in pixels."""
-    slide_stride: int = 48
-    """Sliding-window stride in pixels (<= slide_crop)."""
+    """Validation inference on the resized image: whole (padded to the patch multiple) | slide (sliding windows)."""
+    slide_crop: Optional[int] = None
+    """Sliding-window side in pixels; none: the evaluation short side (eval_scale or data.image_size) rounded down
+    to the backbone's patch multiple (mmseg: crop 512 at scale 512)."""
+    slide_stride: Optional[int] = None
+    """Sliding-window stride in pixels (<= slide_crop); none: 2/3 of the crop (mmseg: 341 for 512)."""
     seed: int = 0
     """Random seed."""
     diagnostics_every: int = 0
@@ -451,12 +459,34 @@ class SegmentConfig(ConfigBase):
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
         check_positive("devices", self.devices)
+        if self.eval_scale is not None:
+            check_range("eval_scale", self.eval_scale, 16, 4096)
+        if self.eval_max_long is not None:
+            check_range("eval_max_long", self.eval_max_long, 16, 16384)
+            if self.eval_max_long < self.eval_short_side():
+                raise ConfigError(f"eval_max_long={self.eval_max_long} must be >= the evaluation short side "
+                                  f"{self.eval_short_side()} (eval_scale, or data.image_size when none)")
         check_choice("inference", self.inference, INFERENCE)
-        check_positive("slide_crop", self.slide_crop)
-        check_positive("slide_stride", self.slide_stride)
-        if self.slide_stride > self.slide_crop:
-            raise ConfigError(
-                f"slide_stride={self.slide_stride} must be <= slide_crop={self.slide_crop} (windows must overlap or touch)"
-            )
+        if self.slide_crop is not None:
+            check_positive("slide_crop", self.slide_crop)
+        if self.slide_stride is not None:
+            check_positive("slide_stride", self.slide_stride)
+            if self.slide_crop is not None and self.slide_stride > self.slide_crop:
+                raise ConfigError(
+                    f"slide_stride={self.slide_stride} must be <= slide_crop={self.slide_crop} (windows must overlap or touch)"
+                )
+            if self.slide_crop is None and self.slide_stride > self.eval_short_side():
+                raise ConfigError(
+                    f"slide_stride={self.slide_stride} must be <= the sliding-window crop {self.eval_short_side()} "
+                    f"(slide_crop none: the evaluation short side); lower slide_stride or set slide_crop"
+                )
         check_positive("diagnostics_every", self.diagnostics_every, allow_zero=True)
         check_choice("wandb", self.wandb, WANDB_MODES)
+
+    def eval_short_side(self) -> int:
+        """The evaluation short side in pixels: eval_scale, or data.image_size when none."""
+        return int(self.eval_scale if self.eval_scale is not None else self.data.image_size)
+
+    def eval_long_cap(self) -> int:
+        """The cap on the long side after the evaluation resize: eval_max_long, or 4 x the short side."""
+        return int(self.eval_max_long if self.eval_max_long is not None else 4 * self.eval_short_side())

@@ -79,8 +79,11 @@ def test_seg_loaders_voc(voc_root):
     assert x.shape == (4, 3, 48, 48) and x.dtype == torch.float32
     assert m.shape == (4, 48, 48) and m.dtype == torch.int64
     assert set(m.unique().tolist()) <= set(range(21)) | {255}
-    assert sum(len(b[0]) for b in S.val) == 10
-    assert (torch.cat([b[1] for b in S.val]) == 255).any()  # void preserved, never mapped to background
+    vb = next(iter(S.val))  # val: images at the evaluation scale (short side 48), ORIGINAL 64 px masks
+    assert vb["image"].shape == (4, 3, 48, 48) and vb["mask"].shape == (4, 64, 64) and vb["mask"].dtype == torch.int64
+    assert vb["img_hw"].tolist() == [[48, 48]] * 4 and vb["ori_hw"].tolist() == [[64, 64]] * 4
+    assert sum(len(b["image"]) for b in S.val) == 10
+    assert (torch.cat([b["mask"] for b in S.val]) == 255).any()  # void preserved, never mapped to background
     train, val, info = build_seg_loaders(cfg, batch_size=4)  # tuple-unpacking form used by core.runs.segment
     assert info.num_classes == 21 and train.batch_size == 4
 

@@ -229,3 +229,39 @@ def test_cli_writes_dataset(tmp_path):
     assert len(ds) == 2 and ds[0][0].shape == (3, 32, 32)
     im = Image.open(ds.masks[0])
     assert im.mode == "P"
+
+
+def test_sizes_option_draws_non_square_images_of_varying_sizes(tmp_path):
+    sizes = [(40, 24), (24, 48), (36, 30)]
+    root = generate_voc(tmp_path / "ns", n_train=4, n_val=3, size=64, seed=2, sizes=sizes)
+    voc = _voc(root)
+    names = sorted(p.stem for p in (voc / "JPEGImages").glob("*.jpg"))
+    ids = sorted(names, key=lambda n: int(n.split("_")[1]))  # generation order k = the number in the id
+    for k, name in enumerate(ids):
+        w, h = sizes[k % len(sizes)]
+        assert Image.open(voc / "JPEGImages" / f"{name}.jpg").size == (w, h)
+        png = voc / "SegmentationClass" / f"{name}.png"
+        if png.is_file():
+            lab = np.array(Image.open(png))
+            assert lab.shape == (h, w) and (lab == 255).any() and set(np.unique(lab)) - {255} <= set(range(21))
+    ds = VOCSegmentation(root, "val")
+    assert {tuple(ds[i][1].shape) for i in range(len(ds))} <= {(h, w) for w, h in sizes}
+    # the default (square) output and its cache marker do not change
+    a_img, a_lab = render_voc_sample(3, 5, 48)
+    b_img, b_lab = render_voc_sample(3, 5, 48, None)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
+    import json
+
+    assert "sizes" not in json.loads((generate_voc(tmp_path / "sq", 4, 2, size=32) / "VOCdevkit" / MARKER).read_text())
+    assert json.loads((root / "VOCdevkit" / MARKER).read_text())["sizes"] == [list(s) for s in sizes]
+
+
+def test_cli_sizes(tmp_path):
+    r = _run_cli("--out", str(tmp_path / "d"), "--n-train", "2", "--n-val", "2", "--sizes", "40x24,24x40")
+    assert r.returncode == 0, r.stderr
+    ds = VOCSegmentation(tmp_path / "d", "val")
+    assert {tuple(ds[i][1].shape) for i in range(len(ds))} <= {(24, 40), (40, 24)}
+    for bad, needle in (("40by24", "'40by24' is not WIDTHxHEIGHT"), ("8x40", "(8, 40) must be (width, height)")):
+        r = _run_cli("--out", str(tmp_path / "e"), "--sizes", bad)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr

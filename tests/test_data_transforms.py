@@ -146,14 +146,20 @@ def test_seg_transforms_keep_255_and_use_nearest():
     mask[10:30, 8:30] = 7
     mask[10:30, 8] = 255
     mask[10:30, 29] = 255
-    for tr in (SegTrainTransform(32), SegValTransform(32)):
-        for _ in range(5):
-            x, m = tr(img, mask)
-            assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-            assert m.shape == (32, 32) and m.dtype in (torch.uint8, torch.int64)
-            assert set(m.unique().tolist()) <= {0, 7, 255}  # nearest: no blended label values
+    tr = SegTrainTransform(32)
+    for _ in range(5):
+        x, m = tr(img, mask)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert m.shape == (32, 32) and m.dtype in (torch.uint8, torch.int64)
+        assert set(m.unique().tolist()) <= {0, 7, 255}  # nearest: no blended label values
+    # val: the image keeps its aspect ratio (short side 32), the mask stays the ORIGINAL one (scored there)
+    x, m = SegValTransform(32)(img, mask)
+    assert x.shape == (3, 38, 32) and x.dtype == torch.float32
+    assert m.shape == (48, 40) and torch.equal(m.long(), mask)
     x, m = SegValTransform(None)(img, mask)
     assert m.shape == (48, 40) and set(m.unique().tolist()) == {0, 7, 255}
+    assert torch.allclose(denormalize(x), img.float() / 255, atol=1e-5)
+    x, _ = SegValTransform(40)(img, mask)  # already at the scale: the identity
     assert torch.allclose(denormalize(x), img.float() / 255, atol=1e-5)
 
 

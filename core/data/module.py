@@ -9,8 +9,16 @@
   solarize, then normalise); otherwise views are already normalised and ``.batch_augment`` is None.
   ``.knn_train`` / ``.knn_val`` yield ``(image (B,3,S,S) normalised, label (B,) int64)`` for the
   k-NN monitor (VOC: image label = largest non-background class of the seg mask; seg train / val).
-- `build_seg_loaders(data_cfg, batch_size)` -> `SegLoaders` with ``.train`` / ``.val`` yielding
-  ``(image (B,3,S,S) float normalised, mask (B,S,S) int64, 255 = ignore)`` and dataset info.
+- `build_seg_loaders(data_cfg, batch_size, eval_scale=None, eval_max_long=None)` -> `SegLoaders` with
+  ``.train`` yielding ``(image (B,3,S,S) float normalised, mask (B,S,S) int64, 255 = ignore)`` and
+  ``.val`` yielding dicts (`seg_val_collate`) for scoring at the ORIGINAL resolution: ``image``
+  (B,3,h,w) = each image resized keeping its aspect ratio (short side ``eval_scale``, default
+  image_size; `core.data.transforms.SegValTransform`) at the top left, zero padded (after
+  normalisation, as mmseg pads) to the batch's largest; ``mask`` (B,H,W) int64 = each ORIGINAL mask at
+  the top left, padded with 255; ``img_hw`` / ``ori_hw`` (B,2) int64 = each image's resized / original
+  (h, w). Images of different sizes share a batch. The val loader's sampler (`EvalShardSampler`) gives
+  every val image to exactly one DDP rank (Lightning's default DistributedSampler repeats samples to
+  even the ranks out, which would count their pixels twice).
 
 ``data_cfg.root is None`` -> the generated dataset (`core.data.synthetic.default_voc_root`).
 """
@@ -24,7 +32,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from core.data.coco_stuff import COCOStuff, coco_images
 from core.data.gpu_augment import BatchAugment
@@ -102,7 +110,8 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
-def _loader(ds: Dataset, data_cfg, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> DataLoader:
+def _loader(ds: Dataset, data_cfg, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+            collate_fn=None, sampler=None) -> DataLoader:
     nw = int(data_cfg.num_workers)
     g = torch.Generator()
     g.manual_seed(int(seed))
@@ -110,12 +119,14 @@ def _loader(ds: Dataset, data_cfg, batch_size: int, shuffle: bool, drop_last: bo
         ds,
         batch_size=int(batch_size),
         shuffle=shuffle,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=nw,
         persistent_workers=nw > 0,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_seed_worker if nw > 0 else None,
         generator=g,
+        collate_fn=collate_fn,
     )
 
 
@@ -199,22 +210,132 @@ def build_ssl_loaders(data_cfg, transform, batch_size: int, seed: int = 0) -> SS
 
 
 # --------------------------------------------------------------------------- segmentation
-def build_seg_loaders(data_cfg, batch_size: int, seed: int = 0, val_batch_size: Optional[int] = None) -> SegLoaders:
+def seg_val_collate(samples: list) -> dict:
+    """Collate ``(image (3,h,w) float, mask (H,W))`` val samples of DIFFERENT sizes into one batch dict.
+
+    ``image`` (B,3,max h,max w): each image at the top left, zeros elsewhere (0 after normalisation is
+    mmseg's pad_val=0, applied after normalising in its SegDataPreProcessor); ``mask`` (B,max H,max W)
+    int64: each original mask at the top left, 255 (ignored) elsewhere (mmseg's seg_pad_val=255);
+    ``img_hw`` / ``ori_hw`` (B,2) int64: the valid (h, w) of each image / mask. Same-size samples are
+    plainly stacked."""
+    images = [s[0] for s in samples]
+    masks = [torch.as_tensor(s[1]).long() for s in samples]
+    img_hw = torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.int64).reshape(-1, 2)
+    ori_hw = torch.tensor([tuple(m.shape[-2:]) for m in masks], dtype=torch.int64).reshape(-1, 2)
+    if len({tuple(x.shape) for x in images}) == 1:
+        image = torch.stack(images)
+    else:
+        h, w = (int(v) for v in img_hw.max(0).values)
+        image = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+        for i, x in enumerate(images):
+            image[i, :, : x.shape[-2], : x.shape[-1]] = x
+    if len({tuple(m.shape) for m in masks}) == 1:
+        mask = torch.stack(masks)
+    else:
+        h, w = (int(v) for v in ori_hw.max(0).values)
+        mask = torch.full((len(masks), h, w), IGNORE_INDEX, dtype=torch.int64)
+        for i, m in enumerate(masks):
+            mask[i, : m.shape[-2], : m.shape[-1]] = m
+    return {"image": image, "mask": mask, "img_hw": img_hw, "ori_hw": ori_hw}
+
+
+class EvalShardSampler(DistributedSampler):
+    """Validation sampler: rank r of W gets indices r, r + W, ... -- every sample exactly once over the
+    ranks, none repeated (torch's DistributedSampler, which Lightning injects otherwise, pads the last
+    ranks with repeats so they all get the same count; the repeats would be scored twice). The world is
+    read when iterating (torch.distributed when initialised, else one process), so the loader can be
+    built before the process group exists; being a DistributedSampler, Lightning leaves it in place.
+    Ranks may get one batch more or less: validation makes no collective call per step (the confusion
+    matrix and the loss are reduced once, at the epoch end)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+        # DistributedSampler.__init__ is not called: it needs an initialised process group.
+        self.dataset = dataset
+        self._num_replicas, self._rank = num_replicas, rank
+        self.epoch, self.shuffle, self.seed, self.drop_last = 0, False, 0, False
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return int(self._num_replicas)
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return int(self._rank)
+        dist = torch.distributed
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self)
+
+    @property
+    def total_size(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+def seg_display_batch(dataset: Dataset, n: int = 4, size_divisor: Optional[int] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (n,3,h,w), masks (n,h,w)) of the first `n` val samples for prediction figures: each mask
+    resized (nearest) to its image's evaluation size, both padded (0 / 255) to a common size, a multiple
+    of `size_divisor` when given (the model then takes them as they are). For display only: scores use
+    the original masks."""
+    n = min(int(n), len(dataset))
+    samples = [dataset[i] for i in range(n)]
+    imgs, masks = [], []
+    for x, m in samples:
+        m = torch.as_tensor(m).long()
+        if tuple(m.shape[-2:]) != tuple(x.shape[-2:]):
+            m = torch.nn.functional.interpolate(m[None, None].float(), size=tuple(x.shape[-2:]),
+                                                mode="nearest")[0, 0].long()
+        imgs.append(x)
+        masks.append(m)
+    h = max(x.shape[-2] for x in imgs)
+    w = max(x.shape[-1] for x in imgs)
+    if size_divisor:
+        h, w = -(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor
+    image = imgs[0].new_zeros((n, imgs[0].shape[0], h, w))
+    mask = torch.full((n, h, w), IGNORE_INDEX, dtype=torch.int64)
+    for i, (x, m) in enumerate(zip(imgs, masks)):
+        image[i, :, : x.shape[-2], : x.shape[-1]] = x
+        mask[i, : m.shape[-2], : m.shape[-1]] = m
+    return image, mask
+
+
+def build_seg_loaders(data_cfg, batch_size: int, seed: int = 0, val_batch_size: Optional[int] = None,
+                      eval_scale: Optional[int] = None, eval_max_long: Optional[int] = None) -> SegLoaders:
+    """Train loader (SegTrainTransform at image_size) and val loader (images resized keeping their aspect
+    ratio to short side `eval_scale` (default image_size), long side at most `eval_max_long` (default 4 x
+    short); ORIGINAL masks; `seg_val_collate` batches; `EvalShardSampler`)."""
     size = int(data_cfg.image_size)
+    val_tf = SegValTransform(int(eval_scale) if eval_scale is not None else size, eval_max_long)
     pol = data_cfg.corrupt_policy
     if data_cfg.dataset == "imagefolder":
         raise ConfigError("data.dataset=imagefolder has no masks; segmentation needs data.dataset=voc or coco_stuff")
     root = data_root(data_cfg)
     if data_cfg.dataset == "coco_stuff":
         tr = COCOStuff(root, "train", data_cfg.coco_labels, SegTrainTransform(size), pol, data_cfg.limit_train)
-        va = COCOStuff(root, "val", data_cfg.coco_labels, SegValTransform(size), pol, data_cfg.limit_val)
+        va = COCOStuff(root, "val", data_cfg.coco_labels, val_tf, pol, data_cfg.limit_val)
         num_classes, names = tr.num_classes, tuple(tr.class_names)
     else:
         tr = VOCSegmentation(root, "train", SegTrainTransform(size), pol, data_cfg.limit_train)
-        va = VOCSegmentation(root, "val", SegValTransform(size), pol, data_cfg.limit_val)
+        va = VOCSegmentation(root, "val", val_tf, pol, data_cfg.limit_val)
         num_classes, names = NUM_CLASSES, VOC_CLASSES
     train = _loader(tr, data_cfg, batch_size, True, len(tr) > int(batch_size), seed)
-    val = _loader(va, data_cfg, val_batch_size or batch_size, False, False, seed)
+    val = _loader(va, data_cfg, val_batch_size or batch_size, False, False, seed, collate_fn=seg_val_collate,
+                  sampler=EvalShardSampler(va))
     return SegLoaders(train=train, val=val, num_classes=num_classes, class_names=names, ignore_index=IGNORE_INDEX,
                       palette=list(VOC_PALETTE), root=root, train_dataset=tr, val_dataset=va)
 

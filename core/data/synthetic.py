@@ -8,7 +8,10 @@ textured, low-saturation background with a few distractor blobs. Masks are palet
 255 "void" bands around object boundaries. Everything is vectorised numpy: 144 images of 64 px take
 well under a second or two.
 
-CLI: ``python -m core.data.synthetic --out DIR [--n-train N] [--n-val N] [--size PX] [--seed S]``.
+CLI: ``python -m core.data.synthetic --out DIR [--n-train N] [--n-val N] [--size PX] [--sizes WxH,...] [--seed S]``.
+``--sizes`` (``generate_voc(..., sizes=[(W, H), ...])``) draws non-square images of varying sizes, image k
+taking size k mod len(sizes) (e.g. VOC-like 500x375,375x500 scaled down); without it every image is
+``size`` x ``size`` exactly as before.
 ``default_voc_root(data_cfg)`` generates once into a cache folder (atomically: a temp folder renamed
 into place, so an interrupted run never leaves a half dataset that looks complete).
 """
@@ -23,7 +26,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -219,8 +222,9 @@ def _background(rng: np.random.Generator, xx, yy) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _draw_object(rng, img, label, xx, yy, cls_id: int, spec: dict, value: int, scale=(0.12, 0.28)):
-    cx, cy = rng.uniform(0.18, 0.82, size=2)
+def _draw_object(rng, img, label, xx, yy, cls_id: int, spec: dict, value: int, scale=(0.12, 0.28),
+                 extent=(1.0, 1.0)):
+    cx, cy = rng.uniform(0.18, 0.82, size=2) * np.asarray(extent)  # extent: (w, h) / short side
     r = rng.uniform(*scale)
     th = rng.uniform(0, 2 * np.pi)
     dx, dy = xx - cx, yy - cy
@@ -257,35 +261,46 @@ def _void_band(label: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def _grid(size: int, ss: int = 2):
-    n = size * ss
-    c = (np.arange(n, dtype=np.float32) + 0.5) / n
-    xx, yy = np.meshgrid(c, c)
+def _grid(size: int, ss: int = 2, hw: Optional[tuple[int, int]] = None):
+    """Pixel-centre coordinates of the supersampled grid: [0, 1]^2 for a square `size`; for ``hw=(h, w)``
+    in units of the short side (x in [0, w / short], y in [0, h / short])."""
+    if hw is None:
+        n = size * ss
+        c = (np.arange(n, dtype=np.float32) + 0.5) / n
+        xx, yy = np.meshgrid(c, c)
+        return xx, yy
+    h, w = hw
+    n = min(h, w) * ss
+    xx, yy = np.meshgrid((np.arange(w * ss, dtype=np.float32) + 0.5) / n,
+                         (np.arange(h * ss, dtype=np.float32) + 0.5) / n)
     return xx, yy
 
 
 def _finish(rng, img_hr: np.ndarray, size: int, ss: int = 2) -> np.ndarray:
     """Supersampled float image -> anti-aliased uint8 with a colour cast and pixel noise."""
-    img = img_hr.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))
+    img = img_hr.reshape(img_hr.shape[0] // ss, ss, img_hr.shape[1] // ss, ss, 3).mean(axis=(1, 3))
     img = img * rng.uniform(0.9, 1.1, size=3).astype(np.float32) + rng.uniform(-0.05, 0.05)
     img = img + rng.normal(0.0, 0.03, size=img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def render_voc_sample(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image (H, W, 3) uint8 and its label map (H, W) uint8 (0..20, 255 void bands)."""
+def render_voc_sample(seed: int, index: int, size: int, hw: Optional[tuple[int, int]] = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """One image (H, W, 3) uint8 and its label map (H, W) uint8 (0..20, 255 void bands): size x size, or
+    ``hw=(H, W)`` (non-square; objects placed over the whole frame, sized relative to the short side)."""
     rng = np.random.default_rng([int(seed), int(index), 7])
     ss = 2
-    xx, yy = _grid(size, ss)
+    xx, yy = _grid(size, ss, hw)
+    extent = (1.0, 1.0) if hw is None else (hw[1] / min(hw), hw[0] / min(hw))
     img = _background(rng, xx, yy)
     label = np.zeros(xx.shape, dtype=np.uint8)
     n_obj = int(rng.integers(1, 4))
     classes = rng.choice(np.arange(1, 21), size=n_obj, replace=False)
     for c in classes:
-        _draw_object(rng, img, label, xx, yy, int(c), CLASS_SPECS[int(c)], int(c))
+        _draw_object(rng, img, label, xx, yy, int(c), CLASS_SPECS[int(c)], int(c), extent=extent)
     out = _finish(rng, img, size, ss)
     lab = label[ss // 2:: ss, ss // 2:: ss]  # nearest from the supersampled grid
-    lab = _void_band(lab, max(1, round(size / 80)))
+    lab = _void_band(lab, max(1, round((size if hw is None else min(hw)) / 80)))
     return out, lab
 
 
@@ -300,23 +315,52 @@ def _save_palette_png(label: np.ndarray, path: Path, palette) -> None:
 
 
 # --------------------------------------------------------------------------- VOC generator
-def _check_sizes(n_train: int, n_val: int, size: int) -> None:
+def _check_sizes(n_train: int, n_val: int, size: int, sizes=None) -> None:
     for name, v, lo in (("n_train", n_train, 1), ("n_val", n_val, 1), ("size", size, 16)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
             raise ConfigError(f"synthetic {name}={v!r} must be an integer >= {lo}")
     if size > 2048:
         raise ConfigError(f"synthetic size={size} must be <= 2048")
+    if sizes is not None:
+        if not len(sizes):
+            raise ConfigError("synthetic sizes=[] must list at least one WxH, e.g. 96x72,72x96")
+        for wh in sizes:
+            ok = (isinstance(wh, (tuple, list)) and len(wh) == 2
+                  and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 16 <= v <= 2048 for v in wh))
+            if not ok:
+                raise ConfigError(f"synthetic sizes entry {wh!r} must be (width, height), integers in 16..2048")
 
 
-def _params(kind: str, n_train, n_val, size, seed) -> dict:
-    return {"kind": kind, "version": FORMAT_VERSION, "n_train": int(n_train), "n_val": int(n_val),
-            "size": int(size), "seed": int(seed)}
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"96x72,72x96"`` -> ``[(96, 72), (72, 96)]`` (width x height); ConfigError naming a bad entry."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        w, sep, h = part.partition("x")
+        try:
+            out.append((int(w), int(h)))
+        except ValueError:
+            raise ConfigError(f"--sizes entry {part!r} is not WIDTHxHEIGHT; write e.g. --sizes 96x72,72x96") from None
+        if not sep:
+            raise ConfigError(f"--sizes entry {part!r} is not WIDTHxHEIGHT; write e.g. --sizes 96x72,72x96")
+    _check_sizes(1, 1, 16, out)
+    return out
+
+
+def _params(kind: str, n_train, n_val, size, seed, sizes=None) -> dict:
+    out = {"kind": kind, "version": FORMAT_VERSION, "n_train": int(n_train), "n_val": int(n_val),
+           "size": int(size), "seed": int(seed)}
+    if sizes is not None:  # absent by default: the square datasets' markers (and caches) are unchanged
+        out["sizes"] = [[int(w), int(h)] for w, h in sizes]
+    return out
 
 
 from core.data.palette import voc_palette  # noqa: E402  (torch-free; re-exported)
 
 
-def _write_voc(root: Path, n_train: int, n_val: int, size: int, seed: int) -> None:
+def _write_voc(root: Path, n_train: int, n_val: int, size: int, seed: int, sizes=None) -> None:
     palette = voc_palette()
     voc = root / "VOCdevkit" / "VOC2012"
     jpg, seg, lists = voc / "JPEGImages", voc / "SegmentationClass", voc / "ImageSets" / "Segmentation"
@@ -331,7 +375,8 @@ def _write_voc(root: Path, n_train: int, n_val: int, size: int, seed: int) -> No
     val_ids = sorted(ids[int(k)] for k in order[n_train:n_train + n_val])
     labelled = set(train_ids) | set(val_ids)
     for k, name in enumerate(ids):
-        img, lab = render_voc_sample(seed, k, size)
+        hw = None if sizes is None else (int(sizes[k % len(sizes)][1]), int(sizes[k % len(sizes)][0]))
+        img, lab = render_voc_sample(seed, k, size, hw)
         _save_jpeg(img, jpg / f"{name}.jpg")
         if name in labelled:
             _save_palette_png(lab, seg / f"{name}.png", palette)
@@ -391,15 +436,19 @@ def _atomic_generate(final: Path, sub: str, params: dict, writer: Callable[[Path
 
 
 def generate_voc(out_dir: Union[str, os.PathLike], n_train: int = 96, n_val: int = 48, size: int = 64,
-                 seed: int = 0, overwrite: bool = False) -> Path:
+                 seed: int = 0, overwrite: bool = False, sizes: Optional[Sequence[tuple[int, int]]] = None) -> Path:
     """Write a procedurally drawn dataset in VOC 2012 layout under ``out_dir/VOCdevkit``; return out_dir.
 
+    ``sizes``: ``[(width, height), ...]``: image k (in id order of generation) is
+    ``sizes[k % len(sizes)]`` (non-square, varying sizes, like VOC's 500x375 / 375x500); None: every
+    image is ``size`` x ``size`` (the default output, unchanged).
     Idempotent: an existing dataset generated with the same parameters is reused.
     """
-    _check_sizes(n_train, n_val, size)
-    params = _params("voc", n_train, n_val, size, seed)
+    sizes = None if sizes is None else [tuple(wh) for wh in sizes]
+    _check_sizes(n_train, n_val, size, sizes)
+    params = _params("voc", n_train, n_val, size, seed, sizes)
     return _atomic_generate(Path(out_dir), "VOCdevkit", params,
-                            lambda tmp: _write_voc(tmp, n_train, n_val, size, seed), overwrite)
+                            lambda tmp: _write_voc(tmp, n_train, n_val, size, seed, sizes), overwrite)
 
 
 def data_cache_dir() -> Path:
@@ -511,14 +560,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--n-train", type=int, default=96)
     p.add_argument("--n-val", type=int, default=48)
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--sizes", default=None, metavar="WxH,...",
+                   help="non-square images of varying sizes: image k is the (k mod n)-th WIDTHxHEIGHT (VOC only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coco", action="store_true", help="write the COCO-Stuff 164k layout instead")
     p.add_argument("--overwrite", action="store_true", help="replace an existing different dataset")
     a = p.parse_args(argv)
+    sizes = parse_sizes(a.sizes) if a.sizes is not None else None
     if a.coco:
+        if sizes is not None:
+            raise ConfigError("--sizes applies to the VOC layout only; drop --coco or --sizes")
         root = generate_coco_stuff(a.out, a.n_train, a.n_val, a.size, a.seed, overwrite=a.overwrite)
     else:
-        root = generate_voc(a.out, a.n_train, a.n_val, a.size, a.seed, overwrite=a.overwrite)
+        root = generate_voc(a.out, a.n_train, a.n_val, a.size, a.seed, overwrite=a.overwrite, sizes=sizes)
     print(f"wrote {root}")
     return 0
 

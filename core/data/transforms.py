@@ -8,8 +8,10 @@
 - With ``gpu_augment=True`` both only crop + flip + convert to float [0, 1] on the CPU and expose
   ``batch_augments()`` (one `core.data.gpu_augment.BatchAugment` per view) for the colour part on
   the device.
-- `SegTrainTransform` / `SegValTransform`: joint image/mask transforms on tv_tensors (masks resized
-  with nearest; 255 preserved), returning a normalised float image and the mask.
+- `SegTrainTransform`: joint image/mask transform on tv_tensors (masks resized with nearest; 255
+  preserved), returning a normalised float image and the mask.
+- `SegValTransform(short, long_cap)`: the image resized keeping its aspect ratio (`keep_ratio_size`,
+  mmseg's Resize(keep_ratio=True)), the mask left at its original size (scored there).
 - `EvalImageTransform`: resize + normalise (k-NN monitor, diagnostics). `MEAN`, `STD`, `denormalize`.
 """
 
@@ -38,6 +40,7 @@ from core.data.gpu_augment import (
 __all__ = [
     "MEAN", "STD", "denormalize", "normalize", "BarlowTwinsTransform", "DINOTransform", "SegTrainTransform",
     "SegValTransform", "EvalImageTransform", "ViewParams", "BT_VIEW1", "BT_VIEW2", "default_local_size",
+    "keep_ratio_size",
 ]
 
 
@@ -168,16 +171,50 @@ class SegTrainTransform:
         return self.t(_as_image(image), _as_mask(mask))
 
 
-class SegValTransform:
-    """Joint val transform: resize to (size, size) (none when size is None), float + normalise image."""
+def keep_ratio_size(h: int, w: int, short: int, long_cap: Optional[int] = None) -> tuple[int, int]:
+    """(new_h, new_w) of an (h, w) image rescaled keeping its aspect ratio so that its short side is `short`
+    and its long side at most `long_cap` (default 4 x short).
 
-    def __init__(self, size: Optional[int]):
-        self.size = size
-        ops = [v2.Resize((int(size), int(size)), antialias=True)] if size else []
-        self.t = v2.Compose(ops + [_TO_FLOAT, v2.Normalize(MEAN, STD), _Plain()])
+    mmcv's ``rescale_size`` as used by mmseg's ``Resize(scale=(2048, 512), keep_ratio=True)`` (VOC test
+    pipeline, open-mmlab/mmsegmentation configs/_base_/datasets/pascal_voc12.py; open-mmlab/mmcv
+    mmcv/image/geometric.py): ``factor = min(long_cap / max(h, w), short / min(h, w))``, each side
+    ``int(side * factor + 0.5)``."""
+    long_cap = int(long_cap) if long_cap else 4 * int(short)
+    factor = min(long_cap / max(h, w), int(short) / min(h, w))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+class SegValTransform:
+    """Val transform for scoring at the ORIGINAL resolution: the image is resized keeping its aspect ratio
+    (`keep_ratio_size`: short side `short`, long side at most `long_cap`; bilinear), converted to float and
+    normalised; the mask is returned UNTOUCHED (original H x W, 255 kept), to be scored against logits
+    resized back to it (mmseg's test pipeline: Resize(keep_ratio=True) on the image, annotations loaded
+    after it). ``short=None``: the image keeps its size.
+
+    Returns ``(image (3, h, w) float, mask (H, W))``; h, w need not be multiples of a patch size (inference
+    pads, see core/models/segmenter.py)."""
+
+    def __init__(self, short: Optional[int], long_cap: Optional[int] = None):
+        self.short = None if short is None else int(short)
+        self.long_cap = None if long_cap is None else int(long_cap)
+        self.t = v2.Compose([_TO_FLOAT, v2.Normalize(MEAN, STD), _Plain()])
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """The (h, w) an (h, w) original becomes."""
+        if self.short is None:
+            return int(h), int(w)
+        return keep_ratio_size(h, w, self.short, self.long_cap)
 
     def __call__(self, image, mask):
-        return self.t(_as_image(image), _as_mask(mask))
+        image = _as_image(image)
+        h, w = image.shape[-2:]
+        nh, nw = self.output_size(h, w)
+        if (nh, nw) != (h, w):  # identity when the size already fits (the generated square data)
+            image = v2.functional.resize(image, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return self.t(image), _as_mask(mask).as_subclass(torch.Tensor)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(short={self.short}, long_cap={self.long_cap})"
 
 
 class EvalImageTransform:

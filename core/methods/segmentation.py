@@ -10,10 +10,19 @@ with the loss of `cfg.loss` (`core.losses.segmentation.build_seg_loss`, void 255
   bias parameters carry no weight decay.
 - schedule: per-step linear warmup (5% of the steps) then cosine (``core.methods.optim.warmup_cosine``).
 - CNN backbones run channels_last.
-- validation accumulates one `SegmentationMetrics` confusion matrix over the WHOLE val set with
-  whole-image or sliding-window inference (``cfg.inference``, ``slide_crop``, ``slide_stride``) and
-  logs ``val/mIoU``, ``val/aAcc``, ``val/mAcc`` (percent) once per epoch; `final_metrics()` returns
-  the last computed dict ``{"aAcc", "mIoU", "mAcc", "IoU": [per class]}``.
+- validation scores at the ORIGINAL resolution, as mmseg does (open-mmlab/mmsegmentation
+  mmseg/models/segmentors/base.py `postprocess_result`): the val loader gives each image resized
+  keeping its aspect ratio (``cfg.eval_scale``, see core/data/module.py) and its ORIGINAL mask; per
+  image, logits at the resized input (whole-image or sliding-window inference, ``cfg.inference``,
+  `core.models.segmenter.slide_window`) -> padding cropped away -> bilinear resize
+  (align_corners=False) to the original H x W -> argmax -> one `SegmentationMetrics` confusion matrix
+  over the WHOLE val set (255 ignored). Images of the same resized and original size run together
+  (a batch of mixed sizes is split into such groups; no image is padded by another's size, so a
+  score does not depend on the batch it came in). Logs ``val/mIoU``, ``val/aAcc``, ``val/mAcc``
+  (percent) and ``val/loss`` (mean over images, at the original resolution) once per epoch;
+  `final_metrics()` returns the last computed dict ``{"aAcc", "mIoU", "mAcc", "IoU": [per class],
+  "val_pixels"}``, ``val_pixels`` = the labelled (non-255) pixels scored, summed over the ranks like
+  the confusion matrix (it is its total).
 """
 
 from __future__ import annotations
@@ -35,6 +44,38 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         return batch["image"], batch["mask"]
     return batch[0], batch[1]
+
+
+def _val_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
+    """(images, masks, [resized (h, w)], [original (H, W)]) of a val batch: a `seg_val_collate` dict or a
+    plain ``(image, mask)`` pair (every image then fills the tensor, every mask too)."""
+    x, y = _split_batch(batch)
+    b = int(x.shape[0])
+    img_hw = batch.get("img_hw") if isinstance(batch, dict) else None
+    ori_hw = batch.get("ori_hw") if isinstance(batch, dict) else None
+    img = [tuple(r) for r in img_hw.tolist()] if img_hw is not None else [tuple(x.shape[-2:])] * b
+    ori = [tuple(r) for r in ori_hw.tolist()] if ori_hw is not None else [tuple(y.shape[-2:])] * b
+    return x, y, img, ori
+
+
+def resize_to_original(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits (B, K, h, w) at the resized input -> (B, K, H, W) at the original size: bilinear,
+    align_corners=False (mmseg `postprocess_result`: ``resize(i_seg_logits, size=img_meta['ori_shape'],
+    mode='bilinear', align_corners=self.align_corners)``, False for every head used here)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the ranks when torch.distributed runs (as SegmentationMetrics.synced_confusion does)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = t.detach().clone().to(dev)
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -64,6 +105,7 @@ class SegmentationMethod(pl.LightningModule):
         self.criterion = build_seg_loss(cfg.loss, self.num_classes, ignore_index=self.ignore_index)
         self.metrics = SegmentationMetrics(self.num_classes, ignore_index=self.ignore_index)
         self._final: Optional[dict] = None
+        self._val_loss_sum, self._val_images = 0.0, 0  # val loss x images, images (reset per epoch)
         self.frozen = cfg.mode == "frozen"
         if self.frozen and not getattr(self.model, "frozen", False):
             self.model.freeze_backbone()
@@ -99,16 +141,32 @@ class SegmentationMethod(pl.LightningModule):
     def _size_multiple(self) -> Optional[int]:
         return getattr(self.backbone, "size_multiple", None) or getattr(self.backbone, "patch_size", None)
 
+    def slide_window(self) -> tuple[int, int]:
+        """(crop, stride) of sliding-window inference (`core.models.segmenter.slide_window`)."""
+        from core.models.segmenter import slide_window
+
+        return slide_window(self.cfg, self._size_multiple())
+
     @torch.no_grad()
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, H, W) with the configured inference mode (whole image or sliding window)."""
+        """Logits (B, K, H, W) at the input's size with the configured inference mode (whole image padded
+        to the patch multiple, or sliding windows)."""
         from core.models.segmenter import slide_inference, whole_inference
 
         x = self._prep(x)
         if self.cfg.inference == "slide":
-            return slide_inference(self.model, x, crop=self.cfg.slide_crop, stride=self.cfg.slide_stride,
-                                   num_classes=self.num_classes)
+            crop, stride = self.slide_window()
+            return slide_inference(self.model, x, crop=crop, stride=stride, num_classes=self.num_classes,
+                                   size_divisor=self._size_multiple())
         return whole_inference(self.model, x, size_divisor=self._size_multiple())
+
+    @torch.no_grad()
+    def predict_original(self, x: torch.Tensor, img_hw: tuple[int, int], ori_hw: tuple[int, int]) -> torch.Tensor:
+        """Logits (B, K, H, W) at the ORIGINAL size for images that share their resized size `img_hw`
+        (valid top-left region of `x`) and original size `ori_hw`: inference on the valid region, then
+        `resize_to_original`."""
+        h, w = img_hw
+        return resize_to_original(self.predict_logits(x[..., :h, :w]), ori_hw)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
@@ -126,23 +184,37 @@ class SegmentationMethod(pl.LightningModule):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self.metrics.reset()
+        self._val_loss_sum, self._val_images = 0.0, 0
 
     def validation_step(self, batch, batch_idx):
-        x, y = _split_batch(batch)
-        logits = self.predict_logits(x)
-        if logits.shape[-2:] != y.shape[-2:]:
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        y = y.long()
-        loss = self.criterion(logits.float(), y)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
-        self.metrics.update(logits.argmax(1), y)
+        x, y, img_hw, ori_hw = _val_batch(batch)
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(img_hw, ori_hw)):
+            groups.setdefault(key, []).append(i)
+        for (hw, ori), idx in groups.items():
+            if len(idx) == x.shape[0]:  # one size in the batch (e.g. the generated square data)
+                xs, ys = x, y
+            else:
+                sel = torch.as_tensor(idx, device=x.device)
+                xs, ys = x.index_select(0, sel), y.index_select(0, sel.to(y.device))
+            logits = self.predict_original(xs, hw, ori)
+            ys = ys[..., : ori[0], : ori[1]].long()
+            loss = self.criterion(logits.float(), ys)
+            ok = torch.isfinite(loss.detach())  # an all-void group has no loss; no host sync here
+            self._val_loss_sum = self._val_loss_sum + torch.where(ok, loss.detach().double() * len(idx), 0.0)
+            self._val_images = self._val_images + ok.double() * len(idx)
+            self.metrics.update(logits.argmax(1), ys)
 
     def on_validation_epoch_end(self) -> None:
         m = _sync_compute(self.metrics, self)
+        vl = _all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu()
+                                          for v in (self._val_loss_sum, self._val_images)]))
         self._final = {"aAcc": float(m["aAcc"]), "mIoU": float(m["mIoU"]), "mAcc": float(m["mAcc"]),
-                       "IoU": [float(v) for v in _as_list(m["IoU"])]}
+                       "IoU": [float(v) for v in _as_list(m["IoU"])], "val_pixels": int(m["n_pixels"])}
         for k in ("mIoU", "aAcc", "mAcc"):
             self.log(f"val/{k}", self._final[k], prog_bar=(k == "mIoU"))
+        if float(vl[1]) > 0:  # mean over the val images of each batch's loss (weighted by its images)
+            self.log("val/loss", float(vl[0] / vl[1]))
 
     def final_metrics(self) -> Optional[dict]:
         """The metrics of the last validation pass over the whole val set (None before any)."""

@@ -16,8 +16,11 @@ Frozen mode: backbone parameters have requires_grad=False, the backbone stays in
 `param_groups(lr, backbone_lr_scale, weight_decay, gate_lr)` gives optimizer groups (no weight decay
 on biases, norm parameters and scalars; fusion 2's mixing logit in its own group at `gate_lr`).
 `whole_inference` / `slide_inference`: evaluation-time prediction over a whole image or with
-overlapping sliding windows (mmsegmentation's slide mode: windows averaged, images smaller than the
-crop padded).
+overlapping sliding windows (mmsegmentation's slide mode: windows averaged, a window never larger
+than the image, each padded to the patch multiple); `slide_window(cfg, size_multiple)`: the (crop,
+stride) a SegmentConfig asks for.
+Evaluation runs them on the image resized keeping its aspect ratio (any h x w, e.g. 512 x 683), and
+the caller resizes the logits to the original mask (core/methods/segmentation.py).
 """
 
 from __future__ import annotations
@@ -160,10 +163,31 @@ def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
+def slide_window(cfg, size_multiple: Optional[int] = None) -> tuple[int, int]:
+    """(crop, stride) of sliding-window inference for a `SegmentConfig`.
+
+    crop: ``cfg.slide_crop``, or the evaluation short side (``eval_scale``, else ``data.image_size``)
+    rounded down to `size_multiple` (the backbone's patch multiple; an explicit crop must already be
+    one, `core.runs.segment.check_fit`); stride: ``cfg.slide_stride``, or 2/3 of the crop. mmseg runs
+    crop 512, stride 341 on images resized to short side 512 (open-mmlab/mmsegmentation
+    configs/setr/setr_vit-l_pup_8xb2-160k_ade20k-512x512.py: ``test_cfg=dict(mode='slide',
+    crop_size=(512, 512), stride=(341, 341))``): one window row over the short side, windows every
+    2/3 crop along the long side."""
+    if cfg.slide_crop is not None:
+        crop = int(cfg.slide_crop)
+    else:
+        crop = int(cfg.eval_short_side())
+        if size_multiple:
+            crop = max(int(size_multiple), crop // int(size_multiple) * int(size_multiple))
+    stride = int(cfg.slide_stride) if cfg.slide_stride is not None else max(1, crop * 2 // 3)
+    return crop, stride
+
+
 @torch.no_grad()
 def whole_inference(model: nn.Module, image: torch.Tensor, size_divisor: Optional[int] = None) -> torch.Tensor:
-    """Logits (B, K, H, W) for the whole image; pads bottom/right to a multiple of `size_divisor`
-    (e.g. the patch size) when given, then crops back."""
+    """Logits (B, K, H, W) for the whole image; pads bottom/right with 0 to a multiple of `size_divisor`
+    (e.g. the patch size) when given, then crops back (mmseg pads the normalised image with 0 to its
+    ``size_divisor`` and removes the padding before resizing to the original size)."""
     h, w = image.shape[-2:]
     x = image
     if size_divisor:
@@ -177,29 +201,30 @@ def whole_inference(model: nn.Module, image: torch.Tensor, size_divisor: Optiona
 
 @torch.no_grad()
 def slide_inference(model: nn.Module, image: torch.Tensor, crop: Union[int, Sequence[int]],
-                    stride: Union[int, Sequence[int]], num_classes: int) -> torch.Tensor:
+                    stride: Union[int, Sequence[int]], num_classes: int,
+                    size_divisor: Optional[int] = None) -> torch.Tensor:
     """Sliding-window logits (B, num_classes, H, W): windows of `crop` every `stride` pixels (the last
-    window flush with the border), logits of overlapping windows averaged; an image smaller than
-    the crop is zero-padded bottom/right to the crop and the prediction cropped back."""
+    window flush with the border), logits of overlapping windows averaged, as mmseg
+    (open-mmlab/mmsegmentation mmseg/models/segmentors/encoder_decoder.py `slide_inference`: the same
+    grid, ``y1 = max(y2 - h_crop, 0)``). A window is never larger than the image: on a side shorter than
+    the crop (e.g. the short side of a non-square image) the window is the whole side ("the small patch
+    will be used to decode without padding", mmseg), so a crop covering the image gives exactly
+    `whole_inference`. Each window goes through `whole_inference` (padded to `size_divisor`, e.g. the
+    patch size, and cropped back). Needs 0 < stride <= crop (no gaps)."""
     ch, cw = _pair(crop)
     sh, sw = _pair(stride)
-    if sh <= 0 or sw <= 0 or ch <= 0 or cw <= 0:
-        raise ConfigError(f"slide inference needs positive crop and stride, got crop={crop} stride={stride}")
-    b, _, h, w = image.shape
-    ph, pw = max(ch - h, 0), max(cw - w, 0)
-    x = F.pad(image, (0, pw, 0, ph)) if (ph or pw) else image
-    H, W = x.shape[-2:]
-    preds = x.new_zeros((b, num_classes, H, W))
-    count = x.new_zeros((1, 1, H, W))
+    if sh <= 0 or sw <= 0 or ch <= 0 or cw <= 0 or sh > ch or sw > cw:
+        raise ConfigError(f"slide inference needs 0 < stride <= crop, got crop={crop} stride={stride}")
+    b, _, H, W = image.shape
+    preds = image.new_zeros((b, num_classes, H, W))
+    count = image.new_zeros((1, 1, H, W))
     ny = max(H - ch + sh - 1, 0) // sh + 1
     nx = max(W - cw + sw - 1, 0) // sw + 1
     for iy in range(ny):
         for ix in range(nx):
             y2, x2 = min(iy * sh + ch, H), min(ix * sw + cw, W)
             y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            out = model(x[:, :, y1:y2, x1:x2])
-            out = resize(out, (y2 - y1, x2 - x1))
+            out = whole_inference(model, image[:, :, y1:y2, x1:x2], size_divisor=size_divisor)
             preds[:, :, y1:y2, x1:x2] += out.to(preds.dtype)
             count[:, :, y1:y2, x1:x2] += 1
-    preds = preds / count
-    return preds[:, :, :h, :w]
+    return preds / count

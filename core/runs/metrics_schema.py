@@ -56,13 +56,18 @@ SEGMENT: dict[str, str] = {
     "loss": "ce | dice | focal",
     "inference": "whole | slide",
     "dataset": "voc | coco_stuff",
-    "image_size": "training / evaluation side in pixels",
+    "image_size": "training side in pixels (evaluation: eval_protocol.eval_scale)",
     "num_classes": "classes of the label space",
     "output_stride": "input pixels per cell of the backbone's dense map",
-    "mIoU": "mean IoU (%) over the val set (confusion matrix, 255 ignored)",
+    "mIoU": "mean IoU (%) over the val set at the original mask resolution (confusion matrix, 255 ignored)",
     "aAcc": "pixel accuracy (%)",
     "mAcc": "mean class accuracy (%)",
     "IoU": "per-class IoU (%), null for a class absent from truth and prediction",
+    "val_pixels": "labelled (non-255) pixels scored: those of the ORIGINAL val masks (total of the confusion "
+                  "matrix, summed over DDP ranks; each val image on one rank)",
+    "eval_protocol": "how val was scored: {split, images, resolution: original, eval_scale (short side), "
+                     "eval_max_long, inference, slide_crop / slide_stride when slide}; logits resized "
+                     "(bilinear) to each original mask, 255 ignored",
     "class_names": "class names in label order",
     "final_train_loss": "training loss of the last epoch",
     "val_loss": "validation loss",

@@ -86,10 +86,16 @@ def check_fit(cfg: SegmentConfig, backbone) -> None:
     if err is not None:
         raise err
     if cfg.inference == "slide":
+        from core.models.segmenter import slide_window
+
         m = getattr(backbone, "size_multiple", None)
-        if m and cfg.slide_crop % m:
+        if m and cfg.slide_crop is not None and cfg.slide_crop % m:
             raise ConfigError(f"slide_crop={cfg.slide_crop} is not a multiple of {m} required by {backbone.name}; "
                               f"use a multiple of {m}")
+        crop, stride = slide_window(cfg, m)
+        if stride > crop:
+            raise ConfigError(f"slide_stride={stride} must be <= the sliding-window crop {crop} ({backbone.name}'s "
+                              f"patch multiple at or below the evaluation short side); lower slide_stride")
 
 
 def preflight(cfg: SegmentConfig, devices: Optional[int] = None):
@@ -122,7 +128,8 @@ class SegmentRun(StageRun):
         cfg = self.cfg
         self.backbone = preflight(cfg, None if self.ddp is None else 1)  # backbone / head / fusion fit, sizes
         self.load_report = load_source(self.backbone, cfg.source)  # WeightsError; on resume too
-        self.loaders = build_seg_loaders(cfg.data, cfg.batch_size, seed=cfg.seed)  # DataError
+        self.loaders = build_seg_loaders(cfg.data, cfg.batch_size, seed=cfg.seed, eval_scale=cfg.eval_short_side(),
+                                         eval_max_long=cfg.eval_long_cap())  # DataError
         self.num_classes, self.class_names = int(self.loaders.num_classes), list(self.loaders.class_names)
         self.model = SegmentationMethod(cfg, self.num_classes, self.class_names,
                                         ignore_index=int(getattr(self.loaders, "ignore_index", 255)),
@@ -138,7 +145,8 @@ class SegmentRun(StageRun):
 
     def callbacks(self, out_dir: Path) -> list:
         return _diagnostic_callbacks(self.cfg, out_dir, self.backbone, self.class_names,
-                                     getattr(self.loaders, "palette", None))
+                                     getattr(self.loaders, "palette", None),
+                                     getattr(self.loaders, "val_dataset", None))
 
     def default_name(self, out_dir: Path) -> str:
         return default_run_name(self.cfg)
@@ -173,6 +181,8 @@ class SegmentRun(StageRun):
             "aAcc": final["aAcc"],
             "mAcc": final["mAcc"],
             "IoU": final["IoU"],
+            "val_pixels": int(final["val_pixels"]),
+            "eval_protocol": eval_protocol(cfg, self.backbone, self.loaders),
             "class_names": self.class_names,
             "epochs": cfg.epochs,
             "final_train_loss": _scalar(trainer.callback_metrics.get("train/loss_epoch")),
@@ -192,6 +202,26 @@ def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, p
 
 
 # --------------------------------------------------------------------------- helpers
+def eval_protocol(cfg: SegmentConfig, backbone=None, loaders=None) -> dict:
+    """How the val numbers were measured (metrics.json ``eval_protocol``): the split and its image count,
+    the evaluation resize (short side, long-side cap, aspect ratio kept), the inference mode (and
+    sliding window), and that scores are taken on the ORIGINAL masks (logits resized back, 255 ignored)."""
+    from core.models.segmenter import slide_window
+
+    ds = getattr(loaders, "val_dataset", None)
+    out = {
+        "split": "val2017" if cfg.data.dataset == "coco_stuff" else "val",
+        "images": len(ds) if ds is not None else None,
+        "resolution": "original",
+        "eval_scale": cfg.eval_short_side(),
+        "eval_max_long": cfg.eval_long_cap(),
+        "inference": cfg.inference,
+    }
+    if cfg.inference == "slide":
+        out["slide_crop"], out["slide_stride"] = slide_window(cfg, getattr(backbone, "size_multiple", None))
+    return out
+
+
 def _skipped(loaders) -> int:
     """Bad samples skipped (corrupt_policy=skip) by the train and val datasets, all workers."""
     return sum(int(getattr(ds, "skipped", 0) or 0)
@@ -219,16 +249,25 @@ def _short_report(rep) -> dict:
     return out
 
 
-def _diagnostic_callbacks(cfg: SegmentConfig, out_dir: Path, backbone, class_names, palette=None) -> list:
+def _diagnostic_callbacks(cfg: SegmentConfig, out_dir: Path, backbone, class_names, palette=None,
+                         val_dataset=None) -> list:
     """Prediction overlays (image | truth | prediction) on the first val images, and CLS attention
     maps when the backbone is a ViT; every `diagnostics_every` epochs (0: at the last epoch only).
-    PNGs go to <out_dir>/figures/. Skipped when the diagnostics module is absent."""
+    PNGs go to <out_dir>/figures/. Skipped when the diagnostics module is absent. The overlays show the
+    images at the evaluation size with their masks resized (nearest) to it
+    (`core.data.module.seg_display_batch`); the scores use the original masks."""
     try:
         from core.diagnostics.callbacks import AttentionMapCallback, PredictionCallback
     except ImportError:
         return []
     every = cfg.diagnostics_every if cfg.diagnostics_every > 0 else 10**9  # the last epoch is always due
-    out = [PredictionCallback(every_n_epochs=every, class_names=class_names, palette=palette, out_dir=out_dir)]
+    images = targets = None
+    if val_dataset is not None and len(val_dataset):
+        from core.data.module import seg_display_batch
+
+        images, targets = seg_display_batch(val_dataset, 4, getattr(backbone, "size_multiple", None))
+    out = [PredictionCallback(images, targets, every_n_epochs=every, class_names=class_names, palette=palette,
+                              out_dir=out_dir)]
     if getattr(backbone, "has_cls_token", False):
-        out.append(AttentionMapCallback(every_n_epochs=every, out_dir=out_dir))
+        out.append(AttentionMapCallback(images, every_n_epochs=every, out_dir=out_dir))
     return out
