@@ -122,6 +122,28 @@ def _write_figure(fn, res: Results, path: Path) -> Optional[Path]:
     return got
 
 
+def protocol_lines(res) -> list[str]:
+    """How the segmentation numbers were measured, from the runs' own `eval_protocol` / `val_pixels`
+    (one line per distinct protocol); runs written before these keys existed are counted as unknown."""
+    seen: dict[str, list[int]] = {}
+    unknown = 0
+    for t in res.stage("segment"):
+        p = t.metrics.get("eval_protocol")
+        if not isinstance(p, dict):
+            unknown += 1
+            continue
+        desc = (f"split {p.get('split', '?')} ({p.get('images', '?')} images), scored at {p.get('resolution', '?')} "
+                f"resolution after a keep-ratio resize to short side {p.get('eval_scale', '?')}, "
+                f"{p.get('inference', '?')} inference")
+        if p.get("inference") == "slide":
+            desc += f" (crop {p.get('slide_crop', '?')}, stride {p.get('slide_stride', '?')})"
+        seen.setdefault(desc, []).append(int(t.metrics.get("val_pixels") or 0))
+    out = [f"{d}; 255 ignored; {max(px):,} labelled pixels scored ({len(px)} runs)." for d, px in seen.items()]
+    if unknown:
+        out.append(f"{unknown} run(s) written before the protocol was recorded (no eval_protocol in metrics.json).")
+    return out
+
+
 def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write report.md, tables/ and figures/ for a results folder; return the path of report.md."""
     res = load_results(results_dir)
@@ -183,6 +205,7 @@ def _build(res: Results, out: Path) -> Path:
                  + ". Values are percent, mean ± std over seeds (std blank for one seed); the pretraining variant is "
                    "the stage-1 run whose checkpoint the trial used.")
         L.append("")
+        L += [f"Protocol: {line}" for line in protocol_lines(res)] + [""]
         L += _table_block(seg.get("segmentation_miou"), out, tables_dir)
         L += _table_block(seg.get("segmentation_aacc"), out, tables_dir)
         L += _table_block(seg.get("segmentation_runs"), out, tables_dir)

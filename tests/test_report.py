@@ -476,3 +476,24 @@ def test_report_style_does_not_leak_into_other_figures(full):
     assert figures.STYLE["axes.grid"] is True
     assert matplotlib.rcParams["axes.grid"] is False
     assert matplotlib.rcParams["font.size"] == matplotlib.rcParamsDefault["font.size"]
+
+
+def test_protocol_line_beside_segmentation_tables(tmp_path):
+    """report.md states how the segmentation numbers were measured, read from the runs' eval_protocol
+    (older runs without it are counted, not guessed)."""
+    import json
+
+    built = build_results(tmp_path / "smoke-20250101-000000")
+    segs = sorted((built.root / "trials").glob("segment_*/metrics.json"))
+    assert len(segs) >= 2
+    proto = {"split": "val", "images": 200, "resolution": "original", "eval_scale": 64, "eval_max_long": 256,
+             "inference": "slide", "slide_crop": 64, "slide_stride": 42}
+    for p in segs[:-1]:
+        m = json.loads(p.read_text())
+        m.update(eval_protocol=proto, val_pixels=12345)
+        p.write_text(json.dumps(m))
+    text = build_report(built.root).read_text()
+    seg_part = text.split("## Segmentation (stage 2)")[1].split("## Pretraining")[0]
+    assert ("Protocol: split val (200 images), scored at original resolution after a keep-ratio resize to short "
+            "side 64, slide inference (crop 64, stride 42); 255 ignored; 12,345 labelled pixels scored") in seg_part
+    assert "Protocol: 1 run(s) written before the protocol was recorded" in seg_part
