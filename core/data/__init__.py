@@ -18,10 +18,10 @@ _EXPORTS = {
     "ImageFolderImages": "imagefolder", "UnlabeledImages": "imagefolder", "list_images": "imagefolder",
     "BarlowTwinsTransform": "transforms", "DINOTransform": "transforms", "SegTrainTransform": "transforms",
     "SegValTransform": "transforms", "EvalImageTransform": "transforms", "MEAN": "transforms", "STD": "transforms",
-    "denormalize": "transforms", "normalize": "transforms",
+    "denormalize": "transforms", "normalize": "transforms", "keep_ratio_size": "transforms",
     "BatchAugment": "gpu_augment", "ViewParams": "gpu_augment",
     "build_ssl_loaders": "module", "build_seg_loaders": "module", "validate_data": "module",
-    "SSLLoaders": "module", "SegLoaders": "module",
+    "SSLLoaders": "module", "SegLoaders": "module", "seg_val_collate": "module", "EvalShardSampler": "module",
 }
 
 __all__ = sorted(_EXPORTS)
