@@ -181,7 +181,7 @@ def _kill_when(args, env, cwd: Path, log: Path, done, fake) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_resume_after_driver_killed_twice_matches_uninterrupted(tmp_path):
-    """Fault injection (MISSION "done when"): the same grid run (a) uninterrupted and (b) SIGKILLed
+    """Fault injection: the same grid run (a) uninterrupted and (b) SIGKILLed
     twice at different points and resumed each time ends in the same summary.json (ids, statuses,
     configs, metrics), no finished trial is rerun, summaries are always whole (atomic writes) and
     no secret from the environment reaches the results folder.

@@ -1,4 +1,4 @@
-"""Reliability and security (MISSION.md): the bad-input matrix at the CLI level, corrupt files in a
+"""Reliability and security (docs/reliability.md): the bad-input matrix at the CLI level, corrupt files in a
 run, and the security checks.
 
 Every bad input must end in ONE line on stderr (`twinseg: error: <what, where, how to fix>`), exit
