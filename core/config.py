@@ -36,6 +36,9 @@ SEG_MODES = ("frozen", "finetune")
 SEG_LOSSES = ("ce", "dice", "focal")
 FUSIONS = ("none", "features", "affinity")
 INFERENCE = ("whole", "slide")
+SEG_TRAIN_PIPELINES = ("simple", "mmseg")  # == core.data.transforms.SEG_TRAIN_PIPELINES (no torch import here)
+SEG_TRAIN_SPLITS = ("train", "trainaug")
+SEG_SCHEDULES = ("cosine", "poly")
 WANDB_MODES = ("offline", "online", "disabled")
 BASE_SOURCES = ("random", "imagenet", "barlowtwins-imagenet", "dino", "coco-deeplab")
 
@@ -411,6 +414,29 @@ class SegmentConfig(ConfigBase):
     """GPUs for this run (DDP when > 1)."""
     compile: bool = False
     """torch.compile the model."""
+    train_pipeline: str = "simple"
+    """Training augmentation: simple (random resized crop at data.image_size, scale 0.25-1, flip) | mmseg (mmseg's VOC
+    pipeline: RandomResize ratio 0.5-2.0 of train_scale, RandomCrop crop_size with cat_max_ratio, flip,
+    PhotoMetricDistortion, padded to the crop with 255 on the mask)."""
+    crop_size: Optional[int] = None
+    """mmseg pipeline: side of the square training crop in pixels (mmseg VOC: 512); none: data.image_size."""
+    train_scale: Optional[int] = None
+    """mmseg pipeline: RandomResize base short side in pixels (scaled by a ratio in 0.5-2.0, long side capped at 4x;
+    mmseg VOC: 512 of scale=(2048, 512)); none: eval_scale, or data.image_size."""
+    cat_max_ratio: float = 0.75
+    """mmseg pipeline: the random crop is redrawn (up to 10 times) while one class covers more than this fraction of
+    its labelled pixels (255 ignored); 1 disables."""
+    train_split: str = "train"
+    """Training images: train (VOC seg train, 1,464 images) | trainaug (SBD SegmentationClassAug with
+    ImageSets/Segmentation/trainaug.txt, 10,582 images, val ids excluded; VOC only)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule, per optimizer step: cosine (linear warmup over 5% of the steps, then cosine) | poly
+    (mmseg PolyLR: power 0.9 by iteration from lr down to lr x min_lr_ratio, no warmup)."""
+    min_lr_ratio: float = 0.01
+    """poly schedule: each parameter group ends at its base lr x this (mmseg schedule_20k: eta_min 1e-4 at lr
+    0.01)."""
+    max_iters: Optional[int] = None
+    """Iteration-based training: optimizer steps in all, epochs ignored (mmseg VOC: 20000 or 40000); none: epochs."""
     eval_scale: Optional[int] = None
     """Validation: each val image is resized keeping its aspect ratio to this short side in pixels (long side
     capped at eval_max_long), predicted, and its logits resized back to the ORIGINAL mask's H x W for scoring
@@ -459,6 +485,27 @@ class SegmentConfig(ConfigBase):
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
         check_positive("devices", self.devices)
+        check_choice("train_pipeline", self.train_pipeline, SEG_TRAIN_PIPELINES)
+        if self.crop_size is not None:
+            check_range("crop_size", self.crop_size, 16, 4096)
+        if self.train_scale is not None:
+            check_range("train_scale", self.train_scale, 16, 4096)
+        if self.train_pipeline != "mmseg":
+            for name in ("crop_size", "train_scale"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name}={getattr(self, name)} applies to train_pipeline=mmseg only; "
+                                      f"set train_pipeline=mmseg or leave {name} unset")
+        if not 0.0 < self.cat_max_ratio <= 1.0:
+            raise ConfigError(f"cat_max_ratio={self.cat_max_ratio!r} must be > 0 and <= 1 (1 disables the check)")
+        check_choice("train_split", self.train_split, SEG_TRAIN_SPLITS)
+        if self.train_split == "trainaug" and self.data.dataset != "voc":
+            raise ConfigError(f"train_split=trainaug needs data.dataset=voc (SBD SegmentationClassAug), not "
+                              f"{self.data.dataset}; use train_split=train")
+        check_choice("schedule", self.schedule, SEG_SCHEDULES)
+        if not 0.0 <= self.min_lr_ratio < 1.0:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio!r} must be >= 0 and < 1")
+        if self.max_iters is not None:
+            check_positive("max_iters", self.max_iters)
         if self.eval_scale is not None:
             check_range("eval_scale", self.eval_scale, 16, 4096)
         if self.eval_max_long is not None:

@@ -92,7 +92,8 @@ def test_trainaug_when_present(small_voc):
     val = voc.joinpath("ImageSets/Segmentation/val.txt").read_text().split()
     voc.joinpath("ImageSets/Segmentation/trainaug.txt").write_text("\n".join(ids) + "\n")  # val ids on purpose
     ds = VOCSegmentation(small_voc, "trainaug")
-    assert len(ds) == 9 and ds[0][1].dtype == torch.int64
+    assert len(ds) == 6 and ds[0][1].dtype == torch.int64  # val ids never train segmentation either
+    assert not set(ds.ids) & set(val)
     ssl = voc_ssl_images(small_voc, "trainaug")
     assert len(ssl) == 6 and not {p.stem for p in ssl} & set(val)  # val ids dropped from SSL
 

@@ -228,3 +228,26 @@ def test_cli_resolves_presets_and_explicit_flags_win(voc_root):
     assert (c.backbone, c.fusion, c.source) == ("vit_nano_patch8", "affinity", "checkpoint:/x/backbone.pt")
     with pytest.raises(ConfigError, match="checkpoint:PATH"):
         cfg("--evaluation", "E5")  # tiny ViT has no official DINO weights
+
+
+def test_iteration_based_mmseg_pipeline_run(tmp_path, voc_root):
+    """max_iters trains by optimizer steps across epoch boundaries and still validates (and scores) at
+    the last step; the mmseg training pipeline and the poly schedule run end to end."""
+    from lightning.pytorch import Callback
+
+    from core.runs.segment import run_segment
+
+    class Steps(Callback):
+        def __init__(self):
+            self.val_at = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.val_at.append(trainer.global_step)
+
+    rec = Steps()
+    cfg = _cfg(voc_root, max_iters=3, schedule="poly", train_pipeline="mmseg", crop_size=32,
+               data={"limit_train": 16})  # 2 batches per epoch: step 3 is mid-epoch 2
+    m = run_segment(cfg, tmp_path / "it", progress=False, callbacks=[rec])
+    assert rec.val_at == [3]  # one validation, at the last step (3 is not a multiple of 2000)
+    assert 0.0 <= m["mIoU"] <= 100.0 and m["val_pixels"] > 0
+    assert (tmp_path / "it" / "checkpoints" / "last.ckpt").is_file()

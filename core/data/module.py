@@ -9,8 +9,11 @@
   solarize, then normalise); otherwise views are already normalised and ``.batch_augment`` is None.
   ``.knn_train`` / ``.knn_val`` yield ``(image (B,3,S,S) normalised, label (B,) int64)`` for the
   k-NN monitor (VOC: image label = largest non-background class of the seg mask; seg train / val).
-- `build_seg_loaders(data_cfg, batch_size, eval_scale=None, eval_max_long=None)` -> `SegLoaders` with
-  ``.train`` yielding ``(image (B,3,S,S) float normalised, mask (B,S,S) int64, 255 = ignore)`` and
+- `build_seg_loaders(data_cfg, batch_size, eval_scale=None, eval_max_long=None, train_pipeline="simple",
+  crop_size=None, train_scale=None, cat_max_ratio=0.75, train_split="train")` (train side from a
+  SegmentConfig: `seg_train_kwargs(cfg)`) -> `SegLoaders` with
+  ``.train`` yielding ``(image (B,3,S,S) float normalised, mask (B,S,S) int64, 255 = ignore)`` (S = image_size,
+  or crop_size with the mmseg pipeline) and
   ``.val`` yielding dicts (`seg_val_collate`) for scoring at the ORIGINAL resolution: ``image``
   (B,3,h,w) = each image resized keeping its aspect ratio (short side ``eval_scale``, default
   image_size; `core.data.transforms.SegValTransform`) at the top left, zero padded (after
@@ -38,7 +41,7 @@ from core.data.coco_stuff import COCOStuff, coco_images
 from core.data.gpu_augment import BatchAugment
 from core.data.imagefolder import UnlabeledImages, imagefolder_classes, list_images
 from core.data.synthetic import default_coco_root, default_voc_root
-from core.data.transforms import EvalImageTransform, SegTrainTransform, SegValTransform
+from core.data.transforms import EvalImageTransform, SegValTransform, build_seg_train_transform
 from core.data.voc import (
     IGNORE_INDEX,
     NUM_CLASSES,
@@ -314,23 +317,44 @@ def seg_display_batch(dataset: Dataset, n: int = 4, size_divisor: Optional[int] 
     return image, mask
 
 
+def seg_train_kwargs(cfg) -> dict:
+    """The train-side keyword arguments of `build_seg_loaders` from a `SegmentConfig`."""
+    return {"train_pipeline": cfg.train_pipeline, "crop_size": cfg.crop_size, "train_scale": cfg.train_scale,
+            "cat_max_ratio": cfg.cat_max_ratio, "train_split": cfg.train_split}
+
+
 def build_seg_loaders(data_cfg, batch_size: int, seed: int = 0, val_batch_size: Optional[int] = None,
-                      eval_scale: Optional[int] = None, eval_max_long: Optional[int] = None) -> SegLoaders:
-    """Train loader (SegTrainTransform at image_size) and val loader (images resized keeping their aspect
-    ratio to short side `eval_scale` (default image_size), long side at most `eval_max_long` (default 4 x
-    short); ORIGINAL masks; `seg_val_collate` batches; `EvalShardSampler`)."""
+                      eval_scale: Optional[int] = None, eval_max_long: Optional[int] = None,
+                      train_pipeline: str = "simple", crop_size: Optional[int] = None,
+                      train_scale: Optional[int] = None, cat_max_ratio: float = 0.75,
+                      train_split: str = "train") -> SegLoaders:
+    """Train loader and val loader (images resized keeping their aspect ratio to short side `eval_scale`
+    (default image_size), long side at most `eval_max_long` (default 4 x short); ORIGINAL masks;
+    `seg_val_collate` batches; `EvalShardSampler`).
+
+    Train side (`SegmentConfig` fields, `seg_train_kwargs(cfg)`): ``train_pipeline`` simple =
+    `SegTrainTransform` at image_size (unchanged default) | mmseg = `MMSegTrainTransform` (crop `crop_size`,
+    none: image_size; RandomResize short side `train_scale`, none: `eval_scale` or image_size;
+    `cat_max_ratio`); ``train_split`` train | trainaug (VOC only: SBD ``SegmentationClassAug``)."""
     size = int(data_cfg.image_size)
+    scale = train_scale if train_scale is not None else (eval_scale if eval_scale is not None else size)
+    train_tf = build_seg_train_transform(train_pipeline, size, crop_size, scale, cat_max_ratio)
     val_tf = SegValTransform(int(eval_scale) if eval_scale is not None else size, eval_max_long)
     pol = data_cfg.corrupt_policy
     if data_cfg.dataset == "imagefolder":
         raise ConfigError("data.dataset=imagefolder has no masks; segmentation needs data.dataset=voc or coco_stuff")
     root = data_root(data_cfg)
     if data_cfg.dataset == "coco_stuff":
-        tr = COCOStuff(root, "train", data_cfg.coco_labels, SegTrainTransform(size), pol, data_cfg.limit_train)
+        if train_split != "train":
+            raise ConfigError(f"train_split={train_split!r} is VOC only (SBD SegmentationClassAug); use train_split=train "
+                              f"with data.dataset=coco_stuff")
+        tr = COCOStuff(root, "train", data_cfg.coco_labels, train_tf, pol, data_cfg.limit_train)
         va = COCOStuff(root, "val", data_cfg.coco_labels, val_tf, pol, data_cfg.limit_val)
         num_classes, names = tr.num_classes, tuple(tr.class_names)
     else:
-        tr = VOCSegmentation(root, "train", SegTrainTransform(size), pol, data_cfg.limit_train)
+        if train_split not in ("train", "trainaug"):
+            raise ConfigError(f"train_split={train_split!r} is not allowed; choose one of: train, trainaug")
+        tr = VOCSegmentation(root, train_split, train_tf, pol, data_cfg.limit_train)
         va = VOCSegmentation(root, "val", val_tf, pol, data_cfg.limit_val)
         num_classes, names = NUM_CLASSES, VOC_CLASSES
     train = _loader(tr, data_cfg, batch_size, True, len(tr) > int(batch_size), seed)

@@ -8,7 +8,8 @@ textured, low-saturation background with a few distractor blobs. Masks are palet
 255 "void" bands around object boundaries. Everything is vectorised numpy: 144 images of 64 px take
 well under a second or two.
 
-CLI: ``python -m core.data.synthetic --out DIR [--n-train N] [--n-val N] [--size PX] [--sizes WxH,...] [--seed S]``.
+CLI: ``python -m core.data.synthetic --out DIR [--n-train N] [--n-val N] [--size PX] [--sizes WxH,...] [--seed S]
+[--trainaug]`` (``--trainaug``: also the SBD ``SegmentationClassAug`` layout, see `generate_voc`).
 ``--sizes`` (``generate_voc(..., sizes=[(W, H), ...])``) draws non-square images of varying sizes, image k
 taking size k mod len(sizes) (e.g. VOC-like 500x375,375x500 scaled down); without it every image is
 ``size`` x ``size`` exactly as before.
@@ -349,18 +350,20 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _params(kind: str, n_train, n_val, size, seed, sizes=None) -> dict:
+def _params(kind: str, n_train, n_val, size, seed, sizes=None, trainaug: bool = False) -> dict:
     out = {"kind": kind, "version": FORMAT_VERSION, "n_train": int(n_train), "n_val": int(n_val),
            "size": int(size), "seed": int(seed)}
     if sizes is not None:  # absent by default: the square datasets' markers (and caches) are unchanged
         out["sizes"] = [[int(w), int(h)] for w, h in sizes]
+    if trainaug:  # likewise absent by default
+        out["trainaug"] = True
     return out
 
 
 from core.data.palette import voc_palette  # noqa: E402  (torch-free; re-exported)
 
 
-def _write_voc(root: Path, n_train: int, n_val: int, size: int, seed: int, sizes=None) -> None:
+def _write_voc(root: Path, n_train: int, n_val: int, size: int, seed: int, sizes=None, trainaug: bool = False) -> None:
     palette = voc_palette()
     voc = root / "VOCdevkit" / "VOC2012"
     jpg, seg, lists = voc / "JPEGImages", voc / "SegmentationClass", voc / "ImageSets" / "Segmentation"
@@ -374,15 +377,21 @@ def _write_voc(root: Path, n_train: int, n_val: int, size: int, seed: int, sizes
     train_ids = sorted(ids[int(k)] for k in order[:n_train])
     val_ids = sorted(ids[int(k)] for k in order[n_train:n_train + n_val])
     labelled = set(train_ids) | set(val_ids)
+    val_set, aug = set(val_ids), voc / "SegmentationClassAug"
     for k, name in enumerate(ids):
         hw = None if sizes is None else (int(sizes[k % len(sizes)][1]), int(sizes[k % len(sizes)][0]))
         img, lab = render_voc_sample(seed, k, size, hw)
         _save_jpeg(img, jpg / f"{name}.jpg")
         if name in labelled:
             _save_palette_png(lab, seg / f"{name}.png", palette)
+        if trainaug and name not in val_set:
+            aug.mkdir(exist_ok=True)
+            Image.fromarray(lab).save(aug / f"{name}.png", format="PNG")  # SBD masks: single channel (L)
     (lists / "train.txt").write_text("\n".join(train_ids) + "\n")
     (lists / "val.txt").write_text("\n".join(val_ids) + "\n")
     (lists / "trainval.txt").write_text("\n".join(sorted(train_ids + val_ids)) + "\n")
+    if trainaug:  # SBD layout: every non-val id (train + the extra images) has a SegmentationClassAug mask
+        (lists / "trainaug.txt").write_text("\n".join(sorted(i for i in ids if i not in val_set)) + "\n")
 
 
 def _is_complete(marker: Path, params: dict) -> bool:
@@ -436,19 +445,23 @@ def _atomic_generate(final: Path, sub: str, params: dict, writer: Callable[[Path
 
 
 def generate_voc(out_dir: Union[str, os.PathLike], n_train: int = 96, n_val: int = 48, size: int = 64,
-                 seed: int = 0, overwrite: bool = False, sizes: Optional[Sequence[tuple[int, int]]] = None) -> Path:
+                 seed: int = 0, overwrite: bool = False, sizes: Optional[Sequence[tuple[int, int]]] = None,
+                 trainaug: bool = False) -> Path:
     """Write a procedurally drawn dataset in VOC 2012 layout under ``out_dir/VOCdevkit``; return out_dir.
 
     ``sizes``: ``[(width, height), ...]``: image k (in id order of generation) is
     ``sizes[k % len(sizes)]`` (non-square, varying sizes, like VOC's 500x375 / 375x500); None: every
     image is ``size`` x ``size`` (the default output, unchanged).
+    ``trainaug``: also write the SBD layout mmseg's pascal_voc12_aug.py reads: ``SegmentationClassAug/<id>.png``
+    (single-channel class ids) for every non-val image (the train images and the extra ones, a superset of
+    train) and ``ImageSets/Segmentation/trainaug.txt``; False (default): nothing else changes.
     Idempotent: an existing dataset generated with the same parameters is reused.
     """
     sizes = None if sizes is None else [tuple(wh) for wh in sizes]
     _check_sizes(n_train, n_val, size, sizes)
-    params = _params("voc", n_train, n_val, size, seed, sizes)
+    params = _params("voc", n_train, n_val, size, seed, sizes, bool(trainaug))
     return _atomic_generate(Path(out_dir), "VOCdevkit", params,
-                            lambda tmp: _write_voc(tmp, n_train, n_val, size, seed, sizes), overwrite)
+                            lambda tmp: _write_voc(tmp, n_train, n_val, size, seed, sizes, bool(trainaug)), overwrite)
 
 
 def data_cache_dir() -> Path:
@@ -563,6 +576,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--sizes", default=None, metavar="WxH,...",
                    help="non-square images of varying sizes: image k is the (k mod n)-th WIDTHxHEIGHT (VOC only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trainaug", action="store_true",
+                   help="also write the SBD SegmentationClassAug/ + trainaug.txt layout (VOC only)")
     p.add_argument("--coco", action="store_true", help="write the COCO-Stuff 164k layout instead")
     p.add_argument("--overwrite", action="store_true", help="replace an existing different dataset")
     a = p.parse_args(argv)
@@ -570,9 +585,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.coco:
         if sizes is not None:
             raise ConfigError("--sizes applies to the VOC layout only; drop --coco or --sizes")
+        if a.trainaug:
+            raise ConfigError("--trainaug applies to the VOC layout only; drop --coco or --trainaug")
         root = generate_coco_stuff(a.out, a.n_train, a.n_val, a.size, a.seed, overwrite=a.overwrite)
     else:
-        root = generate_voc(a.out, a.n_train, a.n_val, a.size, a.seed, overwrite=a.overwrite, sizes=sizes)
+        root = generate_voc(a.out, a.n_train, a.n_val, a.size, a.seed, overwrite=a.overwrite, sizes=sizes,
+                            trainaug=a.trainaug)
     print(f"wrote {root}")
     return 0
 

@@ -10,6 +10,9 @@
   the device.
 - `SegTrainTransform`: joint image/mask transform on tv_tensors (masks resized with nearest; 255
   preserved), returning a normalised float image and the mask.
+- `MMSegTrainTransform(crop_size, scale, ...)`: mmseg's VOC train pipeline (RandomResize ratio 0.5-2.0,
+  RandomCrop with cat_max_ratio, RandomFlip, PhotoMetricDistortion, normalise, pad to the crop with 0 / 255);
+  `PhotoMetricDistortion` on its own. `build_seg_train_transform(pipeline, ...)` picks simple / mmseg.
 - `SegValTransform(short, long_cap)`: the image resized keeping its aspect ratio (`keep_ratio_size`,
   mmseg's Resize(keep_ratio=True)), the mask left at its original size (scored there).
 - `EvalImageTransform`: resize + normalise (k-NN monitor, diagnostics). `MEAN`, `STD`, `denormalize`.
@@ -40,7 +43,8 @@ from core.data.gpu_augment import (
 __all__ = [
     "MEAN", "STD", "denormalize", "normalize", "BarlowTwinsTransform", "DINOTransform", "SegTrainTransform",
     "SegValTransform", "EvalImageTransform", "ViewParams", "BT_VIEW1", "BT_VIEW2", "default_local_size",
-    "keep_ratio_size",
+    "keep_ratio_size", "MMSegTrainTransform", "PhotoMetricDistortion", "build_seg_train_transform",
+    "SEG_TRAIN_PIPELINES",
 ]
 
 
@@ -215,6 +219,175 @@ class SegValTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(short={self.short}, long_cap={self.long_cap})"
+
+
+# --------------------------------------------------------------------------- mmseg VOC train pipeline
+SEG_TRAIN_PIPELINES = ("simple", "mmseg")
+
+
+def _randint(lo: int, hi: int) -> int:
+    """Uniform integer in [lo, hi) from torch's global RNG (seeded per DataLoader worker)."""
+    return int(torch.randint(int(lo), int(hi), (1,)).item())
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return float(lo + (hi - lo) * torch.rand(()).item())
+
+
+class PhotoMetricDistortion:
+    """mmseg's ``PhotoMetricDistortion`` (open-mmlab/mmsegmentation mmseg/datasets/transforms/transforms.py):
+    each step applied with probability 0.5, in this order: brightness (add a delta uniform in
+    +-`brightness_delta`), contrast (multiply by alpha in `contrast_range`) either here or last (mode drawn at
+    random), saturation (HSV S channel x alpha in `saturation_range`), hue (HSV hue + an integer delta in
+    +-`hue_delta` on OpenCV's 0-180 hue scale, i.e. delta/180 of the hue circle), contrast (other mode). The image
+    is clipped to 0-255 and rounded down to uint8 after each step, as mmseg does (``astype(np.uint8)``).
+
+    Image only (masks are never touched): a uint8 (3, H, W) tensor in, uint8 out; a float image in [0, 1] in,
+    float in [0, 1] out (computed on the 0-255 scale). Vectorised on tensors; torch's global RNG."""
+
+    def __init__(self, brightness_delta: int = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
+                 saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18):
+        self.brightness_delta = int(brightness_delta)
+        self.contrast_lower, self.contrast_upper = (float(v) for v in contrast_range)
+        self.saturation_lower, self.saturation_upper = (float(v) for v in saturation_range)
+        self.hue_delta = int(hue_delta)
+
+    @staticmethod
+    def _u8(x: torch.Tensor) -> torch.Tensor:  # np.clip(0, 255).astype(np.uint8) on a float 0-255 image
+        return x.clamp(0, 255).floor()
+
+    def _contrast(self, x: torch.Tensor) -> torch.Tensor:
+        if _randint(0, 2):
+            x = self._u8(x * _uniform(self.contrast_lower, self.contrast_upper))
+        return x
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        is_float = image.is_floating_point()
+        x = image.as_subclass(torch.Tensor).float() * (255.0 if is_float else 1.0)
+        if not is_float:
+            x = x.clone()
+        if _randint(0, 2):  # brightness
+            x = self._u8(x + _uniform(-self.brightness_delta, self.brightness_delta))
+        mode = _randint(0, 2)
+        if mode == 1:
+            x = self._contrast(x)
+        if _randint(0, 2):  # saturation: scale HSV S (hue and V = max channel kept), S clipped to 1
+            alpha = _uniform(self.saturation_lower, self.saturation_upper)
+            v = x.amax(0, keepdim=True)
+            s = (v - x.amin(0, keepdim=True)) / v.clamp_min(1e-6)
+            a = torch.minimum(torch.full_like(s, alpha), 1.0 / s.clamp_min(1e-6))
+            x = self._u8(v - a * (v - x) + 1e-4)
+        if _randint(0, 2):  # hue: OpenCV's H is 0-180 for uint8, so delta/180 of the circle
+            delta = _randint(-self.hue_delta, self.hue_delta)
+            x = self._u8(v2.functional.adjust_hue(x / 255.0, delta / 180.0) * 255.0 + 1e-4)
+        if mode == 0:
+            x = self._contrast(x)
+        out = x / 255.0 if is_float else x.to(torch.uint8)
+        return tv_tensors.wrap(out, like=image) if isinstance(image, tv_tensors.Image) else out
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(brightness_delta={self.brightness_delta}, contrast_range=({self.contrast_lower}, "
+                f"{self.contrast_upper}), saturation_range=({self.saturation_lower}, {self.saturation_upper}), "
+                f"hue_delta={self.hue_delta})")
+
+
+def random_resize_size(h: int, w: int, scale: int, ratio: float, long_factor: int = 4) -> tuple[int, int]:
+    """mmseg ``RandomResize(scale=(long_factor * scale, scale), ratio_range, keep_ratio=True)`` for one drawn
+    `ratio`: target scale ``(int(long * ratio), int(short * ratio))``, then mmcv ``rescale_size``
+    (`keep_ratio_size`): short side -> scale x ratio unless the long side would exceed long x ratio."""
+    return keep_ratio_size(h, w, int(scale * ratio), int(long_factor * scale * ratio))
+
+
+def cat_max_crop_box(mask: torch.Tensor, crop: tuple[int, int], cat_max_ratio: float, ignore_index: int = 255,
+                     tries: int = 10) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of mmseg's ``RandomCrop(crop_size, cat_max_ratio)``: an offset uniform in
+    [0, max(H - ch, 0)] x [0, max(W - cw, 0)] (the crop is smaller than `crop` where the image is); with
+    ``cat_max_ratio < 1`` up to `tries` (10) boxes are drawn until one holds more than one class (255 ignored)
+    and no class covers more than `cat_max_ratio` of its labelled pixels (else the last box is kept)."""
+    H, W = (int(v) for v in mask.shape[-2:])
+    ch, cw = min(int(crop[0]), H), min(int(crop[1]), W)
+
+    def draw() -> tuple[int, int, int, int]:
+        return _randint(0, H - ch + 1), _randint(0, W - cw + 1), ch, cw
+
+    box = draw()
+    if cat_max_ratio < 1.0:
+        m = mask.as_subclass(torch.Tensor).reshape(-1, H, W)[0]
+        for _ in range(int(tries)):
+            t, l_, _, _ = box
+            labels = m[t:t + ch, l_:l_ + cw].reshape(-1).long()
+            cnt = torch.bincount(labels[labels != ignore_index], minlength=1)
+            cnt = cnt[cnt > 0]
+            if cnt.numel() > 1 and float(cnt.max()) / float(cnt.sum()) < cat_max_ratio:
+                break
+            box = draw()
+    return box
+
+
+class MMSegTrainTransform:
+    """mmseg's PASCAL VOC train pipeline (open-mmlab/mmsegmentation configs/_base_/datasets/pascal_voc12.py and
+    pascal_voc12_aug.py): ``RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True)``,
+    ``RandomCrop(crop_size=(512, 512), cat_max_ratio=0.75)``, ``RandomFlip(prob=0.5)``,
+    ``PhotoMetricDistortion``, then (SegDataPreProcessor) normalise and pad to the crop size, the image with 0
+    after normalisation and the mask with 255 (bottom / right, mmseg ``stack_batch``).
+
+    ``scale``: the RandomResize short side (mmseg 512; the long cap is 4 x); ``crop_size``: the square crop.
+    Joint on ``(tv_tensors.Image uint8, tv_tensors.Mask)``: the image bilinear (antialiased), the mask nearest
+    (255 stays 255; photometric ops touch the image only). Returns ``(image (3, crop, crop) float normalised,
+    mask (crop, crop))``."""
+
+    def __init__(self, crop_size: int, scale: int, ratio_range: tuple[float, float] = (0.5, 2.0),
+                 cat_max_ratio: float = 0.75, hflip: float = 0.5, photometric: bool = True,
+                 ignore_index: int = 255):
+        self.crop_size = int(crop_size)
+        self.scale = int(scale)
+        self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.hflip = float(hflip)
+        self.ignore_index = int(ignore_index)
+        self.distort = PhotoMetricDistortion() if photometric else None
+        self.finish = v2.Compose([_TO_FLOAT, v2.Normalize(MEAN, STD), _Plain()])
+
+    def __call__(self, image, mask):
+        F = v2.functional
+        image, mask = _as_image(image), _as_mask(mask)
+        h, w = image.shape[-2:]
+        ratio = _uniform(*self.ratio_range)
+        nh, nw = random_resize_size(h, w, self.scale, ratio)
+        if (nh, nw) != (h, w):
+            image = F.resize(image, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            mask = F.resize(mask, [nh, nw], interpolation=InterpolationMode.NEAREST)
+        t, l_, ch, cw = cat_max_crop_box(mask, (self.crop_size, self.crop_size), self.cat_max_ratio,
+                                         self.ignore_index)
+        image, mask = F.crop(image, t, l_, ch, cw), F.crop(mask, t, l_, ch, cw)
+        if torch.rand(()).item() < self.hflip:
+            image, mask = F.horizontal_flip(image), F.horizontal_flip(mask)
+        if self.distort is not None:
+            image = self.distort(image)
+        image, mask = self.finish(image, mask)
+        pad_b, pad_r = self.crop_size - ch, self.crop_size - cw
+        if pad_b or pad_r:
+            image = torch.nn.functional.pad(image, (0, pad_r, 0, pad_b), value=0.0)
+            mask = torch.nn.functional.pad(mask, (0, pad_r, 0, pad_b), value=self.ignore_index)
+        return image, mask
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
+                f"cat_max_ratio={self.cat_max_ratio}, hflip={self.hflip}, photometric={self.distort is not None})")
+
+
+def build_seg_train_transform(pipeline: str, image_size: int, crop_size: Optional[int] = None,
+                              scale: Optional[int] = None, cat_max_ratio: float = 0.75):
+    """``simple``: `SegTrainTransform(image_size)` (unchanged); ``mmseg``: `MMSegTrainTransform` with crop
+    `crop_size` (none: image_size) and RandomResize short side `scale` (none: image_size)."""
+    if pipeline == "simple":
+        return SegTrainTransform(image_size)
+    if pipeline == "mmseg":
+        return MMSegTrainTransform(int(crop_size or image_size), int(scale or image_size),
+                                   cat_max_ratio=cat_max_ratio)
+    from core.errors import ConfigError
+
+    raise ConfigError(f"train_pipeline={pipeline!r} is not allowed; choose one of: {', '.join(SEG_TRAIN_PIPELINES)}")
 
 
 class EvalImageTransform:

@@ -2,7 +2,10 @@
 
 Layout (standard): ``ROOT/VOCdevkit/VOC2012/{JPEGImages, SegmentationClass,
 ImageSets/Segmentation/{train,val,trainval}.txt}``; optional SBD ``SegmentationClassAug/`` with
-``ImageSets/Segmentation/trainaug.txt``. ``root`` may point at the folder holding ``VOCdevkit/``,
+``ImageSets/Segmentation/trainaug.txt`` (or ``train_aug.txt``; or mmseg's ``aug.txt``, SBD minus VOC train and val,
+which open-mmlab/mmsegmentation configs/_base_/datasets/pascal_voc12_aug.py concatenates with train.txt): split
+``trainaug``. As mmseg, a train id takes its mask from ``SegmentationClass/``, every other id from
+``SegmentationClassAug/``; val ids are always dropped. ``root`` may point at the folder holding ``VOCdevkit/``,
 at ``VOCdevkit/`` or at ``VOC2012/``.
 
 Masks are palette ("P") PNGs whose indices are the class ids 0..20; 255 is "void" (object
@@ -88,12 +91,14 @@ def _read_ids(list_file: Path) -> list[str]:
 def _split_list_file(voc: Path, split: str) -> Path:
     seg = voc / "ImageSets" / "Segmentation"
     if split == "trainaug":
-        for name in ("trainaug.txt", "train_aug.txt"):
+        # aug.txt: mmseg's converter (tools/dataset_converters/voc_aug.py) writes SBD minus VOC train and val;
+        # pascal_voc12_aug.py trains on train.txt (SegmentationClass) + aug.txt (SegmentationClassAug)
+        for name in ("trainaug.txt", "train_aug.txt", "aug.txt"):
             if (seg / name).is_file():
                 return seg / name
         raise DataError(
-            f"split 'trainaug' needs {seg / 'trainaug.txt'} and {voc / 'SegmentationClassAug'} (SBD augmented "
-            f"set, 10,582 images); add them or use split 'train'"
+            f"split 'trainaug' needs {seg / 'trainaug.txt'} (or mmseg's aug.txt) and {voc / 'SegmentationClassAug'} "
+            f"(SBD augmented set, 10,582 images); add them or use split 'train'"
         )
     f = seg / f"{split}.txt"
     if not f.is_file():
@@ -101,12 +106,28 @@ def _split_list_file(voc: Path, split: str) -> Path:
     return f
 
 
+def _list_ids(voc: Path, split: str, list_file: Path) -> list[str]:
+    """The ids of `split` from its list file; trainaug from mmseg's ``aug.txt`` is train.txt + aug.txt (as
+    pascal_voc12_aug.py concatenates them), and trainaug never holds a val id."""
+    ids = _read_ids(list_file)
+    if split != "trainaug":
+        return ids
+    if list_file.name == "aug.txt":
+        ids = _read_ids(_split_list_file(voc, "train")) + ids
+    val_ids = set(_read_ids(_split_list_file(voc, "val")))
+    seen: set[str] = set()
+    out = [i for i in ids if i not in val_ids and not (i in seen or seen.add(i))]
+    if not out:
+        raise DataError(f"split list {list_file} holds only val ids; list the SBD train ids there")
+    return out
+
+
 def split_ids(root: Union[str, os.PathLike], split: str) -> list[str]:
     """Image ids listed for a segmentation split (train / val / trainval / trainaug)."""
     if split not in VOC_SPLITS:
         raise DataError(f"VOC split {split!r} is unknown; choose one of: {', '.join(VOC_SPLITS)}")
     voc = resolve_voc_root(root)
-    return _read_ids(_split_list_file(voc, split))
+    return _list_ids(voc, split, _split_list_file(voc, split))
 
 
 def validate_voc_root(root: Union[str, os.PathLike], splits: Iterable[str] = ("train", "val")) -> Path:
@@ -270,12 +291,17 @@ class VOCSegmentation(_SkippingDataset):
         for d in (img_dir, mask_dir):
             if not d.is_dir():
                 raise DataError(f"VOC folder {d} is missing; {HOW_TO_GET}")
-        ids = _read_ids(list_file)
+        ids = _list_ids(self.voc_dir, split, list_file)  # trainaug: val ids dropped
         if limit is not None:
             ids = ids[: int(limit)]
         self.ids = ids
         self.images = [img_dir / f"{i}.jpg" for i in ids]
-        self.masks = [mask_dir / f"{i}.png" for i in ids]
+        if split == "trainaug":  # as mmseg: VOC's own (finer) masks for the train ids, SBD's for the others
+            voc_train = set(_read_ids(_split_list_file(self.voc_dir, "train")))
+            seg_dir = self.voc_dir / "SegmentationClass"
+            self.masks = [(seg_dir if i in voc_train else mask_dir) / f"{i}.png" for i in ids]
+        else:
+            self.masks = [mask_dir / f"{i}.png" for i in ids]
         missing = [p for pair in zip(self.images, self.masks) for p in pair if not p.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -338,7 +364,7 @@ def voc_ssl_images(root: Union[str, os.PathLike], split: str = "train") -> list[
         if not paths:
             raise DataError(f"no JPEG images outside the val list in {img_dir}; {HOW_TO_GET}")
         return paths
-    ids = [i for i in _read_ids(_split_list_file(voc, split)) if i not in val_ids]
+    ids = [i for i in _list_ids(voc, split, _split_list_file(voc, split)) if i not in val_ids]
     paths = [img_dir / f"{i}.jpg" for i in ids]
     missing = [p for p in paths if not p.is_file()]
     if missing:

@@ -8,7 +8,12 @@ with the loss of `cfg.loss` (`core.losses.segmentation.build_seg_loss`, void 255
   BatchNorm statistics included); only the head (and fusion parameters) train.
 - fine-tune mode: two AdamW parameter groups, backbone lr = lr x ``backbone_lr_scale``; norm and
   bias parameters carry no weight decay.
-- schedule: per-step linear warmup (5% of the steps) then cosine (``core.methods.optim.warmup_cosine``).
+- schedule (``cfg.schedule``), per optimizer step over ``cfg.max_iters`` steps (iteration-based training, the
+  Trainer's ``max_steps``) or, when none, every step of ``cfg.epochs``: ``cosine``: linear warmup (5% of the
+  steps) then cosine (``core.methods.optim.warmup_cosine``); ``poly``: mmseg's PolyLR (open-mmlab/mmsegmentation
+  configs/_base_/schedules/schedule_20k.py: ``PolyLR(eta_min=1e-4, power=0.9, begin=0, end=20000,
+  by_epoch=False)`` with SGD lr 0.01), ``lr_t = eta_min + (lr - eta_min) (1 - t / T)^0.9`` per parameter
+  group, eta_min = its base lr x ``cfg.min_lr_ratio`` (`poly_factor`), no warmup. The optimizer stays AdamW.
 - CNN backbones run channels_last.
 - validation scores at the ORIGINAL resolution, as mmseg does (open-mmlab/mmsegmentation
   mmseg/models/segmentors/base.py `postprocess_result`): the val loader gives each image resized
@@ -37,6 +42,7 @@ from torch import nn
 from core.config import SegmentConfig
 
 WARMUP_FRACTION = 0.05  # of all optimizer steps, for the per-step linear warmup
+POLY_POWER = 0.9  # mmseg schedule_20k / 40k / 80k / 160k PolyLR power
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,6 +90,31 @@ def _lr_lambda(total: int, warmup: int):
 
     # warmup_cosine starts at 0 for step 0; shift by one so the first step already learns
     return lambda step: warmup_cosine(step + 1, total + 1, warmup)
+
+
+def poly_factor(step: int, total: int, min_ratio: float = 0.0, power: float = POLY_POWER) -> float:
+    """Multiplier of a group's base lr at optimizer step `step` (0-based) of mmseg's PolyLR (mmengine
+    ``PolyLR``, closed form): ``min_ratio + (1 - min_ratio) (1 - min(step, total) / total)^power``; 1 at step 0,
+    `min_ratio` from step `total` on."""
+    total = max(int(total), 1)
+    t = min(max(int(step), 0), total) / total
+    return float(min_ratio) + (1.0 - float(min_ratio)) * (1.0 - t) ** float(power)
+
+
+def total_steps(cfg: SegmentConfig, trainer=None) -> int:
+    """Optimizer steps of the whole run: ``cfg.max_iters`` when set, else the Trainer's estimate (epochs)."""
+    if cfg.max_iters is not None:
+        return int(cfg.max_iters)
+    return int(trainer.estimated_stepping_batches) if trainer is not None else 1
+
+
+def build_lr_lambda(cfg: SegmentConfig, total: int):
+    """The LambdaLR multiplier of ``cfg.schedule`` over `total` optimizer steps."""
+    if cfg.schedule == "poly":
+        ratio = float(cfg.min_lr_ratio)
+        return lambda step: poly_factor(step, total, ratio)
+    warmup = max(1, int(round(WARMUP_FRACTION * total)))
+    return _lr_lambda(total, warmup)
 
 
 # --------------------------------------------------------------------------- module
@@ -231,9 +262,8 @@ class SegmentationMethod(pl.LightningModule):
     def configure_optimizers(self):
         groups = self.param_groups()
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        warmup = max(1, int(round(WARMUP_FRACTION * total)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup))
+        total = total_steps(self.cfg, self.trainer if self._trainer is not None else None)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, build_lr_lambda(self.cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 

@@ -163,10 +163,14 @@ def make_trainer(
     callbacks: Iterable = (),
     progress: bool = True,
     val_every: int = 1,
+    max_steps: int = -1,
+    val_every_steps: Optional[int] = None,
     ddp: Optional[ExternalDDP] = None,
 ):
     """The run's Lightning Trainer. `ddp` (None: this process alone, `device`/`devices` decide) makes
-    it one rank of an externally launched DDP job (see `ExternalDDP`)."""
+    it one rank of an externally launched DDP job (see `ExternalDDP`). `max_steps` > 0 (with
+    max_epochs=-1) trains by iterations; `val_every_steps` then validates every that many steps instead
+    of every `val_every` epochs (Lightning would otherwise stop mid-epoch without a last validation)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
@@ -214,7 +218,10 @@ def make_trainer(
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every,
+        max_steps=max_steps,
     )
+    if val_every_steps is not None:
+        kwargs.update(check_val_every_n_epoch=None, val_check_interval=int(val_every_steps))
     if ddp is None:
         return pl.Trainer(**kwargs)
     kwargs.update(devices="auto", strategy=ddp.strategy, plugins=list(ddp.plugins))

@@ -32,6 +32,7 @@ from core.weights import load_source
 
 STAGE = "segment"
 MODEL = "model.pt"
+VAL_INTERVAL = 2000  # steps between validations of an iteration-based run (mmseg schedule_20k/40k)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -122,14 +123,14 @@ class SegmentRun(StageRun):
     summary_keys = ("mIoU", "aAcc", "mAcc")
 
     def build(self) -> None:
-        from core.data.module import build_seg_loaders
+        from core.data.module import build_seg_loaders, seg_train_kwargs
         from core.methods.segmentation import SegmentationMethod
 
         cfg = self.cfg
         self.backbone = preflight(cfg, None if self.ddp is None else 1)  # backbone / head / fusion fit, sizes
         self.load_report = load_source(self.backbone, cfg.source)  # WeightsError; on resume too
         self.loaders = build_seg_loaders(cfg.data, cfg.batch_size, seed=cfg.seed, eval_scale=cfg.eval_short_side(),
-                                         eval_max_long=cfg.eval_long_cap())  # DataError
+                                         eval_max_long=cfg.eval_long_cap(), **seg_train_kwargs(cfg))  # DataError
         self.num_classes, self.class_names = int(self.loaders.num_classes), list(self.loaders.class_names)
         self.model = SegmentationMethod(cfg, self.num_classes, self.class_names,
                                         ignore_index=int(getattr(self.loaders, "ignore_index", 255)),
@@ -139,6 +140,14 @@ class SegmentRun(StageRun):
 
     def module(self):
         return self.model
+
+    def trainer_limits(self) -> dict:
+        """`max_iters` set: iteration-based training (mmseg schedules), validated every 2000 steps as mmseg's
+        20k/40k VOC schedules (or once, at the end, when max_iters is not a multiple of 2000)."""
+        mi = self.cfg.max_iters
+        if mi is None:
+            return super().trainer_limits()
+        return {"max_epochs": -1, "max_steps": mi, "val_every_steps": VAL_INTERVAL if mi % VAL_INTERVAL == 0 else mi}
 
     def fit_kwargs(self, trainer) -> dict:
         return {"train_dataloaders": self.loaders.train, "val_dataloaders": self.loaders.val}

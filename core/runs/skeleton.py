@@ -90,6 +90,10 @@ class StageRun:
         """The stage's diagnostic callbacks."""
         return []
 
+    def trainer_limits(self) -> dict:
+        """How long to train: `make_trainer`'s max_epochs / max_steps / val_every_steps."""
+        return {"max_epochs": self.cfg.epochs}
+
     def on_every_rank_after_fit(self, trainer) -> None:
         """Every rank, after training (collective calls allowed, e.g. a last validation pass)."""
 
@@ -148,9 +152,9 @@ def execute(run: StageRun, out_dir, *, progress: bool = True, wandb_group: Optio
         run.before_fit()
         loggers = make_loggers(out_dir, cfg.wandb, wandb_group, name or run.default_name(out_dir), cfg.to_dict())
         accounting = AccountingCallback()
-        trainer = make_trainer(out_dir=out_dir, max_epochs=cfg.epochs, device=cfg.device, devices=cfg.devices,
-                               precision=cfg.precision, loggers=loggers, progress=progress, ddp=run.ddp,
-                               callbacks=[accounting, *run.callbacks(out_dir), *callbacks])
+        trainer = make_trainer(out_dir=out_dir, device=cfg.device, devices=cfg.devices, precision=cfg.precision,
+                               loggers=loggers, progress=progress, ddp=run.ddp,
+                               callbacks=[accounting, *run.callbacks(out_dir), *callbacks], **run.trainer_limits())
         resume = last_checkpoint(out_dir)
         if resume is not None:  # Lightning warns that the checkpoint folder it resumes from is not empty
             warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
