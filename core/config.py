@@ -378,6 +378,10 @@ class SegmentConfig(ConfigBase):
     """Backbone name (core/models/registry.py)."""
     head: str = "setr_pup"
     """linear | setr_naive | setr_pup | setr_mla | deeplabv3 | segformer."""
+    aux_heads: bool = False
+    """SETR-PUP deep supervision as mmseg trains it: auxiliary SETR-UP heads on intermediate transformer blocks
+    (41.7/62.5/83.3% of the depth: blocks 9, 14, 19 of 24), each CE x 0.4 added to the loss; training only, the
+    predictions use the main head. head=setr_pup on a transformer backbone only (core/models/heads/setr.py)."""
     fusion: str = "none"
     """Attention fusion: none | features (fusion 1) | affinity (fusion 2); transformers only."""
     fusion_blocks: int = 1
@@ -469,6 +473,11 @@ class SegmentConfig(ConfigBase):
             check_choice("evaluation", self.evaluation, tuple(EVALUATIONS))
         check_backbone_name("backbone", self.backbone)
         check_head_name("head", self.head)
+        if not isinstance(self.aux_heads, bool):
+            raise ConfigError(f"aux_heads={self.aux_heads!r} must be true or false")
+        if self.aux_heads and self.head != "setr_pup":
+            raise ConfigError(f"aux_heads=true is SETR-PUP's deep supervision and needs head=setr_pup, not "
+                              f"head={self.head!r}; set aux_heads=false or head=setr_pup")
         check_choice("fusion", self.fusion, FUSIONS)
         check_positive("fusion_blocks", self.fusion_blocks)
         check_positive("fusion_steps", self.fusion_steps)

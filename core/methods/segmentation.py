@@ -4,6 +4,10 @@
 `Segmenter` (backbone + head + optional attention fusion, `core.models.segmenter.build_segmenter`)
 with the loss of `cfg.loss` (`core.losses.segmentation.build_seg_loss`, void 255 ignored).
 
+- auxiliary heads (``cfg.aux_heads``, SETR-PUP deep supervision, `core.models.heads.setr.SETRUPAuxHead`):
+  training loss = criterion(main) + 0.4 x sum over auxiliary heads of criterion(aux), the same loss function
+  (255 ignored) as mmseg's ``auxiliary_head`` ``loss_weight=0.4`` (`aux_loss_weight`); ``train/loss`` logs
+  that total; validation and predictions use the main head only.
 - frozen mode: the backbone is kept in eval mode and receives no gradient (its weights never change,
   BatchNorm statistics included); only the head (and fusion parameters) train.
 - fine-tune mode: two AdamW parameter groups, backbone lr = lr x ``backbone_lr_scale``; norm and
@@ -135,6 +139,9 @@ class SegmentationMethod(pl.LightningModule):
         self.model = build_segmenter(cfg, self.num_classes, backbone=backbone)
         self.criterion = build_seg_loss(cfg.loss, self.num_classes, ignore_index=self.ignore_index)
         self.metrics = SegmentationMetrics(self.num_classes, ignore_index=self.ignore_index)
+        from core.models.heads.setr import AUX_LOSS_WEIGHT
+
+        self.aux_loss_weight = AUX_LOSS_WEIGHT  # mmseg SETR auxiliary_head loss_weight
         self._final: Optional[dict] = None
         self._val_loss_sum, self._val_images = 0.0, 0  # val loss x images, images (reset per epoch)
         self.frozen = cfg.mode == "frozen"
@@ -200,12 +207,30 @@ class SegmentationMethod(pl.LightningModule):
         return resize_to_original(self.predict_logits(x[..., :h, :w]), ori_hw)
 
     # ------------------------------------------------------------------ training
+    def training_loss(self, logits: torch.Tensor, y: torch.Tensor, aux: Sequence[torch.Tensor] = ()):
+        """(total, main): criterion(logits, y) + `aux_loss_weight` x sum of criterion(a, y) over `aux`
+        (each resized to the mask first, like the main logits)."""
+        def ce(out):
+            if out.shape[-2:] != y.shape[-2:]:
+                out = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            return self.criterion(out, y)
+
+        main = ce(logits)
+        loss = main
+        for a in aux:
+            loss = loss + self.aux_loss_weight * ce(a)
+        return loss, main
+
     def training_step(self, batch, batch_idx):
         x, y = _split_batch(batch)
-        logits = self._train_forward(self._prep(x))
-        if logits.shape[-2:] != y.shape[-2:]:
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        loss = self.criterion(logits, y.long())
+        if self.model.aux_heads is not None:
+            logits, aux = self._train_forward(self._prep(x), with_aux=True)
+            loss, _ = self.training_loss(logits, y.long(), aux)
+        else:
+            logits = self._train_forward(self._prep(x))
+            if logits.shape[-2:] != y.shape[-2:]:
+                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            loss = self.criterion(logits, y.long())
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         alpha = getattr(self.model.fusion, "alpha", None)
         if torch.is_tensor(alpha):  # fusion 2: the learned mixing weight a, per epoch in history.csv

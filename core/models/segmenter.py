@@ -8,6 +8,11 @@
     - fusion 2 (`AttentionAffinityFusion`): the head's native logits are propagated on the patch
       grid, then upsampled;
     - none: the head's logits bilinearly upsampled to the input size.
+Auxiliary heads (`aux_heads`, an `nn.ModuleList` or None; SETR-PUP's deep supervision,
+`core.models.heads.setr.SETRUPAuxHead`, `SegmentConfig.aux_heads`): `forward(x, with_aux=True)` also asks
+`forward_all` for their blocks (`aux_blocks`) and returns ``(logits, [aux logits at the input size])``;
+plain `forward(x)` (validation, `whole_inference` / `slide_inference`, model.pt predictions) never runs
+them, so the main head's output is the same with or without them.
 Frozen mode: backbone parameters have requires_grad=False, the backbone stays in eval mode
 (BatchNorm statistics / dropout untouched) whatever `.train()` says, and it runs under no_grad.
 
@@ -40,11 +45,13 @@ from core.models.heads.fusion import AttentionAffinityFusion, AttentionFeatureFu
 
 class Segmenter(nn.Module):
     def __init__(self, backbone: nn.Module, head: SegHead, fusion: Optional[nn.Module] = None,
-                 num_classes: Optional[int] = None, frozen: bool = False):
+                 num_classes: Optional[int] = None, frozen: bool = False,
+                 aux_heads: Optional[Sequence[SegHead]] = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.fusion = fusion
+        self.aux_heads = nn.ModuleList(aux_heads) if aux_heads else None
         self.num_classes = int(num_classes if num_classes is not None else head.num_classes)
         if head.num_classes and head.num_classes != self.num_classes:
             raise ConfigError(f"num_classes={self.num_classes} does not match the head's {head.num_classes} classes")
@@ -71,34 +78,53 @@ class Segmenter(nn.Module):
         return self
 
     @property
+    def aux_blocks(self) -> tuple[int, ...]:
+        """Blocks the auxiliary heads read (one per head, in order); () without auxiliary heads."""
+        if self.aux_heads is None:
+            return ()
+        return tuple(int(h.needs_intermediates[0]) for h in self.aux_heads)
+
+    @property
     def attention_blocks(self) -> tuple[int, ...]:
         return tuple(getattr(self.fusion, "attention_blocks", ())) if self.fusion is not None else ()
 
     # ------------------------------------------------------------------ forward
-    def _features(self, x: torch.Tensor):
+    def _features(self, x: torch.Tensor, extra_blocks: tuple[int, ...] = ()):
         ctx = torch.no_grad() if (self.frozen and not x.requires_grad) else contextlib.nullcontext()
         with ctx:
             return self.backbone.forward_all(
-                x, intermediates=tuple(self.head.needs_intermediates), attention_blocks=self.attention_blocks
+                x, intermediates=tuple(self.head.needs_intermediates) + tuple(extra_blocks),
+                attention_blocks=self.attention_blocks
             )
 
-    def forward(self, x: torch.Tensor, alpha=None) -> torch.Tensor:
-        """x (B, 3, H, W) -> logits (B, num_classes, H, W). `alpha` overrides fusion 2's a."""
+    def forward(self, x: torch.Tensor, alpha=None, with_aux: bool = False):
+        """x (B, 3, H, W) -> logits (B, num_classes, H, W). `alpha` overrides fusion 2's a.
+        `with_aux=True` (training): ``(logits, [aux logits (B, num_classes, H, W) per auxiliary head])``
+        (an empty list without auxiliary heads)."""
         out_size = tuple(x.shape[-2:])
         check = getattr(self.backbone, "check_input_size", None)
         if check is not None:
             check(*out_size)
-        feats = self._features(x)
+        aux_blocks = self.aux_blocks if with_aux else ()
+        feats = self._features(x, aux_blocks)
         dense, inters = feats.dense, list(feats.intermediates)
+        if aux_blocks:
+            n = len(inters) - len(aux_blocks)
+            inters, aux_in = inters[:n], inters[n:]
         grid = tuple(dense.shape[-2:])
         if isinstance(self.fusion, AttentionFeatureFusion):
             extra = self.fusion(feats.attentions, grid)
             dense, inters = self.head.inject(dense, inters, extra)
-            return self.head(dense, inters, out_size=out_size)
-        if isinstance(self.fusion, AttentionAffinityFusion):
+            logits = self.head(dense, inters, out_size=out_size)
+        elif isinstance(self.fusion, AttentionAffinityFusion):
             logits = self.head(dense, inters, out_size=None)
-            return self.fusion(logits, feats.attentions, grid, out_size, alpha=alpha)
-        return self.head(dense, inters, out_size=out_size)
+            logits = self.fusion(logits, feats.attentions, grid, out_size, alpha=alpha)
+        else:
+            logits = self.head(dense, inters, out_size=out_size)
+        if not with_aux:
+            return logits
+        aux = [h(dense, [f], out_size=out_size) for h, f in zip(self.aux_heads or (), aux_in if aux_blocks else ())]
+        return logits, aux
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, lr: float, backbone_lr_scale: float = 0.1, weight_decay: float = 0.0,
@@ -122,6 +148,9 @@ class Segmenter(nn.Module):
                 groups.append({"name": name, "params": params, "lr": g_lr, "weight_decay": wd})
 
         hd, hn = split(self.head, "head")
+        if self.aux_heads is not None:  # auxiliary heads train like the head
+            ad, an = split(self.aux_heads, "aux_heads")
+            hd, hn = hd + ad, hn + an
         gate = getattr(self.fusion, "alpha_logit", None)
         gate = [gate] if isinstance(gate, nn.Parameter) and gate.requires_grad else []
         if self.fusion is not None:
@@ -153,7 +182,15 @@ def build_segmenter(cfg, num_classes: int, backbone: Optional[nn.Module] = None,
     else:
         check_fusion(cfg.fusion, backbone)
     head = create_head(cfg.head, backbone, num_classes, extra_in_channels=extra, **head_kw)
-    return Segmenter(backbone, head, fusion, num_classes=num_classes, frozen=(cfg.mode == "frozen"))
+    aux = None
+    if getattr(cfg, "aux_heads", False):
+        from core.models.heads.setr import SETRUPAuxHead, aux_heads_refusal
+
+        err = aux_heads_refusal(cfg.head, backbone)
+        if err is not None:
+            raise err
+        aux = SETRUPAuxHead.for_backbone(backbone, num_classes)
+    return Segmenter(backbone, head, fusion, num_classes=num_classes, frozen=(cfg.mode == "frozen"), aux_heads=aux)
 
 
 # ---------------------------------------------------------------------- inference

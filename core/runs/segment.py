@@ -84,6 +84,10 @@ def check_fit(cfg: SegmentConfig, backbone) -> None:
     size = cfg.data.image_size
     backbone.check_input_size(size, size)
     err = fusion_refusal(cfg.fusion, backbone, cfg.fusion_blocks) or head_refusal(cfg.head, backbone)
+    if err is None and cfg.aux_heads:
+        from core.models.heads.setr import aux_heads_refusal
+
+        err = aux_heads_refusal(cfg.head, backbone)
     if err is not None:
         raise err
     if cfg.inference == "slide":
@@ -171,7 +175,9 @@ class SegmentRun(StageRun):
         model_path = out_dir / MODEL
         atomic_torch_save({"arch": cfg.backbone, "head": cfg.head, "fusion": cfg.fusion,
                            "num_classes": self.num_classes, "class_names": self.class_names,
-                           "state_dict": self.model.model.state_dict()}, model_path)
+                           # model.pt holds what inference uses: the auxiliary heads are training-only
+                           "state_dict": {k: v for k, v in self.model.model.state_dict().items()
+                                          if not k.startswith("aux_heads.")}}, model_path)
         return {
             "evaluation": cfg.evaluation,
             "backbone": cfg.backbone,

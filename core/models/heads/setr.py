@@ -21,6 +21,21 @@ Transformers", CVPR 2021, arXiv:2012.15840 (the seed study adapted setr-pytorch)
   `mmseg/models/decode_heads/setr_mla_head.py` (two 3x3 ConvModules per level, concat, `cls_seg`).
   The x4 upsampling of each stream is left to the segmenter's final resize (the streams share one
   grid here).
+- `SETRUPAuxHead` / `aux_blocks` / `aux_heads_refusal`: SETR-PUP's auxiliary heads (deep supervision,
+  `SegmentConfig.aux_heads`), as mmsegmentation trains them: `configs/_base_/models/setr_pup.py` (ViT-L,
+  24 blocks, ``out_indices=(9, 14, 19, 23)``, the decode head on ``in_index=3`` = block 23) and
+  `configs/setr/setr_vit-l_pup_8xb2-160k_ade20k-512x512.py` (``auxiliary_head``: three `SETRUPHead` on
+  ``in_index`` 0, 1, 2 = blocks 9, 14, 19, ``channels=256, num_convs=2, kernel_size=3``, each a
+  ``CrossEntropyLoss`` at ``loss_weight=0.4``); `mmseg/models/decode_heads/setr_up_head.py` (`SETRUPHead`:
+  LayerNorm(eps 1e-6) over each token's channels, then ``num_convs`` x [3x3 ConvModule (conv-BN-ReLU),
+  x``up_scale`` bilinear upsampling, default 4], then `cls_seg` 1x1). Auxiliary heads run only in
+  training (mmseg's `EncoderDecoder` calls them in `loss` only, never in `predict`).
+  Blocks (`aux_blocks`): for a backbone of N blocks, 0-based ``floor(N * f) - 1`` for f = 10/24, 15/24,
+  20/24, i.e. the blocks at which 41.7%, 62.5% and 83.3% of the depth is done: exactly mmseg's 9, 14, 19
+  for N=24; 4, 6, 9 for N=12 (ViT-B); 0, 1, 2 for N=4 (vit_nano_patch8). Floor keeps every index below
+  the last block N-1 (the main head's); duplicates (N < 6) are dropped, negatives (N=1) too.
+  Upsampling: two stages whose factors multiply to the input block's stride (4 x 4 for /16, as mmseg;
+  4 x 2 for /8); the segmenter resizes the result to the input size if it still differs.
 """
 
 from __future__ import annotations
@@ -133,3 +148,77 @@ class SETRMLAHead(FourLevelHead):
             agg[i] = proj[i] + agg[i + 1]
         outs = [s(f(a)) for f, s, a in zip(self.fuse, self.streams, agg)]
         return self.classifier(torch.cat(outs, dim=1))
+
+
+# ---------------------------------------------------------------------- SETR-PUP auxiliary heads
+AUX_FRACTIONS = ((10, 24), (15, 24), (20, 24))  # mmseg ViT-L: blocks 9, 14, 19 of 24 (0-based)
+AUX_LOSS_WEIGHT = 0.4  # mmseg auxiliary_head loss_decode loss_weight
+
+
+def aux_blocks(num_blocks: int) -> tuple[int, ...]:
+    """0-based blocks read by the auxiliary heads: ``floor(N * a / b) - 1`` for each (a, b) in
+    AUX_FRACTIONS, negatives and duplicates dropped (see the module docstring)."""
+    n = int(num_blocks)
+    out: list[int] = []
+    for a, b in AUX_FRACTIONS:
+        i = n * a // b - 1
+        if i >= 0 and i not in out:
+            out.append(i)
+    return tuple(out)
+
+
+def aux_heads_refusal(head: str, backbone) -> Optional[ConfigError]:
+    """Why `aux_heads=true` cannot be used with `head` on `backbone` (None if it fits)."""
+    if head != "setr_pup":
+        return ConfigError(f"aux_heads=true is SETR-PUP's deep supervision and needs head=setr_pup, not "
+                           f"head={head!r}; set aux_heads=false or head=setr_pup")
+    if not bool(getattr(backbone, "is_transformer", False)):
+        return ConfigError(f"aux_heads=true reads intermediate transformer blocks but backbone {backbone.name} is a "
+                           f"CNN; set aux_heads=false or use a vit_* backbone")
+    if not aux_blocks(getattr(backbone, "num_blocks", 0) or 0):
+        return ConfigError(f"aux_heads=true needs a backbone with at least 2 blocks, {backbone.name} has "
+                           f"{backbone.num_blocks}; set aux_heads=false or use a deeper backbone")
+    return None
+
+
+def _split_scale(stride: int) -> tuple[int, int]:
+    """Two power-of-two upsampling factors whose product is `stride` (rounded to a power of two)."""
+    n = max(int(round(math.log2(stride))), 0) if stride >= 1 else 0
+    return 2 ** ((n + 1) // 2), 2 ** (n // 2)
+
+
+class SETRUPAuxHead(SegHead):
+    """mmseg's auxiliary `SETRUPHead` on one intermediate block: token LayerNorm, two [3x3 conv-BN-ReLU,
+    bilinear upsampling] stages, 1x1 classifier. Reads `intermediates[0]` (the block in `needs_intermediates`)."""
+
+    name = "setr_pup_aux"
+
+    def __init__(self, in_channels: int, num_classes: int, block: int, stride: int, channels: int = 256):
+        super().__init__()
+        self.num_classes = num_classes
+        self.needs_intermediates = (int(block),)
+        self.norm = nn.LayerNorm(in_channels, eps=1e-6)
+        self.scales = _split_scale(stride)
+        self.stages = nn.ModuleList([conv_bn_relu(in_channels, channels, 3), conv_bn_relu(channels, channels, 3)])
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    @classmethod
+    def refuse(cls, backbone) -> Optional[ConfigError]:
+        return aux_heads_refusal("setr_pup", backbone)
+
+    @classmethod
+    def for_backbone(cls, backbone, num_classes: int, **kw) -> list["SETRUPAuxHead"]:
+        """One auxiliary head per block of `aux_blocks(backbone.num_blocks)`."""
+        cls.check(backbone)
+        blocks = aux_blocks(backbone.num_blocks)
+        dims = backbone.intermediate_dims(blocks)
+        return [cls(int(d), num_classes, b, int(backbone.stride), **kw) for b, d in zip(blocks, dims)]
+
+    def decode(self, dense, intermediates):
+        x = intermediates[0]
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        for stage, s in zip(self.stages, self.scales):
+            x = stage(x)
+            if s > 1:
+                x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        return self.classifier(x)
