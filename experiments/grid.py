@@ -564,13 +564,15 @@ def check_cluster_fits(spec: gridspec.GridSpec, strict: bool) -> None:
 
 
 # ============================================================================ data pre-checks
-def _data_groups(spec: gridspec.GridSpec) -> dict[str, tuple[str, dict, list[str]]]:
-    """Distinct (stage, data section) of the trials -> (stage, data, trial ids)."""
-    groups: dict[str, tuple[str, dict, list[str]]] = {}
+def _data_groups(spec: gridspec.GridSpec) -> dict[str, tuple[str, dict, list[str], str]]:
+    """Distinct (stage, data section, segmentation train split) of the trials -> (stage, data, trial ids,
+    train split)."""
+    groups: dict[str, tuple[str, dict, list[str], str]] = {}
     for t in spec.trials:
         d = t.config.get("data") or {}
-        key = json.dumps([t.stage, d], sort_keys=True)
-        groups.setdefault(key, (t.stage, d, []))[2].append(t.id)
+        split = str(t.config.get("train_split", "train"))
+        key = json.dumps([t.stage, d, split], sort_keys=True)
+        groups.setdefault(key, (t.stage, d, [], split))[2].append(t.id)
     return groups
 
 
@@ -581,7 +583,7 @@ def data_problems(spec: gridspec.GridSpec) -> list[gridspec.Problem]:
     from core.config import DataConfig
 
     out: list[gridspec.Problem] = []
-    for stage, d, ids in _data_groups(spec).values():
+    for stage, d, ids, split in _data_groups(spec).values():
         root = d.get("root")
         if root is None:
             continue
@@ -592,7 +594,7 @@ def data_problems(spec: gridspec.GridSpec) -> list[gridspec.Problem]:
             from core.data.module import validate_data
 
             try:
-                validate_data(DataConfig.from_dict(d), stage)
+                validate_data(DataConfig.from_dict(d), stage, train_split=split)
                 continue
             except TwinsegError as e:
                 what = " ".join(str(e).split())
@@ -605,7 +607,7 @@ def prepare_data(spec: gridspec.GridSpec, console: Console) -> None:
     race to generate it). Given folders were checked by `data_problems`."""
     from core.config import DataConfig
 
-    for _stage, d, _ids in _data_groups(spec).values():
+    for _stage, d, _ids, _split in _data_groups(spec).values():
         if d.get("root") is not None:
             continue
         try:

@@ -211,9 +211,21 @@ def test_paper_dry_run_names_every_missing_weight_file(voc_root, env, capsys):
         hits = [ln for ln in err if path in ln]
         assert len(hits) == 1, (pair, err)
         assert f"python -m core.weights fetch --source {pair[0]} --backbone {pair[1]}" in hits[0]
-    assert not any("data.root=" in ln for ln in err), err  # the VOC layout is fine
+    # the VOC layout is fine; stage 2 trains on trainaug, whose SBD layout this tree lacks: one line
+    data = [ln for ln in err if "data.root=" in ln]
+    assert len(data) == 1 and "split 'trainaug' needs" in data[0] and "SegmentationClassAug" in data[0], err
     assert all(ln.startswith("twinseg: error: paper.yaml: ") for ln in err), err
     assert "plan     grid paper (paper.yaml)" in out and "cluster  assumed: this machine" in out
+
+
+def test_paper_dry_run_accepts_a_tree_with_the_sbd_layout(tmp_path, env, capsys):
+    """With SegmentationClassAug present (generator --trainaug) no data problem is left."""
+    from core.data.synthetic import generate_voc
+
+    root = generate_voc(tmp_path / "voc", n_train=4, n_val=2, size=32, seed=0, trainaug=True)
+    rc, _out, err = _main(capsys, "--grid", "paper", "--data-root", str(root), "--dry-run")
+    assert rc == 2  # the weight files are still missing
+    assert not any("data.root=" in ln for ln in err), err
 
 
 def test_dry_run_reports_an_impossible_pair_in_a_paper_like_grid(voc_root, tmp_path, env, capsys):

@@ -364,10 +364,11 @@ def build_seg_loaders(data_cfg, batch_size: int, seed: int = 0, val_batch_size: 
                       palette=list(VOC_PALETTE), root=root, train_dataset=tr, val_dataset=va)
 
 
-def validate_data(data_cfg, stage: str = "both") -> Path:
+def validate_data(data_cfg, stage: str = "both", train_split: str = "train") -> Path:
     """Pre-flight check (layout, split lists, listed files) without loading pixels; returns the root.
 
-    ``stage``: "pretrain", "segment" or "both". Raises DataError / ConfigError with one line.
+    ``stage``: "pretrain", "segment" or "both"; ``train_split``: the segmentation training split
+    (train | trainaug, VOC). Raises DataError / ConfigError with one line.
     """
     root = data_root(data_cfg)
     if data_cfg.dataset == "voc":
@@ -376,7 +377,7 @@ def validate_data(data_cfg, stage: str = "both") -> Path:
                 list_images(data_cfg.ssl_root)
             else:
                 voc_ssl_images(root, data_cfg.ssl_split)
-        VOCSegmentation(root, "train")
+        VOCSegmentation(root, train_split if stage == "segment" else "train")
         VOCSegmentation(root, "val")
     elif data_cfg.dataset == "coco_stuff":
         COCOStuff(root, "train", data_cfg.coco_labels)
