@@ -196,3 +196,35 @@ def test_fit_follows_the_lr_and_weight_decay_schedules():
     assert rec.seen[0]["weights"][1] == pytest.approx(0.04)
     assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([min_lr, min_lr])
     assert m.weight_decay_at(total) == pytest.approx(0.4)
+
+
+def test_collapse_monitors_on_uniform_and_one_hot_teachers():
+    """The DINO paper's collapse analysis: h(teacher) is ln K for a uniform collapse and 0 for a one-hot
+    one; KL(teacher || student) is 0 when the student matches; h + KL is the loss."""
+    import math
+
+    K, B = 16, 4
+    loss_fn = DINOLoss(K, teacher_temp=0.04, warmup_teacher_temp=0.04, n_epochs=1, student_temp=0.1)
+    loss_fn.eval()  # keep the center at zero
+    uniform = torch.zeros(2 * B, K)
+    loss = loss_fn(torch.zeros(4 * B, K), uniform, 0)  # 2 global + 2 local crops, all uniform
+    st = loss_fn.last_stats
+    assert float(st["teacher_entropy"]) == pytest.approx(math.log(K), abs=1e-5)
+    assert float(st["teacher_student_kl"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(loss) == pytest.approx(math.log(K), abs=1e-5)
+
+    one_hot = torch.full((2 * B, K), -50.0)
+    one_hot[:, 3] = 50.0
+    torch.manual_seed(0)
+    student = torch.randn(4 * B, K)
+    loss = loss_fn(student, one_hot, 0)
+    st = loss_fn.last_stats
+    assert float(st["teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(st["teacher_entropy"]) + float(st["teacher_student_kl"]) == pytest.approx(float(loss), rel=1e-6)
+    assert float(st["teacher_student_kl"]) > 0
+
+    teacher = torch.randn(2 * B, K)
+    loss = loss_fn(student, teacher, 0)
+    st = loss_fn.last_stats
+    assert 0 < float(st["teacher_entropy"]) < math.log(K)
+    assert float(st["teacher_entropy"]) + float(st["teacher_student_kl"]) == pytest.approx(float(loss), rel=1e-6)

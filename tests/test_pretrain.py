@@ -124,6 +124,10 @@ def test_dino_run(voc_root, tmp_path):
     assert CONTRACT_KEYS <= set(m)
     assert m["method"] == "dino" and m["method_label"] == "DINO" and m["knn_backbone"] == "teacher_backbone"
     assert not BT_KEYS & set(m) and m["final_loss"] is not None  # Barlow Twins' own keys only in its runs
+    import math
+
+    assert m["teacher_entropy_uniform"] == pytest.approx(math.log(64))  # the collapse monitors (dino.out_dim 64)
+    assert 0.0 <= m["teacher_entropy"] <= m["teacher_entropy_uniform"] + 1e-6 and m["teacher_student_kl"] >= 0.0
     assert (tmp_path / "dino" / "backbone.pt").is_file()
 
 

@@ -9,6 +9,12 @@ https://arxiv.org/abs/2104.14294), as in the official `main_dino.py`
 
 tau_t warms up linearly from `warmup_teacher_temp` to `teacher_temp` over
 `warmup_teacher_temp_epochs` epochs (np.linspace, as official) and stays there.
+
+Collapse monitors (the DINO paper's section 5.3 / Fig. 7 analysis): each call leaves in `last_stats`
+(detached tensors, no host sync) the decomposition of its cross-entropy, H(q, p) = h(q) + KL(q || p):
+`teacher_entropy` = mean over the global crops and the batch of h(q) (ln K for a uniform collapse, 0 for a
+one-hot collapse) and `teacher_student_kl` = the mean over the same crop pairs as the loss of KL(q || p)
+(0 in both collapses). `teacher_entropy + teacher_student_kl == loss`.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class DINOLoss(nn.Module):
             (np.linspace(warmup_teacher_temp, teacher_temp, warm), np.ones(n_epochs - warm) * teacher_temp)
         )
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.last_stats: dict[str, Tensor] = {}
 
     def teacher_temp_at(self, epoch: int) -> float:
         e = int(min(max(epoch, 0), len(self.teacher_temp_schedule) - 1))
@@ -82,13 +89,18 @@ class DINOLoss(nn.Module):
             logp = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_chunks]
             total = teacher_f.new_zeros(())
             n_terms = 0
+            entropy = teacher_f.new_zeros(())
             for iq, q in enumerate(q_all):
+                h = torch.sum(-q * torch.log(q.clamp_min(1e-30)), dim=-1).mean()  # h(q), 0 log 0 = 0
                 for v, lp in enumerate(logp):
                     if v == iq:
                         continue
                     total = total + torch.sum(-q * lp, dim=-1).mean()
+                    entropy = entropy + h
                     n_terms += 1
             loss = total / max(n_terms, 1)
+            h_mean = entropy.detach() / max(n_terms, 1)
+            self.last_stats = {"teacher_entropy": h_mean, "teacher_student_kl": loss.detach() - h_mean}
         if self.training:
             self.update_center(teacher_f)
         return loss

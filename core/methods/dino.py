@@ -97,6 +97,12 @@ def multicrop_views(cfg: PretrainConfig, gpu_augment: bool):
 class DINOMethod(SSLMethod):
     method_name = "dino"
     eval_backbone_attr = "teacher_backbone"
+    result_keys = {
+        "teacher_entropy": "DINO: entropy of the teacher's output distribution, last epoch's mean (ln K: uniform "
+                           "collapse, 0: one-hot collapse; DINO paper section 5.3)",
+        "teacher_student_kl": "DINO: KL(teacher || student), last epoch's mean (0 in either collapse)",
+        "teacher_entropy_uniform": "DINO: ln K, the teacher entropy of a uniform collapse (K = dino.out_dim)",
+    }
 
     def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
                  backbone: Optional[nn.Module] = None, head_hidden: Optional[int] = None,
@@ -175,7 +181,20 @@ class DINOMethod(SSLMethod):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log("train/teacher_temp", self.loss_fn.teacher_temp_at(self.current_epoch), on_step=False,
                  on_epoch=True, batch_size=bs)
+        for name, value in self.loss_fn.last_stats.items():  # collapse monitors (DINO paper, section 5.3)
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
         return loss
+
+    def result_metrics(self, loader, device) -> dict:
+        """The collapse monitors of the last training epoch (logged per epoch as train/teacher_entropy and
+        train/teacher_student_kl) and ln K for reference."""
+        import math
+
+        logged = self.trainer.callback_metrics if self._trainer is not None else {}
+        out = {k: (float(logged[f"train/{k}"]) if f"train/{k}" in logged else None)
+               for k in ("teacher_entropy", "teacher_student_kl")}
+        out["teacher_entropy_uniform"] = math.log(self.cfg.dino.out_dim)
+        return out
 
     # ------------------------------------------------------------------ official training details
     def on_before_optimizer_step(self, optimizer) -> None:
