@@ -165,6 +165,13 @@ class ConfigBase:
             )
         return cls(**d)
 
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        """The nested sections of this config: field name -> its ConfigBase dataclass."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if isinstance(hints[f.name], type) and issubclass(hints[f.name], ConfigBase)}
+
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[call-overload]
 

@@ -623,7 +623,8 @@ def weight_problems(spec: gridspec.GridSpec, weights_dir=None, online: Optional[
     problem per missing file (path, URL, pre-fetch command, the trials that need it), all of them
     at once. Online, the trials download what is missing. (A pair without any weights is a grid
     problem: gridspec.weights_refusal.)"""
-    from core.weights import WEIGHT_SPECS, is_online, local_path
+    from core.errors import WeightsError
+    from core.weights import WEIGHT_SPECS, _resolve, is_online
 
     if is_online(online):
         return []
@@ -634,15 +635,10 @@ def weight_problems(spec: gridspec.GridSpec, weights_dir=None, online: Optional[
             needs.setdefault(key, []).append(t.id)
     out: list[gridspec.Problem] = []
     for (source, backbone), ids in needs.items():
-        ws = WEIGHT_SPECS[(source, backbone)]
-        path = local_path(ws, weights_dir)
-        if path.is_file():
-            continue
-        out.append(gridspec.Problem(
-            spec.path.name, f"source={source} backbone={backbone}",
-            f"{source} weights for {backbone} not found at {path} (offline); fetch them with `python -m core.weights "
-            f"fetch --source {source} --backbone {backbone}` on an online machine and copy its weights/ folder here, "
-            f"or download {ws.where} to that path, or set TWINSEG_ONLINE=1 to let the trials download it", ids))
+        try:  # offline: the file is there, or the weights module's own one-line error says how to get it
+            _resolve(WEIGHT_SPECS[(source, backbone)], weights_dir, False)
+        except WeightsError as e:
+            out.append(gridspec.Problem(spec.path.name, f"source={source} backbone={backbone}", str(e), ids))
     return out
 
 

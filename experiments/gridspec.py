@@ -614,15 +614,6 @@ def _trial_resources(c: _Ctx, res: dict, res_path: str, devices: int, origins: d
     return out
 
 
-def _sections(cls) -> dict[str, type]:
-    """The config sections of `cls` (fields whose type is itself a config dataclass)."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
-
-
 def _check_settings_keys(c: _Ctx, path: str, settings: dict, cls, own: set) -> None:
     names = [f for f in cls.__dataclass_fields__ if f not in own]
     axis_fields = stage1_axis_fields()
@@ -631,7 +622,7 @@ def _check_settings_keys(c: _Ctx, path: str, settings: dict, cls, own: set) -> N
         kind = "an axis" if key in axis_fields else "per entry"
         return c.err(where, f"is set by the grid itself ({kind}); remove it from {path}")
 
-    sections = _sections(cls)
+    sections = cls.sections()
     for k in settings:
         if k in own:
             raise refuse_own(k, f"{path}.{k}")

@@ -161,12 +161,6 @@ class DINOMethod(SSLMethod):
             i = j
         return head(torch.cat(feats))
 
-    def total_steps(self) -> int:
-        try:
-            return int(self.trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001
-            return self.num_train_batches * self.cfg.epochs
-
     def training_step(self, batch, batch_idx):
         views = [self.prepare_view(v, i) for i, v in enumerate(unpack_views(batch))]
         if len(views) < 2:
@@ -205,7 +199,7 @@ class DINOMethod(SSLMethod):
                 p.grad = None
 
     def teacher_momentum(self, step: int) -> float:
-        return cosine_schedule(step, self.total_steps(), self.cfg.dino.momentum, 1.0)
+        return cosine_schedule(step, self._total_steps, self.cfg.dino.momentum, 1.0)
 
     @torch.no_grad()
     def ema_update(self, m: float) -> None:

@@ -82,7 +82,8 @@ class SSLMethod(KNNMonitorMixin, pl.LightningModule):
         self._gpu_aug = tuple(gpu_augment) if gpu_augment else ()
         self._compiled: Optional[tuple] = None
         self.last_knn_acc: Optional[float] = None
-        self._total_steps = self.num_train_batches * cfg.epochs  # set from the trainer in configure_optimizers
+        # optimiser steps of the whole run (schedules read it); the trainer's estimate in configure_optimizers
+        self._total_steps = self.num_train_batches * cfg.epochs
 
     # ------------------------------------------------------------------ helpers
     def encoder(self) -> nn.Module:
@@ -132,10 +133,6 @@ class SSLMethod(KNNMonitorMixin, pl.LightningModule):
     def diagnostic_callbacks(self, every_n_epochs: int) -> list:
         """Method-specific diagnostic callbacks (figures every `every_n_epochs` epochs)."""
         return []
-
-    def options(self):
-        """This method's own config section (`cfg.<method name>`)."""
-        return getattr(self.cfg, self.method_name)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
