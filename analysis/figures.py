@@ -21,7 +21,9 @@ import numpy as np  # noqa: E402
 from analysis import atomic  # noqa: E402
 from analysis.history import knn_column, loss_column, miou_column, read_history, series, find_column  # noqa: E402
 from analysis.results import Results, Trial, Variant, axis_header, finite, method_order, pretrain_variant  # noqa: E402
-from analysis.tables import PreGroup, Stat, _eval_order, pretrain_groups, segment_groups  # noqa: E402
+from analysis.tables import (  # noqa: E402
+    EMERGING_COLS, PreGroup, Stat, _eval_order, emerging_points, pretrain_groups, segment_groups,
+)
 
 LINESTYLES = ["-", "--", ":", "-."]
 # The report's look, applied only inside the plotting functions below (never to the global rcParams:
@@ -286,6 +288,60 @@ def segment_curves(res: Results, path: Path) -> Optional[Path]:
                 if len(x):
                     panels[k][2].append((x, y, xl, *style))
     return _plot_curves(list(panels.values()), "Segmentation curves (from each trial's history.csv)", path)
+
+
+# ----------------------------------------------------------------------------- emerging properties
+def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Spearman rank correlation (average ranks for ties), None for fewer than 3 points or a constant side."""
+    if len(x) < 3:
+        return None
+    import pandas as pd
+
+    rx, ry = pd.Series(list(x)).rank().to_numpy(), pd.Series(list(y)).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+@_styled
+def emerging_properties(res: Results, path: Path) -> Optional[Path]:
+    """One panel per measure of a pretraining (analysis/tables.py EMERGING_COLS) that some finished
+    segmentation trial can be paired with: the measure of the pretraining trial (x) against the mIoU of
+    each segmentation trial built on it (y), one colour per evaluation, the Spearman rank correlation
+    per evaluation in the legend (3 points or more); a pretraining that collapsed is drawn as an x."""
+    panels = [(key, header, emerging_points(res, key)) for key, header, _ in EMERGING_COLS]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
+    evals = sorted({ev for _, _, pts in panels for ev, *_ in pts}, key=_eval_order)
+    colors = dict(zip(evals, _colors(len(evals))))
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, header, pts) in zip(axes.flat, panels):
+        for ev in evals:
+            mine = [(x, y, c) for e, x, y, c in pts if e == ev]
+            if not mine:
+                continue
+            rho = spearman([x for x, _, _ in mine], [y for _, y, _ in mine])
+            label = f"{ev} (n={len(mine)}" + (f", ρ={rho:+.2f})" if rho is not None else ")")
+            ok = [(x, y) for x, y, c in mine if not c]
+            bad = [(x, y) for x, y, c in mine if c]
+            if ok:
+                ax.scatter(*zip(*ok), color=colors[ev], marker="o", s=28, edgecolor="0.2", linewidth=0.5,
+                           label=label)
+            if bad:
+                ax.scatter(*zip(*bad), color=colors[ev], marker="x", s=40, label=None if ok else label)
+        ax.set_xlabel(f"{header} (pretraining)")
+        ax.set_ylabel("segmentation mIoU (%)")
+        ax.set_title(f"mIoU vs {header}")
+        ax.legend(loc="best", frameon=False, title="evaluation")
+    fig.suptitle("Which pretraining measure predicts segmentation? (one point per segmentation trial; "
+                 "x: collapsed pretraining)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- contact sheets

@@ -5,14 +5,19 @@
 or, from Python, `analysis.report.build_report(results_dir, out_dir=None) -> Path` (to report.md).
 
 Reads only RESULTS_DIR (`summary.json`, `trials/*/{metrics.json,config.json,history.csv,figures/*.png}`;
-a missing summary.json is tolerated by scanning trials/). Works on partial results: failed, skipped,
-pending or unfinished trials are listed as missing, never a crash. Every file is written atomically
+a missing summary.json is tolerated by scanning trials/; a single run folder (metrics.json /
+config.json at its top, as experiments/pretrain.py / segment.py write it) is a one-trial report; a
+folder with none of these is refused in one line). Works on partial results: failed, skipped,
+pending or unfinished trials are listed as missing, never a crash; a null / NaN / inf headline value
+is a blank ("n/a") cell with a note naming the trials, and a figure that cannot be drawn from the
+values is left out with a note. Every file is written atomically
 (temporary file + os.replace), report.md last.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from datetime import datetime, timezone
@@ -89,11 +94,38 @@ def status_section(res: Results) -> list[str]:
         lines.append("Tables and figures below are computed from the finished trials only; "
                      "a mean over fewer seeds than planned shows its seed count.")
         lines.append("")
-    for note in res.notes:
+    for note in res.notes + missing_value_notes(res):
         lines.append(f"- note: {note}")
-    if res.notes:
+    if res.notes or missing_value_notes(res):
         lines.append("")
     return lines
+
+
+KEY_VALUES = {"pretrain": ("knn_acc", "final_loss"), "segment": ("mIoU", "aAcc", "mAcc")}
+"""The headline values of a finished trial; one that is null / NaN / inf is named in a note (its
+table cells stay blank: "n/a")."""
+
+
+def missing_value_notes(res: Results) -> list[str]:
+    """One note per (stage, key) naming the finished trials whose value is missing or non-finite."""
+    out = []
+    for stage, keys in KEY_VALUES.items():
+        for key in keys:
+            bad = [t for t in res.stage(stage) if key in t.metrics or stage == "segment" and key == "mIoU"]
+            bad = [t for t in bad if not _is_finite(t.metrics.get(key))]
+            if bad:
+                kinds = sorted({"missing" if t.metrics.get(key) is None else "non-finite" for t in bad})
+                ids = ", ".join(t.id for t in bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+                out.append(f"{key} is n/a ({' / '.join(kinds)} in metrics.json) for {len(bad)} finished {stage} "
+                           f"trial(s): {ids}; their cells are blank and they are left out of means and figures")
+    return out
+
+
+def _is_finite(v) -> bool:
+    try:
+        return not isinstance(v, bool) and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def _table_block(t, out: Path, tables_dir: Path) -> list[str]:
@@ -115,8 +147,17 @@ def _figure_block(path: Optional[Path], alt: str, out: Path, caption: str = "") 
     return lines
 
 
+SKIPPED_FIGURES: list[str] = []  # "<figure>: <why>" of the figures the current report could not draw
+
+
 def _write_figure(fn, res: Results, path: Path) -> Optional[Path]:
-    got = fn(res, path)
+    """Draw one figure; a figure that cannot be drawn from these values (all missing / non-finite, an
+    odd folder) is left out with a note in the report instead of failing the whole report."""
+    try:
+        got = fn(res, path)
+    except Exception as e:  # noqa: BLE001 - one figure never costs the report
+        got = None
+        SKIPPED_FIGURES.append(f"{path.name}: {type(e).__name__}: {' '.join(str(e).split())[:160].rstrip('.')}")
     if got is None and path.exists():  # stale figure from an earlier report
         path.unlink()
     return got
@@ -156,6 +197,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
 
 
 def _build(res: Results, out: Path) -> Path:
+    SKIPPED_FIGURES.clear()
     out.mkdir(parents=True, exist_ok=True)
     tables_dir, figs_dir = out / "tables", out / "figures"
 
@@ -165,8 +207,9 @@ def _build(res: Results, out: Path) -> Path:
     per_class = T.per_class_table(res)
     pre_table = T.pretraining_table(res)
     cmp_table = T.method_comparison_table(res)
+    emerging_table = T.emerging_table(res)
     trials_table = T.trials_table(res)
-    all_tables = [t for t in [*seg_tables, per_class, pre_table, cmp_table, trials_table] if t]
+    all_tables = [t for t in [*seg_tables, per_class, pre_table, cmp_table, emerging_table, trials_table] if t]
     for t in all_tables:
         t.write(tables_dir)
 
@@ -175,6 +218,7 @@ def _build(res: Results, out: Path) -> Path:
     fig_sweep = _write_figure(F.lambda_sweep, res, figs_dir / "lambda_sweep.png")
     fig_pc = _write_figure(F.pretrain_curves, res, figs_dir / "curves_pretrain.png")
     fig_sc = _write_figure(F.segment_curves, res, figs_dir / "curves_segment.png")
+    fig_em = _write_figure(F.emerging_properties, res, figs_dir / "emerging_properties.png")
     galleries = []
     for prefix, title, name, stages in GALLERIES:
         items = []  # (trial, last png, all pngs)
@@ -238,6 +282,13 @@ def _build(res: Results, out: Path) -> Path:
                        "that covers the most λ values, when present) against the λ label of the variants that "
                        "have one, one line per method, backbone and init; error bars: std over seeds.")
     L += _figure_block(fig_pc, "Pretraining training curves", out)
+    if emerging_table:
+        L += ["### Emerging properties", ""]
+        L += _table_block(emerging_table, out, tables_dir)
+        L += _figure_block(fig_em, "Emerging properties vs segmentation", out,
+                           "Each pretraining measure (x) against the mIoU of every segmentation trial built on that "
+                           "pretraining (y, the stage-2 `from` link), one colour per evaluation; ρ: Spearman rank "
+                           "correlation within an evaluation; x markers: the pretraining collapsed.")
 
     L += ["## Diagnostics", ""]
     for title, sheet, items in galleries:
@@ -252,6 +303,8 @@ def _build(res: Results, out: Path) -> Path:
             L.append(f"- `{t.id}`: [{last.name}]({_link(last, out)}){more}")
         L.append("")
 
+    if SKIPPED_FIGURES:
+        L += ["_Figures left out (could not be drawn from these values): " + "; ".join(SKIPPED_FIGURES) + "._", ""]
     L += ["## Files", ""]
     for t in all_tables:
         L.append(f"- {t.title}: " + ", ".join(f"[{t.name}.{e}]({_link(tables_dir / f'{t.name}.{e}', out)})"

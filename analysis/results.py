@@ -191,11 +191,21 @@ def load_results(results_dir: str | Path) -> Results:
         notes.append("summary.json is unreadable or has no 'trials' list; trials were found by scanning trials/")
         summary = None
     trial_dirs = sorted((p for p in trials_dir.iterdir() if p.is_dir()), key=natural_key) if trials_dir.is_dir() else []
-    if summary is None and not trial_dirs:
+    single_run = summary is None and not trial_dirs and (
+        (root / "metrics.json").is_file() or (root / "config.json").is_file())
+    if summary is None and not trial_dirs and not single_run:
         raise TwinsegError(
-            f"{root} is not a grid results folder (no summary.json and no trials/<id>/ folders); "
-            "pass the folder written by experiments/grid.py (results/<grid>-<timestamp>/)"
+            f"{root} is not a results folder (no summary.json, no trials/<id>/ folders, no metrics.json or "
+            "config.json of a single run); pass the folder written by experiments/grid.py "
+            "(results/<grid>-<timestamp>/) or by experiments/pretrain.py / segment.py"
         )
+    if single_run:  # a run folder of experiments/pretrain.py / segment.py: a one-trial report
+        t = _scan_trial(root, notes)
+        notes.append(f"{root.name} is a single run folder (no grid): one trial")
+        res = Results(root=root, grid=root.name, created="", trials=[t], notes=notes, has_summary=False)
+        link_trials(res)
+        assign_variants(res)
+        return res
 
     trials: list[Trial] = []
     if summary is not None:

@@ -360,6 +360,8 @@ PRETRAIN_COLS = [  # (metric key, header, digits, best: +1 higher / -1 lower / 0
     ("wall_time_s", "Wall time (s)", 1, 0),
     ("device_hours", "Device-hours", 4, -1),
     ("images_per_s", "Img/s", 1, +1),
+    ("gflop_per_image", "GFLOP/img", 3, 0),  # metrics.json flops_per_image / 1e9 (core/flops.py)
+    ("mfu_pct", "MFU (%)", 1, 0),  # metrics.json mfu x 100; blank on the CPU / an unknown GPU
     ("peak_mem_mb", "Peak mem (MB)", 1, 0),
 ]
 
@@ -372,6 +374,11 @@ class PreGroup:
     def values(self, key: str) -> list:
         if key == "device_hours":
             return [finite(t.metrics.get("device_seconds")) / 3600 if finite(t.metrics.get("device_seconds")) is not None else None
+                    for t in self.trials]
+        scaled = {"gflop_per_image": ("flops_per_image", 1e-9), "mfu_pct": ("mfu", 100.0)}
+        if key in scaled:  # derived display units of the compute keys
+            src, factor = scaled[key]
+            return [finite(t.metrics.get(src)) * factor if finite(t.metrics.get(src)) is not None else None
                     for t in self.trials]
         return [t.metrics.get(key) for t in self.trials]
 
@@ -420,7 +427,7 @@ def pretraining_table(res: Results) -> Optional[Table]:
         return None
     axes = extra_axes(groups)
     fixed = ["Method", "Backbone", "Init", *[axis_header(a) for a in axes], "Seeds", "Epochs"]
-    headers = fixed + [h for _, h, _, _ in PRETRAIN_COLS] + ["Device"]
+    headers = fixed + [h for _, h, _, _ in PRETRAIN_COLS] + ["Collapsed", "Device"]
     rows, recs = [], []
     for g in groups:
         v = g.variant
@@ -433,6 +440,8 @@ def pretraining_table(res: Results) -> Optional[Table]:
             s = g.stat(key)
             row.append(fmt_stat(s, digits))
             rec[f"{key}_mean"], rec[f"{key}_std"] = s.mean, s.std
+        row.append(collapsed_cell(g))
+        rec.update(collapsed_record(g))
         row.append(_devices(g))
         rec["device"] = _devices(g)
         rec["trials"] = ";".join(t.id for t in g.trials)
@@ -443,7 +452,101 @@ def pretraining_table(res: Results) -> Optional[Table]:
     for c, (key, _, _, best) in enumerate(PRETRAIN_COLS, start=len(fixed)):
         if best:
             t.mark_best(c, [g.stat(key).mean for g in groups], higher=best > 0)
+    t.note = collapse_note(groups)
     return t
+
+
+# ----------------------------------------------------------------------------- collapse
+def _collapsed_flags(g: PreGroup) -> list[bool]:
+    """The measured `collapsed` flags of a group's trials (null / absent: not measured, left out)."""
+    return [bool(t.metrics["collapsed"]) for t in g.trials if isinstance(t.metrics.get("collapsed"), bool)]
+
+
+def collapsed_cell(g: PreGroup) -> str:
+    """"yes" / "no" when every measured seed agrees, "k of n" when some collapsed, a dash when unmeasured."""
+    flags = _collapsed_flags(g)
+    if not flags:
+        return DASH
+    k = sum(flags)
+    if k == 0:
+        return "no"
+    return "yes" if k == len(flags) else f"{k} of {len(flags)}"
+
+
+def collapsed_record(g: PreGroup) -> dict:
+    flags = _collapsed_flags(g)
+    return {"collapsed_n": sum(flags) if flags else None, "collapse_measured_n": len(flags)}
+
+
+def collapse_note(groups: Sequence[PreGroup]) -> str:
+    """One sentence naming each collapsed trial and its `collapse_reason` (empty when none collapsed)."""
+    items = [f"{t.id}: {t.metrics.get('collapse_reason') or 'collapsed'}"
+             for g in groups for t in g.trials if t.metrics.get("collapsed") is True]
+    return ("Collapsed pretraining (the method's declared collapse rule, metrics.json collapse_reason): "
+            + "; ".join(items) + ".") if items else ""
+
+
+# ----------------------------------------------------------------------------- emerging properties
+EMERGING_COLS = [  # (metric key, header, digits): the measures of a pretraining that may predict segmentation
+    ("knn_acc", "k-NN acc", 2),
+    ("linear_probe_acc", "Linear probe", 2),
+    ("attn_jaccard", "Attn Jaccard (%)", 2),
+    ("dense_probe_miou", "Dense probe mIoU", 2),
+    ("dense_rank", "Dense eff. rank", 1),
+]
+
+
+def emerging_table(res: Results) -> Optional[Table]:
+    """"Emerging properties" of each pretraining variant (DINO paper's title): k-NN, linear probe, the
+    CLS-attention / mask Jaccard, the frozen dense probe's mIoU, the dense features' effective rank, and
+    whether the run collapsed; a dash where a run did not measure it (e.g. no attention on a CNN)."""
+    groups = pretrain_groups(res)
+    if not groups:
+        return None
+    axes = extra_axes(groups)
+    fixed = ["Method", "Backbone", "Init", *[axis_header(a) for a in axes], "Seeds"]
+    headers = fixed + [h for _, h, _ in EMERGING_COLS] + ["Collapsed"]
+    rows, recs = [], []
+    for g in groups:
+        v = g.variant
+        cells, axis_rec = _axis_cells(g, axes)
+        row = [v.method_label, v.backbone, v.source, *cells, str(len(g.trials))]
+        rec = {"method": v.method, "method_label": v.method_label, "backbone": v.backbone, "source": v.source,
+               **axis_rec, "variant": v.label, "n_seeds": len(g.trials)}
+        for key, _, digits in EMERGING_COLS:
+            s = g.stat(key)
+            row.append(fmt_stat(s, digits) or DASH)
+            rec[f"{key}_mean"], rec[f"{key}_std"], rec[f"{key}_n"] = s.mean, s.std, s.n
+        row.append(collapsed_cell(g))
+        rec.update(collapsed_record(g))
+        rec["trials"] = ";".join(t.id for t in g.trials)
+        rows.append(row)
+        recs.append(rec)
+    t = Table("emerging_properties",
+              "Emerging properties per pretraining variant (mean ± std over seeds; — not measured)",
+              headers, rows, pd.DataFrame(recs))
+    for c, (key, _, _) in enumerate(EMERGING_COLS, start=len(fixed)):
+        if key != "dense_rank":  # a higher rank is not better in itself
+            t.mark_best(c, [g.stat(key).mean for g in groups], higher=True)
+    t.note = collapse_note(groups)
+    return t
+
+
+def emerging_points(res: Results, key: str) -> list[tuple[str, float, float, bool]]:
+    """(evaluation, measure of the pretraining trial, mIoU of the segmentation trial, pretraining collapsed)
+    for every finished segmentation trial built on a finished pretraining trial (stage 2's `from` link,
+    analysis/results.py link_trials) whose `key` and mIoU are both numbers."""
+    pre = {t.id: t for t in res.stage("pretrain")}
+    out = []
+    for t in res.stage("segment"):
+        p = pre.get(t.pretrain_id) if t.pretrain_id else None
+        if p is None:
+            continue
+        x, y = finite(p.metrics.get(key)), finite(t.metrics.get("mIoU"))
+        if x is None or y is None:
+            continue
+        out.append((str(t.get("evaluation") or "custom"), x, y, p.metrics.get("collapsed") is True))
+    return out
 
 
 def method_comparison_table(res: Results) -> Optional[Table]:

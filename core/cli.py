@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable, TypeVar
 
-from core.errors import TwinsegError
+from core.errors import InterruptedRun, TwinsegError
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -18,7 +18,9 @@ def fail(message: str, code: int = 2) -> "NoReturn":  # type: ignore[name-define
 
 
 def guard(fn: F) -> F:
-    """Wrap a CLI `main`: TwinsegError -> one line on stderr + exit 2; Ctrl-C -> exit 130.
+    """Wrap a CLI `main`: TwinsegError -> one line on stderr + exit 2;
+    an interrupted run (`InterruptedRun`, SIGTERM / SIGINT) -> `twinseg: interrupted by SIGTERM; rerun the
+    same command to resume from ...` + exit 143 / 130; Ctrl-C elsewhere -> exit 130.
 
     Set TWINSEG_TRACEBACK=1 to see the full traceback of a TwinsegError while debugging.
     """
@@ -27,6 +29,9 @@ def guard(fn: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except InterruptedRun as e:
+            print(f"twinseg: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(e.exit_code)
         except TwinsegError as e:
             if os.environ.get("TWINSEG_TRACEBACK"):
                 raise

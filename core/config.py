@@ -7,7 +7,9 @@ as code: names are looked up in registries.
 
 - Every field carries its documentation as an attribute docstring (the string right after it): the
   CLI (core/config_cli.py) turns each field into a flag with that text as its help, and
-  `field(metadata={"cli_aliases": (...)})` adds short flag names.
+  `field(metadata={"cli_aliases": (...)})` adds short flag names; `metadata={"bookkeeping": True}` marks
+  a field that does not change the result (wandb, keep_checkpoints): a finished or unfinished run folder
+  is reused whatever its value (core/runs/skeleton.py `config_differences`).
 - A field whose type is a ConfigBase dataclass is a section (`data`, and one per SSL method):
   nested in config.json and grid files, `--<section>-<field>` on the CLI.
 - `PretrainConfig` is `PretrainSettings` plus one section per registered SSL method
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +182,27 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+def check_wandb(mode: str) -> None:
+    """`wandb=online` needs credentials (WANDB_API_KEY, or a `wandb login` entry in ~/.netrc for the wandb
+    host): ConfigError (one line) otherwise, before anything is built or written; wandb itself would fail
+    deep inside the first logging call with a long traceback."""
+    if mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    from urllib.parse import urlparse
+
+    from pathlib import Path
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if host in netrc.read_text(errors="ignore"):
+            return
+    except OSError:
+        pass
+    raise ConfigError("wandb=online needs wandb credentials (run `wandb login` or export WANDB_API_KEY); "
+                      "or use --wandb offline and `wandb sync` later")
+
+
 # --------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class DataConfig(ConfigBase):
@@ -268,7 +292,8 @@ class PretrainSettings(ConfigBase):
     """lars | adamw."""
     lr: Optional[float] = field(default=2e-3, metadata={"cli_none_words": ("recipe",)})
     """Base learning rate; none (or recipe): the optimiser's official recipe scaled by batch/256 (LARS 0.2 weights /
-    0.0048 biases, AdamW 5e-4). The default 2e-3 (AdamW, batch 32) is the CPU setting for the generated data."""
+    0.0048 biases, AdamW 5e-4). The default 2e-3 (AdamW, batch 32) is the CPU setting for the generated data; a
+    method's registry entry may start from its own value (`SSLMethodSpec.defaults`: DINO 5e-4)."""
     min_lr: Optional[float] = None
     """Learning rate at the end of the cosine decay, the same for every parameter group (official DINO 1e-6);
     none: 0.001 x each group's base lr (official Barlow Twins)."""
@@ -300,10 +325,16 @@ class PretrainSettings(ConfigBase):
     """Random seed."""
     knn_k: int = 20
     """Neighbours of the k-NN monitor."""
+    dense_probe_steps: int = 50
+    """L-BFGS iterations of the frozen dense linear probe run before and after pretraining
+    (core/metrics/dense_probe.py; metrics.json dense_probe_miou); 0: no probe (null)."""
     diagnostics_every: int = 0
     """Epochs between diagnostic figures (0: only at the end)."""
-    wandb: str = "offline"
+    wandb: str = field(default="offline", metadata={"bookkeeping": True})
     """offline | online | disabled (a CSV log is always written)."""
+    keep_checkpoints: bool = field(default=False, metadata={"bookkeeping": True})
+    """Keep checkpoints/last.ckpt once the run has finished (default: deleted on success; the run folder keeps
+    its exported weights, metrics, history, figures and config)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data settings."""
 
@@ -343,6 +374,7 @@ class PretrainSettings(ConfigBase):
         check_choice("device", self.device, DEVICES)
         check_positive("devices", self.devices)
         check_positive("knn_k", self.knn_k)
+        check_positive("dense_probe_steps", self.dense_probe_steps, allow_zero=True)
         check_positive("diagnostics_every", self.diagnostics_every, allow_zero=True)
         check_choice("wandb", self.wandb, WANDB_MODES)
 
@@ -350,6 +382,19 @@ class PretrainSettings(ConfigBase):
     def options(self) -> Any:
         """The selected method's own section (`cfg.<method>`)."""
         return getattr(self, self.method)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict] = None, **overrides: Any):
+        """As `ConfigBase.from_dict`, starting from the selected method's `SSLMethodSpec.defaults` (its own
+        values of shared settings, e.g. a learning rate) for every field not given in `d` / `overrides`."""
+        from core.methods.registry import ssl_methods
+
+        d = dict(d or {})
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        spec = ssl_methods().get(d.get("method", cls.method))  # an unknown method: validation says so
+        for k, v in (spec.defaults.items() if spec is not None else ()):
+            d.setdefault(k, v)
+        return super().from_dict(d)
 
 
 def _pretrain_config() -> type:
@@ -466,8 +511,11 @@ class SegmentConfig(ConfigBase):
     """Random seed."""
     diagnostics_every: int = 0
     """Epochs between diagnostic figures (0: only at the end)."""
-    wandb: str = "offline"
+    wandb: str = field(default="offline", metadata={"bookkeeping": True})
     """offline | online | disabled (a CSV log is always written)."""
+    keep_checkpoints: bool = field(default=False, metadata={"bookkeeping": True})
+    """Keep checkpoints/last.ckpt once the run has finished (default: deleted on success; the run folder keeps
+    its exported weights, metrics, history, figures and config)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data settings."""
 

@@ -27,3 +27,27 @@ class DataError(TwinsegError):
 
 class WeightsError(TwinsegError):
     """Pretrained weights are missing, unsafe, or do not match the architecture."""
+
+
+class FolderBusyError(TwinsegError):
+    """A run or results folder is held (core.folder_lock) by another live process."""
+
+
+class NonFiniteError(TwinsegError):
+    """Training diverged: a loss, weight or evaluation metric is NaN / inf. Rerunning the same config
+    repeats it (the grid marks such a trial failed without retrying it)."""
+
+
+class StorageError(TwinsegError):
+    """The output folder cannot be written: read-only, a file, or the disk is full."""
+
+
+class InterruptedRun(TwinsegError):
+    """SIGTERM / SIGINT ended a run; rerunning the same command resumes from its last checkpoint.
+    Exit status 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a shell reports it."""
+
+    exit_code = 143
+
+    def __init__(self, message: str, signum: int = 15):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

@@ -31,13 +31,15 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
     },
     "E3": {
         "short": "BT transformer + fusion 1 (attention as features)",
-        "description": "Barlow Twins ViT + SETR-PUP with attention as features (fusion 1: CLS maps as channels)",
+        "description": "Barlow Twins ViT / Swin + SETR-PUP with attention as features (fusion 1: CLS maps, on Swin the "
+                       "attention each token receives, as channels)",
         "pretrain_method": "barlow_twins",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "features"},
     },
     "E4": {
         "short": "BT transformer + fusion 2 (attention as affinity)",
-        "description": "Barlow Twins ViT + SETR-PUP with attention as affinity (fusion 2: logit propagation)",
+        "description": "Barlow Twins ViT / Swin + SETR-PUP with attention as affinity (fusion 2: logit propagation; "
+                       "on Swin within the last stage's windows)",
         "pretrain_method": "barlow_twins",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "affinity"},
     },

@@ -156,6 +156,11 @@ def check_source(field: str, source: str, backbone_name: str | None = None) -> s
 def read_weights_file(path: str | os.PathLike, *, trusted: bool = False):
     """Read a weights file without running pickled code (safetensors or torch weights_only)."""
     path = Path(path)
+    if path.is_dir():
+        inside = [n for n in ("backbone.pt", "model.pt") if (path / n).is_file()]
+        hint = (f"pass the file inside it: {path / inside[0]}" if inside else
+                "pass a weights file, e.g. a pretraining run folder's backbone.pt")
+        raise WeightsError(f"weights path {path} is a folder, not a file; {hint}")
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; check the path")
     if path.suffix == ".safetensors":
@@ -317,10 +322,23 @@ def load_state_dict_into(backbone, sd: dict[str, torch.Tensor], *, origin: str,
             f"weights {origin} do not match backbone={backbone.name}: {'; '.join(parts)}; use "
             f"weights saved from the same architecture"
         )
+    check_finite_state(sd, origin)
     sd = {k: v.to(target[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
     lib.load_state_dict(sd, strict=False)
     return {"source": source, "backbone": backbone.name, "path": origin, "loaded": len(sd),
             "missing": [], "unexpected": [], "ignored": ignored, "resized": resized}
+
+
+def check_finite_state(sd: dict[str, torch.Tensor], origin: str) -> None:
+    """Weights with NaN / inf values (saved from a diverged run) -> NonFiniteError naming the file and
+    the first tensor; training from them would only produce NaN."""
+    from core.errors import NonFiniteError
+
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        n = sum(int((~torch.isfinite(sd[k])).sum()) for k in bad)
+        raise NonFiniteError(f"weights {origin} hold {n} NaN/inf values ({len(bad)} tensors, first {bad[0]}); they "
+                             "come from a diverged run: retrain it with a lower lr, or use other weights")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -420,9 +438,9 @@ def export_backbone(backbone, path: str | os.PathLike, *, plain: bool = False,
     sd = {k: v.detach().cpu().clone() for k, v in backbone.library_model.state_dict().items()}
     obj = sd if plain else {"arch": backbone.name, "library_arch": backbone.library_arch,
                             "state_dict": sd, **(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from core.io import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # temp file + fsync + rename in the same folder
     return path
 
 

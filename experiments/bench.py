@@ -4,6 +4,20 @@
     python experiments/bench.py --backbone resnet50 vit_small_patch16 --image-size 224 \\
         --batch-size 256 --precision bf16 --projector 8192-8192-8192 --json bench.json --markdown
 
+    python experiments/bench.py --suite gpu                      # the fixed GPU check, <= 8 min on one H100/H200
+    python experiments/bench.py --suite loader --recipes bt,dino  # loader img/s per worker (bench_loader.py)
+
+``--suite gpu`` (`suite_plan`, `run_suite`): Barlow Twins ResNet-50 (channels_last) and ViT-S/16 at 224 px,
+batch 256, bf16, projector 8192-8192-8192, each with a synthetic-batch row (``model``) and a real-pipeline row
+(``pipeline``: DataLoader with workers over generated JPEGs of VOC's size), DINO ViT-S/16 (2 x 224 + 6 x 96
+crops), the E1 (DeepLabV3 on the dilated ResNet-50) and E2 (SETR-PUP / linear on ViT-S/16) steps at 512 px,
+and with 2 GPUs a 2-process DDP Barlow Twins check (`ddp_check`); it replaces its table in BENCHMARKS.md
+(machine, date, command; `update_benchmarks`). Without a GPU the same rows run tiny on the CPU (resnet_tiny /
+vit_nano_patch8, 64 px, one step, DDP on gloo) and go to a separate ``cpu-fallback`` block.
+Every row, in every suite, carries ``GFLOP/img`` (forward + backward FLOPs of one image with all its views,
+counted with torch's FlopCounterMode on the real step over 2 images, core/flops.py) and ``MFU`` (GFLOP/img x
+img/s / the GPU's dense bf16 peak, core/flops.py ``PEAK_BF16_TFLOPS``; '-' on the CPU or an unknown GPU).
+
 Tasks (``--tasks``), all driven through the project's own LightningModules, step by step exactly as
 Lightning's automatic optimisation does it (training_step under autocast -> backward ->
 on_before_optimizer_step -> optimizer.step -> zero_grad -> scheduler.step -> on_train_batch_end):
@@ -62,6 +76,7 @@ from core.cli import guard  # noqa: E402
 from core.errors import ConfigError  # noqa: E402
 
 TASKS = ("barlow_twins", "dino", "segment")
+SUITES = ("gpu", "loader")
 MODES = ("model", "pipeline")
 PRECISIONS = ("32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -189,6 +204,9 @@ class BenchRow:
     iters: int
     repeats: int
     detail: str = ""
+    flops_per_image: Optional[float] = None  # forward + backward FLOPs of one image, all views (core/flops.py)
+    mfu: Optional[float] = None  # flops_per_image x img/s / dense bf16 peak; None on CPU / unknown GPU
+    suite_item: str = ""  # the --suite gpu row label (empty outside a suite)
     machine: str = ""
     torch: str = ""
     command: str = ""
@@ -352,6 +370,10 @@ class Runner:
     def step(self, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def flops_per_image(self, batch: Any) -> Optional[int]:
+        """Forward + backward FLOPs of one image of `batch` (all its views), FlopCounterMode on 2 images."""
+        return None
+
     def close(self) -> None:
         """Stop the loader's (persistent) workers now, so they cannot compete with the next measurement."""
         for it in (self._it, getattr(self._loader, "_iterator", None)):
@@ -360,6 +382,17 @@ class Runner:
                 shutdown()
         self._it = None
         self._loader = None
+
+
+def first_images(batch: Any, n: int) -> Any:
+    """`batch` cut to its first `n` images (every tensor's leading dim)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(first_images(b, n) for b in batch)
+    if isinstance(batch, dict):
+        return {k: first_images(v, n) for k, v in batch.items()}
+    return batch
 
 
 def _autocast(device: torch.device, precision: str):
@@ -393,6 +426,11 @@ class LightningStepRunner(Runner):
         self.module.on_train_batch_end(loss, batch, i)
         self.step_index += 1
         return loss.detach()
+
+    def flops_per_image(self, batch):
+        from core.flops import training_flops_per_image
+
+        return training_flops_per_image(self.module, first_images(batch, 2), 2)
 
 
 class LightlyBarlowTwinsRunner(Runner):
@@ -430,13 +468,28 @@ class LightlyBarlowTwinsRunner(Runner):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def step(self, batch):
+    def _loss(self, batch, autocast: bool = True):
         views = batch[0] if isinstance(batch[0], (list, tuple)) else batch
         x1, x2 = self._prep(views[0], 0), self._prep(views[1], 1)
-        with _autocast(self.device, self.precision):
+        with _autocast(self.device, self.precision if autocast else "32"):
             z1 = self.head(self.encoder(x1))
             z2 = self.head(self.encoder(x2))
-            loss = self.criterion(z1, z2)
+            return self.criterion(z1, z2)
+
+    def flops_per_image(self, batch):
+        from core.flops import count_flops
+
+        saved = self.gpu_aug
+        self.gpu_aug = ()  # data augmentation is not model FLOPs
+        try:
+            n = count_flops(lambda: self._loss(first_images(batch, 2), autocast=False).backward())
+        finally:
+            self.gpu_aug = saved
+            self.opt.zero_grad(set_to_none=True)
+        return n // 2
+
+    def step(self, batch):
+        loss = self._loss(batch)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -500,11 +553,11 @@ def pretrain_config(s: BenchSettings, method: str, backbone: str):
                           gpu_augment=False, seed=s.seed, data=data_config(s), **extra)
 
 
-def _new_backbone(s: BenchSettings, name: str):
+def _new_backbone(s: BenchSettings, name: str, **options):
     from core.models.registry import create_backbone
 
     torch.manual_seed(s.seed)
-    return create_backbone(name, image_size=s.image_size)
+    return create_backbone(name, image_size=s.image_size, **options)
 
 
 def _apply_channels_last_choice(module, backbone, s: BenchSettings) -> None:
@@ -586,10 +639,12 @@ def build_seg_runner(s: BenchSettings, name: str, mode: str, device: torch.devic
     from core.data.voc import VOC_CLASSES
     from core.methods.segmentation import SegmentationMethod
 
-    bb = _new_backbone(s, name)
-    head = seg_head_for(bb, s.seg_head)
+    from core.runs.segment import backbone_options
+
+    head = seg_head_for(_new_backbone(s, name), s.seg_head)
     cfg = SegmentConfig(backbone=name, head=head, mode="finetune", batch_size=s.batch_size, compile=s.compile,
                         data=data_config(s))
+    bb = _new_backbone(s, name, **backbone_options(cfg))  # as the run builds it (E1: dilated, stride 8)
     method = SegmentationMethod(cfg, NUM_CLASSES, VOC_CLASSES, backbone=bb)
     if not s.channels_last and not bb.is_transformer:
         method.channels_last = False
@@ -597,7 +652,7 @@ def build_seg_runner(s: BenchSettings, name: str, mode: str, device: torch.devic
     if s.compile:  # SegmentationMethod ignores cfg.compile: compile the Segmenter here
         method.model = torch.compile(method.model)
     r = LightningStepRunner(method, s.precision, mode=mode, device=device, batch_size=s.batch_size, backbone=name,
-                            detail=f"head {head}, CE, AdamW")
+                            detail=f"head {head}, output stride {bb.stride}, CE, AdamW")
     r.task = "segment"
     if mode == "pipeline":
         from core.data.module import build_seg_loaders
@@ -622,6 +677,16 @@ def measure(runners: Sequence[Runner], s: BenchSettings, device: torch.device) -
 
 
 def _measure(runners: Sequence[Runner], s: BenchSettings, device: torch.device) -> list[BenchRow]:
+    from core.flops import mfu
+
+    fpi: list[Optional[int]] = []
+    for r in runners:  # FLOPs of the real step on 2 real images of the batch, before any timing
+        try:
+            fpi.append(r.flops_per_image(r.next_batch()))
+        except Exception as e:  # noqa: BLE001 - a benchmark row without FLOPs is still a measurement
+            warnings.warn(f"{r.task}/{r.impl}: FLOPs not counted ({type(e).__name__}: {e})", RuntimeWarning)
+            fpi.append(None)
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     for r in runners:
         for _ in range(s.warmup):
             r.step(r.next_batch())
@@ -661,6 +726,7 @@ def _measure(runners: Sequence[Runner], s: BenchSettings, device: torch.device) 
             best_step_ms=min(times[k]) * 1e3, cpu_ms=cpu[k] / (s.iters * s.repeats) * 1e3, peak_mem_mb=peaks[k],
             mem_kind=kinds[k], data_wait_frac=(waits[k] / total if r.mode == "pipeline" and total > 0 else None),
             loss=losses[k], iters=s.iters, repeats=s.repeats, detail=r.detail,
+            flops_per_image=fpi[k], mfu=mfu(fpi[k], s.batch_size / step_s, gpu_name),
         ))
     return rows
 
@@ -741,14 +807,261 @@ def run_bench(s: BenchSettings, command: str = "python experiments/bench.py",
     return rep
 
 
+# --------------------------------------------------------------------------- --suite gpu
+#: the GPU suite's rows: (label, what it measures). Sizes on a GPU / in the tiny CPU fallback below.
+SUITE_ITEMS = (
+    ("bt-r50", "Barlow Twins ResNet-50, channels_last, 8192-8192-8192 projector, LARS"),
+    ("bt-vits16", "Barlow Twins ViT-S/16 (fused attention), 8192-8192-8192 projector, LARS"),
+    ("dino-vits16", "DINO ViT-S/16, 2 global + 6 local crops (paper.yaml), out 65536, AdamW"),
+    ("e1-deeplabv3-r50", "E1: DeepLabV3 on a dilated ResNet-50 (output stride 8), crop 512"),
+    ("e2-setr-vits16", "E2: SETR-PUP on ViT-S/16, crop 512"),
+    ("e2-linear-vits16", "linear head on ViT-S/16, crop 512"),
+)
+SUITE_BEGIN = "<!-- bench-suite {kind} -->"
+SUITE_END = "<!-- /bench-suite {kind} -->"
+
+
+def suite_voc_root(n_train: int, sizes: Sequence[tuple[int, int]]) -> Path:
+    """Generated JPEGs of VOC's sizes (500x375 and 375x500 on a GPU), created once and cached next to the
+    project's other generated data (`core.data.synthetic.data_cache_dir`)."""
+    from core.data.synthetic import data_cache_dir, generate_voc
+
+    tag = "-".join(f"{w}x{h}" for w, h in sizes)
+    return generate_voc(data_cache_dir() / f"bench-voc-{n_train}-{tag}", n_train=n_train, n_val=4, size=64,
+                        seed=0, sizes=list(sizes))
+
+
+def suite_plan(gpu: bool, workers: int, data_root: Optional[str] = None, seed: int = 0, compile_: bool = False,
+               threads: Optional[int] = None, generate: bool = True) -> list[tuple[str, BenchSettings]]:
+    """The suite: on a GPU the paper's sizes (224 px, batch 256, bf16, real pipeline on VOC-size JPEGs and
+    a synthetic-batch row; crop 512 for E1 / E2); without a GPU a tiny CPU version of the same rows (small
+    backbones, 64 px, one step) that exercises the same code paths."""
+    if gpu:
+        big = dict(precision="bf16", device="cuda", warmup=5, iters=10, repeats=3, lightly=False, seed=seed,
+                   compile=compile_, threads=threads, channels_last=True)
+        bt = dict(big, tasks=("barlow_twins",), modes=("model", "pipeline"), image_size=224, batch_size=256,
+                  projector=(8192, 8192, 8192), workers=workers)
+        seg = dict(big, tasks=("segment",), modes=("model",), image_size=512, batch_size=16, workers=workers)
+        r50, vit = "resnet50", "vit_small_patch16"
+        dino = dict(big, tasks=("dino",), modes=("model",), image_size=224, batch_size=128, dino_local_crops=6,
+                    dino_out_dim=65536, workers=workers)
+    else:
+        big = dict(precision="32", device="cpu", warmup=1, iters=1, repeats=1, lightly=False, seed=seed,
+                   compile=False, threads=threads, channels_last=True)
+        bt = dict(big, tasks=("barlow_twins",), modes=("model", "pipeline"), image_size=64, batch_size=4,
+                  projector=(64, 64, 64), workers=workers)
+        seg = dict(big, tasks=("segment",), modes=("model",), image_size=64, batch_size=2, workers=workers)
+        r50, vit = "resnet_tiny", "vit_nano_patch8"
+        dino = dict(big, tasks=("dino",), modes=("model",), image_size=64, batch_size=4, dino_local_crops=2,
+                    dino_out_dim=64, workers=workers)
+    if data_root is None and generate:  # the pipeline rows read JPEGs of VOC's size (tiny ones on the CPU)
+        sizes = ((500, 375), (375, 500)) if gpu else ((80, 60), (60, 80))
+        data_root = str(suite_voc_root(max(16, 2 * int(bt["batch_size"])), sizes))
+    bt["data_root"] = data_root
+    return [
+        ("bt-r50", BenchSettings(backbones=(r50,), **bt)),
+        ("bt-vits16", BenchSettings(backbones=(vit,), **bt)),
+        ("dino-vits16", BenchSettings(backbones=(vit,), **dino)),
+        ("e1-deeplabv3-r50", BenchSettings(backbones=(r50,), seg_head="deeplabv3", **seg)),
+        ("e2-setr-vits16", BenchSettings(backbones=(vit,), seg_head="setr_pup", **seg)),
+        ("e2-linear-vits16", BenchSettings(backbones=(vit,), seg_head="linear", **seg)),
+    ]
+
+
+def suite_rows(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    """--rows: names of `SUITE_ITEMS` (and ddp-2); ConfigError naming an unknown one."""
+    if text is None:
+        return None
+    names = tuple(v for v in str(text).split(",") if v)
+    known = [k for k, _ in SUITE_ITEMS] + ["ddp-2"]
+    bad = [v for v in names if v not in known]
+    if bad or not names:
+        raise ConfigError(f"--rows {text!r}: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(known)}")
+    return names
+
+
+def run_suite(gpu: bool, workers: int, command: str, data_root: Optional[str] = None, seed: int = 0,
+              compile_: bool = False, threads: Optional[int] = None, ddp: Optional[bool] = None,
+              rows: Optional[Sequence[str]] = None, log: Optional[Callable[[str], None]] = None) -> BenchReport:
+    """Every `suite_plan` row (or those named in `rows`), then the 2-process DDP check when 2 GPUs are
+    visible (or `ddp=True`; `rows` without "ddp-2" skips it), in one report."""
+    say = log or (lambda m: None)
+    pipeline = rows is None or any(k.startswith("bt-") for k in rows)  # only the bt rows read JPEGs
+    plan = [(k, v) for k, v in suite_plan(gpu, workers, data_root, seed, compile_, threads, generate=pipeline)
+            if rows is None or k in rows]
+    if rows is not None and "ddp-2" not in rows:
+        ddp = False
+    rep: Optional[BenchReport] = None
+    if not plan:  # --rows ddp-2 alone
+        dev = torch.device("cuda" if gpu else "cpu")
+        rep = BenchReport(machine=machine_description(dev), torch=torch.__version__, command=command,
+                          date=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), settings={})
+    for label, s in plan:
+        say(f"suite {label} ...")
+        r = run_bench(s, command, log=say)
+        for row in r.rows:
+            row.suite_item = label
+        if rep is None:
+            rep = r
+            rep.settings = {"suite": "gpu" if gpu else "gpu (CPU fallback)", "rows": {k: asdict(v) for k, v in plan}}
+        else:
+            rep.rows.extend(r.rows)
+    assert rep is not None
+    n_gpu = torch.cuda.device_count() if gpu else 0
+    if ddp if ddp is not None else n_gpu >= 2:
+        say("suite ddp-2 ...")
+        row = ddp_check(suite_plan(gpu, workers, data_root, seed, False, threads, generate=False)[0][1], gpu)
+        row.machine, row.torch, row.command, row.date = rep.machine, rep.torch, command, rep.date
+        rep.rows.append(row)
+    elif gpu:
+        rep.skipped.append(f"ddp-2: {n_gpu} GPU visible; the 2-process DDP check needs 2")
+    return rep
+
+
+# -- the 2-process DDP check: Barlow Twins' step as the official repo distributes it (one forward of both
+# views through DistributedDataParallel, embeddings all-gathered with gradients in the loss, NCCL on GPUs,
+# gloo on the CPU), batch per rank = the suite's, img/s of both ranks together
+def _ddp_worker(rank: int, world: int, s: BenchSettings, gpu: bool, port: int, out: str) -> None:
+    import torch as _torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
+    try:
+        device = _torch.device("cuda", rank) if gpu else _torch.device("cpu")
+        if gpu:
+            _torch.cuda.set_device(device)
+            _torch.backends.cudnn.benchmark = True
+        if s.threads:
+            _torch.set_num_threads(int(s.threads))
+        cfg = pretrain_config(s, "barlow_twins", s.backbones[0])
+        method = build_ssl_method(cfg, None, _new_backbone(s, s.backbones[0])).to(device)
+        if gpu:
+            method = _torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+
+        class Pair(_torch.nn.Module):  # official Barlow Twins: both views in one forward
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x1, x2):
+                return self.m.loss_fn(self.m(x1), self.m(x2))
+
+        model = _torch.nn.parallel.DistributedDataParallel(Pair(method), device_ids=[rank] if gpu else None)
+        opt = method.configure_optimizers()["optimizer"]
+        g = _torch.Generator().manual_seed(s.seed + rank)
+        x1, x2 = (_torch.randn(s.batch_size, 3, s.image_size, s.image_size, generator=g).to(device) for _ in range(2))
+        if method.channels_last:
+            x1, x2 = (x.contiguous(memory_format=_torch.channels_last) for x in (x1, x2))
+
+        def step():
+            with _autocast(device, s.precision):
+                loss = model(x1, x2)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        for _ in range(max(1, s.warmup)):
+            step()
+        sync(device)
+        dist.barrier()
+        times = []
+        for _ in range(s.repeats):
+            t0 = time.perf_counter()
+            for _ in range(s.iters):
+                loss = step()
+            sync(device)
+            times.append((time.perf_counter() - t0) / s.iters)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"step_s": statistics.median(times), "best_s": min(times),
+                                             "loss": float(loss.detach().float().item())}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ddp_check(s: BenchSettings, gpu: bool, world: int = 2) -> BenchRow:
+    """Barlow Twins (the suite's first row: ResNet-50 on a GPU) as 2 DDP processes on 2 GPUs (NCCL), or on
+    the CPU (gloo) in the fallback; img/s = world x batch per rank / median step time."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "ddp.json")
+        mp.spawn(_ddp_worker, args=(world, s, gpu, _free_port(), out), nprocs=world, join=True)
+        res = json.loads(Path(out).read_text())
+    total = world * s.batch_size
+    return BenchRow(task="barlow_twins", impl="twinseg-ddp", mode="model", backbone=s.backbones[0],
+                    image_size=s.image_size, batch_size=total, precision=s.precision,
+                    device=f"{world}x {'cuda' if gpu else 'cpu'}", channels_last=s.channels_last, compile=False,
+                    img_per_s=total / res["step_s"], step_ms=res["step_s"] * 1e3, best_step_ms=res["best_s"] * 1e3,
+                    cpu_ms=0.0, peak_mem_mb=0.0, mem_kind="-", data_wait_frac=None, loss=res["loss"], iters=s.iters,
+                    repeats=s.repeats, detail=f"{world} processes x batch {s.batch_size}, DDP "
+                                                 f"({'NCCL' if gpu else 'gloo'}), embeddings all-gathered",
+                    suite_item=f"ddp-{world}")
+
+
+def suite_markdown(rep: BenchReport, gpu: bool) -> str:
+    """The BENCHMARKS.md block of a suite run: machine, date, command, one row per measurement."""
+    lines = [f"Measured {rep.date} on {rep.machine}, torch {rep.torch}; command `{rep.command}`.", "",
+             "| row | task | mode | backbone | px | batch/GPU | prec | img/s | GFLOP/img | MFU | step ms | "
+             "peak MB | data wait | detail |", "|" + "---|" * 14]
+    for r in rep.rows:
+        lines.append(f"| {r.suite_item} | {r.task} | {r.mode} | {r.backbone} | {r.image_size} | {r.batch_size} "
+                     f"| {r.precision} | {r.img_per_s:.1f} | {_fmt_gflop(r.flops_per_image)} | {_fmt_mfu(r.mfu)} "
+                     f"| {r.step_ms:.1f} | {r.peak_mem_mb:.0f} | {_fmt_wait(r.data_wait_frac)} | {r.detail} |")
+    for sk in rep.skipped:
+        lines.append(f"\nSkipped: {sk}.")
+    if not gpu:
+        lines.append("\nCPU fallback (no GPU visible): tiny backbones, 64 px, one timed step per row; it checks that "
+                     "every code path of the suite runs, its numbers are not GPU figures.")
+    return "\n".join(lines)
+
+
+def update_benchmarks(path: Path, block: str, gpu: bool) -> None:
+    """Replace (or append) the suite's block in BENCHMARKS.md, between its markers, atomically."""
+    from core.io import atomic_write_text
+
+    kind = "gpu" if gpu else "cpu-fallback"
+    begin, end = SUITE_BEGIN.format(kind=kind), SUITE_END.format(kind=kind)
+    text = path.read_text() if path.is_file() else "# twinseg benchmarks\n"
+    new = f"{begin}\n{block}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + new + rest.split(end, 1)[1]
+    else:
+        title = "## GPU suite (`python experiments/bench.py --suite gpu`)" if gpu else \
+            "## GPU suite, CPU fallback (`python experiments/bench.py --suite gpu` without a GPU)"
+        text = text.rstrip("\n") + f"\n\n{title}\n\n{new}\n"
+    atomic_write_text(path, text)
+
+
 # --------------------------------------------------------------------------- output
 MD_HEADER = ("| date | machine | torch | task | impl | mode | backbone | px | batch | prec | ch-last | compile "
-             "| img/s | step ms | best ms | CPU ms | peak MB | data wait | command |")
-MD_SEP = "|" + "---|" * 19
+             "| img/s | GFLOP/img | MFU | step ms | best ms | CPU ms | peak MB | data wait | command |")
+MD_SEP = "|" + "---|" * 21
 
 
 def _fmt_wait(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _fmt_gflop(v: Optional[float]) -> str:
+    return "-" if not v else f"{v / 1e9:.3g}"
+
+
+def _fmt_mfu(v: Optional[float]) -> str:
+    """MFU in percent; '-' on the CPU or an unknown GPU (no peak to compare with)."""
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def markdown_rows(rep: BenchReport, header: bool = True) -> str:
@@ -758,7 +1071,8 @@ def markdown_rows(rep: BenchReport, header: bool = True) -> str:
         lines.append(
             f"| {r.date} | {r.machine} | {r.torch} | {r.task} | {r.impl} | {r.mode} | {r.backbone} | {r.image_size} "
             f"| {r.batch_size} | {r.precision} | {'yes' if r.channels_last else 'no'} | {'yes' if r.compile else 'no'} "
-            f"| {r.img_per_s:.1f} | {r.step_ms:.1f} | {r.best_step_ms:.1f} | {r.cpu_ms:.0f} | {mem} "
+            f"| {r.img_per_s:.1f} | {_fmt_gflop(r.flops_per_image)} | {_fmt_mfu(r.mfu)} | {r.step_ms:.1f} "
+            f"| {r.best_step_ms:.1f} | {r.cpu_ms:.0f} | {mem} "
             f"| {_fmt_wait(r.data_wait_frac)} | `{r.command}` |")
     return "\n".join(lines)
 
@@ -771,19 +1085,21 @@ def print_report(rep: BenchReport) -> None:
     if not con.is_terminal:
         con = Console(width=200)
     t = Table(title=f"twinseg bench - {rep.machine} - torch {rep.torch} - {rep.date}")
-    num = ("px", "batch", "img/s", "step ms", "best ms", "CPU ms", "peak MB", "data wait", "loss")
-    for col in ("task", "impl", "mode", "backbone", "px", "batch", "prec", "img/s", "step ms", "best ms", "CPU ms",
-                "peak MB", "data wait", "loss", "detail"):
+    num = ("px", "batch", "img/s", "GFLOP/img", "MFU", "step ms", "best ms", "CPU ms", "peak MB", "data wait", "loss")
+    for col in ("task", "impl", "mode", "backbone", "px", "batch", "prec", "img/s", "GFLOP/img", "MFU", "step ms",
+                "best ms", "CPU ms", "peak MB", "data wait", "loss", "detail"):
         t.add_column(col, justify="right" if col in num else "left")
     for r in rep.rows:
         t.add_row(r.task, r.impl, r.mode, r.backbone, str(r.image_size), str(r.batch_size), r.precision,
-                  f"{r.img_per_s:.1f}", f"{r.step_ms:.1f}", f"{r.best_step_ms:.1f}", f"{r.cpu_ms:.0f}",
+                  f"{r.img_per_s:.1f}", _fmt_gflop(r.flops_per_image), _fmt_mfu(r.mfu), f"{r.step_ms:.1f}", f"{r.best_step_ms:.1f}", f"{r.cpu_ms:.0f}",
                   f"{r.peak_mem_mb:.0f}", _fmt_wait(r.data_wait_frac),
                   f"{r.loss:.4g}", r.detail)
     con.print(t)
     mem_note = ("peak MB = torch.cuda.max_memory_allocated" if any(r.mem_kind == "cuda_max_allocated" for r in rep.rows)
                 else "peak MB = peak resident set size of the whole process during the timed steps")
-    con.print(f"[dim]{mem_note}; command: {rep.command}[/dim]")
+    con.print(f"[dim]{mem_note}; GFLOP/img = forward + backward of one image, all views (core/flops.py); MFU = "
+              f"GFLOP/img x img/s / the GPU's dense bf16 peak ('-': CPU or a GPU not in core/flops.py); "
+              f"command: {rep.command}[/dim]")
     for q in rep.ratios:
         con.print(f"Barlow Twins twinseg/lightly img/s ({q['backbone']}, {q['mode']}): "
                   f"{q['twinseg_img_s']:.1f} / {q['lightly_img_s']:.1f} = [bold]{q['ratio']:.2f}x[/bold] "
@@ -850,6 +1166,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: one per core); 1 is steadier on a shared, loaded CPU")
+    p.add_argument("--suite", default=None, choices=SUITES,
+                   help="gpu: the fixed GPU check (Barlow Twins ResNet-50 and ViT-S/16 at 224 px, batch 256, bf16, "
+                        "real pipeline and synthetic batches; DINO ViT-S/16; E1 / E2 steps; 2-process DDP with 2 "
+                        "GPUs; <= 8 min on one H100/H200; a tiny CPU version without a GPU), prints img/s and MFU "
+                        "and updates --benchmarks; only --device, --workers, --data-root, --seed, --threads, "
+                        "--compile, --json, --markdown apply to it. loader: experiments/bench_loader.py (loader "
+                        "img/s per worker per recipe); the other flags go to it")
+    p.add_argument("--benchmarks", default=str(REPO_ROOT / "BENCHMARKS.md"), metavar="PATH",
+                   help="--suite gpu: the markdown file whose suite table is replaced (default BENCHMARKS.md)")
+    p.add_argument("--no-update", action="store_true", help="--suite gpu: do not touch --benchmarks")
+    p.add_argument("--rows", default=None,
+                   help=f"--suite gpu: only these rows, comma separated (default all: {', '.join(k for k, _ in SUITE_ITEMS)}, "
+                        f"ddp-2)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON")
     p.add_argument("--markdown", nargs="?", const="-", default=None, metavar="PATH",
                    help="print markdown rows for BENCHMARKS.md (or write them to PATH)")
@@ -869,20 +1198,72 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
     )
 
 
+def _suite_of(argv: Sequence[str]) -> Optional[str]:
+    for i, v in enumerate(argv):
+        if v == "--suite" and i + 1 < len(argv):
+            return argv[i + 1]
+        if v.startswith("--suite="):
+            return v.split("=", 1)[1]
+    return None
+
+
+def _without_suite(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for v in argv:
+        if skip:
+            skip = False
+        elif v == "--suite":
+            skip = True
+        elif not v.startswith("--suite="):
+            out.append(v)
+    return out
+
+
+def run_loader_suite(argv: Sequence[str]) -> int:
+    """--suite loader: experiments/bench_loader.py's `main` with the other flags (loader img/s per worker)."""
+    try:
+        from experiments.bench_loader import main as loader_main
+    except ImportError as e:
+        raise ConfigError(f"--suite loader needs experiments/bench_loader.py ({e}); run it from a full checkout") from None
+    return int(loader_main(list(argv)) or 0)
+
+
 @guard
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if _suite_of(args) == "loader" and not ({"-h", "--help"} & set(args)):
+        return run_loader_suite(_without_suite(args))
+    a = build_parser().parse_args(args)
     s = settings_from_args(a)
-    s.validate()
+    if a.suite is None:
+        s.validate()
+    else:
+        s.validate_numbers()
+        if s.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA GPU is visible; use --device auto or cpu")
     if a.json:
         jp = Path(a.json).expanduser()
         if not jp.parent.is_dir():
             raise ConfigError(f"--json {a.json}: folder {jp.parent} does not exist; create it or choose another path")
+    bp = Path(a.benchmarks).expanduser()
+    rows = suite_rows(a.rows) if a.suite == "gpu" else None
+    if a.suite == "gpu" and not a.no_update and not bp.parent.is_dir():
+        raise ConfigError(f"--benchmarks {a.benchmarks}: folder {bp.parent} does not exist; choose another path")
     from rich.console import Console
 
     con = Console(stderr=True)
     t0 = time.perf_counter()
-    rep = run_bench(s, command_line(argv), log=lambda m: con.print(f"[dim]{m}[/dim]"))
+    say = lambda m: con.print(f"[dim]{m}[/dim]")  # noqa: E731
+    if a.suite == "gpu":
+        gpu = resolve_device(s.device).type == "cuda"
+        workers = a.workers if a.workers is not None else (min(16, os.cpu_count() or 1) if gpu else 0)
+        rep = run_suite(gpu, workers, command_line(argv), data_root=a.data_root, seed=a.seed, compile_=a.compile,
+                        threads=a.threads, ddp=None if gpu else True, rows=rows, log=say)  # CPU: the DDP path on gloo
+        if not a.no_update:
+            update_benchmarks(bp, suite_markdown(rep, gpu), gpu)
+            con.print(f"[dim]updated {bp}[/dim]")
+    else:
+        rep = run_bench(s, command_line(argv), log=say)
     print_report(rep)
     con.print(f"[dim]total {time.perf_counter() - t0:.1f} s[/dim]")
     if a.json:

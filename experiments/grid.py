@@ -45,10 +45,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import errno
 import io
 import json
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +63,9 @@ if str(REPO_ROOT) not in sys.path:  # `python experiments/grid.py` puts experime
     sys.path.insert(0, str(REPO_ROOT))
 
 from core.cli import fail, guard  # noqa: E402
-from core.config import WANDB_MODES  # noqa: E402
-from core.errors import ConfigError, DataError, TwinsegError  # noqa: E402
+from core.config import WANDB_MODES, check_wandb  # noqa: E402
+from core.errors import ConfigError, DataError, StorageError, TwinsegError  # noqa: E402
+from core.folder_lock import folder_lock  # noqa: E402
 from experiments import gridspec  # noqa: E402
 from experiments.ray_ddp import DRIVER_CPU  # noqa: E402
 from experiments.trial import read_error, read_metrics, scalar_metrics  # noqa: E402
@@ -130,6 +135,9 @@ class GridState:
         self.started: dict[str, float] = {}
         self.dashboard_url = ""
         self.interrupted = False
+        self.signal_name = ""  # "SIGTERM" / "SIGINT" when a signal stopped the grid
+        self.grid_sha256 = file_sha256(results_dir / "grid.yaml")  # tells a grid edit from a code change
+        self.write_error: Optional[OSError] = None  # the first failed summary write (disk full ...)
         self.ray_started = False
         for tid in self.order:
             m = read_metrics(self.trial_dir(tid))
@@ -232,8 +240,8 @@ class GridState:
     def mark_interrupted(self) -> None:
         for tid in self.order:
             if self.status[tid] == "pending":
-                self.reason[tid] = ("interrupted; continue with --resume" if tid in self.launched
-                                    else "not started; continue with --resume")
+                self.reason[tid] = ("interrupted while running; continue with --resume" if tid in self.launched
+                                    else "interrupted before it started; continue with --resume")
         self.launched.clear()
 
     # --------------------------------------------------------------- summary
@@ -262,13 +270,20 @@ class GridState:
             "created": self.created,
             "updated": _now_iso(),
             "grid_file": "grid.yaml",
+            "grid_sha256": self.grid_sha256 or None,
             "wandb_group": self.group,
             "dashboard": self.dashboard_url or None,
             "counts": self.counts(),
             "trials": entries,
         }
-        atomic_write(self.results_dir / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
-        atomic_write(self.results_dir / "summary.csv", summary_csv(entries))
+        try:
+            atomic_write(self.results_dir / "summary.json", json.dumps(doc, indent=2, default=str) + "\n")
+            atomic_write(self.results_dir / "summary.csv", summary_csv(entries))
+        except OSError as e:  # disk full, folder gone: said once, the grid ends with one line (main)
+            if self.write_error is None:
+                self.write_error = e
+                self.console.line(f"cannot write {self.results_dir / 'summary.json'} ({e.strerror or e}); "
+                                  "the trials go on, the summary is stale", "bold red")
 
 
 def summary_csv(entries: list[dict]) -> str:
@@ -451,6 +466,46 @@ def quiet_tune_logs() -> None:
                 h.addFilter(f)
 
 
+RAY_CONNECT_TIMEOUT_S = float(os.environ.get("TWINSEG_RAY_CONNECT_TIMEOUT", "60"))
+"""Seconds a connection to a Ray cluster (`--address`) may take before the grid gives up with one line
+(env TWINSEG_RAY_CONNECT_TIMEOUT); Ray's own client would retry for minutes."""
+
+
+def probe_address(address: str, timeout: float) -> None:
+    """A TCP connection to HOST:PORT of `--address` (ray://HOST:PORT too) within `timeout` seconds, or
+    one ConfigError line. `auto` and other forms without a port are left to Ray (and its deadline)."""
+    addr = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout, 10.0)):
+            pass
+    except OSError as e:
+        why = "timed out" if isinstance(e, (socket.timeout, TimeoutError)) else (e.strerror or type(e).__name__)
+        raise ConfigError(f"--address {address}: cannot reach the Ray cluster ({why}); check the address "
+                          "(ray status on the head node prints it) and that the port is open") from None
+
+
+def with_deadline(fn: Callable[[], Any], timeout: float, message: str) -> Any:
+    """`fn()` (in this thread: ray.init wants the main thread) watched by a timer: after `timeout`
+    seconds without an answer the driver prints `message` as one line and exits 2 at once (a hung
+    connection cannot be cancelled politely)."""
+
+    def give_up() -> None:
+        print(f"twinseg: error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    timer = threading.Timer(timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        return fn()
+    finally:
+        timer.cancel()
+
+
 def local_ray_init_kwargs(num_cpus: Optional[int], common: Optional[dict] = None) -> dict:
     """`ray.init` arguments for the grid's own local instance: a NEW instance (never joins a cluster
     started elsewhere) whose dashboard listens on loopback only (127.0.0.1, never 0.0.0.0)."""
@@ -464,8 +519,15 @@ def start_ray(args, console: Console, env_vars: dict) -> str:
 
     common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     if args.address:
+        probe_address(args.address, RAY_CONNECT_TIMEOUT_S)
         try:
-            ctx = ray.init(address=args.address, runtime_env={"env_vars": env_vars}, **common)
+            ctx = with_deadline(lambda: ray.init(address=args.address, runtime_env={"env_vars": env_vars}, **common),
+                                RAY_CONNECT_TIMEOUT_S,
+                                f"--address {args.address}: the Ray cluster did not answer within "
+                                f"{RAY_CONNECT_TIMEOUT_S:.0f} s; check the address (ray status on the head node), "
+                                "the network and the auth token")
+        except TwinsegError:
+            raise
         except Exception as e:  # noqa: BLE001 - any connection problem is a user error here
             raise ConfigError(f"--address {args.address}: cannot join the Ray cluster ({' '.join(str(e).split())[:300]}); "
                               "check the address (ray status on the head node) and the auth token") from None
@@ -703,6 +765,7 @@ def pre_start_problems(spec: gridspec.GridSpec, cluster: Optional[ClusterSize]) 
         lines.append(str(e))
     lines += [p.line for p in data_problems(spec)]
     lines += [p.line for p in weight_problems(spec)]
+    lines += [p.line for p in checkpoint_problems(spec)]
     if cluster is not None:
         lines += [f"{spec.path.name}: {m}" for m in cluster_fit_problems(spec, cluster.cpus, cluster.gpus, cluster.name)]
     return [" ".join(ln.split()) for ln in lines]
@@ -815,22 +878,6 @@ def choose_results_dir(args, name: str) -> tuple[Path, bool]:
     return out.resolve(), False
 
 
-# ============================================================================ wandb
-def check_wandb(mode: str) -> None:
-    if mode != "online":
-        return
-    if os.environ.get("WANDB_API_KEY"):
-        return
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        if "api.wandb.ai" in netrc.read_text(errors="ignore"):
-            return
-    except OSError:
-        pass
-    raise ConfigError("--wandb online needs wandb credentials (run `wandb login` or export WANDB_API_KEY); "
-                      "or use --wandb offline and `wandb sync` later")
-
-
 # ============================================================================ CLI
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage block
@@ -846,6 +893,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or HOST:6379)")
     p.add_argument("--wandb", default=None, choices=WANDB_MODES, help="wandb mode (default: the grid's, offline)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (overrides the grid)")
+    p.add_argument("--max-trials", type=int, default=None,
+                   help=f"refuse a grid of more trials (overrides the grid's max_trials; default "
+                        f"{gridspec.DEFAULT_MAX_TRIALS})")
     p.add_argument("--no-report", action="store_true", help="do not build report.md at the end")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray start (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="local start without the Ray dashboard")
@@ -855,6 +905,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.max_concurrent is not None and a.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {a.max_concurrent} must be >= 1")
+    if a.max_trials is not None and a.max_trials < 1:
+        raise ConfigError(f"--max-trials {a.max_trials} must be >= 1")
     if a.num_cpus is not None and a.num_cpus < 1:
         raise ConfigError(f"--num-cpus {a.num_cpus} must be >= 1")
     if a.address and a.num_cpus is not None:
@@ -875,35 +927,235 @@ def _grid_name_hint(args) -> str:
     return str(name)
 
 
+SYSTEM_FOLDERS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/opt", "/proc",
+                  "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/usr/local", "/usr/bin", "/usr/lib")
+"""Folders a grid never writes into as `--output` (nor below /dev, /proc, /sys); $HOME itself too."""
+
+
+def check_output_folder(path: Path, flag: str = "--output") -> None:
+    """Refuse / , system folders and $HOME itself as a results folder (one line): a grid writes
+    grid.yaml, summary.*, report.md, tables/, figures/, trials/ and ray/ straight into it."""
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    try:
+        real = p.resolve()
+    except OSError:
+        real = p
+    home = Path(os.path.abspath(Path.home()))
+    for cand in {p, real}:
+        parts = cand.parts
+        system = str(cand) in SYSTEM_FOLDERS or (len(parts) > 1 and parts[1] in ("dev", "proc", "sys"))
+        if system or cand == home or cand == home.resolve():
+            what = "your home folder" if cand in (home, home.resolve()) else "a system folder"
+            raise ConfigError(f"{flag} {path}: {cand} is {what}; a grid writes its results folder straight into "
+                              f"{flag}, so pass a new folder (e.g. results/mygrid)")
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def recorded_trials(results_dir: Path) -> dict[str, dict]:
+    """trial id -> config the results folder recorded: summary.json's trials, overridden by each
+    started trial's own trials/<id>/trial.json (what it actually ran with)."""
+    out: dict[str, dict] = {}
+    try:
+        doc = json.loads((results_dir / "summary.json").read_text())
+        for t in doc.get("trials", []):
+            if isinstance(t, dict) and "id" in t and isinstance(t.get("config"), dict):
+                out[str(t["id"])] = t["config"]
+    except (OSError, ValueError):
+        pass
+    for f in (results_dir / "trials").glob("*/trial.json"):
+        try:
+            t = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(t, dict) and isinstance(t.get("config"), dict):
+            out[f.parent.name] = t["config"]
+    return out
+
+
+def resume_changes(spec: gridspec.GridSpec, results_dir: Path) -> Optional[str]:
+    """Why `spec` may not continue `results_dir` (one line), or None. A resume keeps every finished
+    trial, so each trial the folder recorded must come back with the same config: a changed or removed
+    trial is refused; trials the grid ADDS are allowed (they simply run)."""
+    old = recorded_trials(results_dir)
+    if not old:
+        return None
+    new = {t.id: json.loads(json.dumps(t.config, default=str)) for t in spec.trials}
+    removed = [tid for tid in old if tid not in new and tid not in spec.left_out]
+    changed = []
+    sections = set(gridspec.method_sections())
+    for tid, cfg in old.items():
+        if tid in new and new[tid] != cfg:
+            a, b = _flat(cfg), _flat(new[tid])
+            # another SSL method's section (e.g. dino.* of a Barlow Twins trial) does not affect the trial
+            mine = str(cfg.get("method", ""))
+            keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>")
+                          and not (k.split(".", 1)[0] in sections and k.split(".", 1)[0] != mine))
+            if keys:
+                changed.append((tid, keys, a, b))
+    if not changed and not removed:
+        return None
+    parts = []
+    if changed:
+        tid, keys, a, b = changed[0]
+        shown = ", ".join(f"{k} {_short(a.get(k, '<unset>'))} -> {_short(b.get(k, '<unset>'))}" for k in keys[:3])
+        more = f" (+{len(keys) - 3} more fields)" if len(keys) > 3 else ""
+        others = f"; {len(changed) - 1} more trial(s) changed" if len(changed) > 1 else ""
+        parts.append(f"trial {tid} changed: {shown}{more}{others}")
+    if removed:
+        parts.append(f"{len(removed)} trial(s) removed ({', '.join(removed[:3])}{'...' if len(removed) > 3 else ''})")
+    return "; ".join(parts)
+
+
+def _short(v: Any, n: int = 40) -> str:
+    t = json.dumps(v, default=str)
+    return t if len(t) <= n else t[: n - 3] + "..."
+
+
+def checkpoint_problems(spec: gridspec.GridSpec) -> list[gridspec.Problem]:
+    """A `checkpoint:PATH` source the grid does not produce itself must be an existing FILE (a folder
+    or a missing path would fail every attempt of the trial): one problem per path."""
+    out: list[gridspec.Problem] = []
+    for t in spec.trials:
+        src = str(t.config.get("source", ""))
+        if not src.startswith("checkpoint:") or any(f"/{d}/backbone.pt" in src for d in t.depends_on):
+            continue
+        path = Path(src[len("checkpoint:"):].strip()).expanduser()
+        if path.is_dir():
+            what = (f"is a folder, not a weights file; point checkpoint: at the file inside it (e.g. "
+                    f"{path / 'backbone.pt'})")
+        elif not path.exists():
+            what = "does not exist; check the path (a run folder's backbone.pt, or a .pth / .safetensors file)"
+        else:
+            continue
+        _add_problem(out, gridspec.Problem(spec.path.name, f"source=checkpoint:{path}", what, [t.id]))
+    return out
+
+
+class _Stop(KeyboardInterrupt):
+    """Raised in the driver's main thread by SIGTERM / SIGINT (see `install_stop_handlers`)."""
+
+
+def install_stop_handlers(state: Optional["GridState"] = None) -> None:
+    """SIGTERM and SIGINT stop the grid cleanly: the first one raises `_Stop` in the main thread (Tune's
+    loop ends, Ray is shut down, summary.json marks the unfinished trials "interrupted ..."), a second
+    one writes the summary and exits at once. Installed again after `ray.init` (Ray's own C-level
+    SIGTERM handler would abort the driver with a core dump, exit 134)."""
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover - tests call main in threads
+        return
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if state is not None and state.signal_name:
+            state.mark_interrupted()
+            state.write_summary()
+            print(f"twinseg: error: second {name}: stopped at once; continue with python experiments/grid.py "
+                  f"--resume --output {state.results_dir}", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        if state is not None:
+            state.signal_name = name
+            state.interrupted = True
+            state.console.line(f"{name} received: stopping the running trials (again: stop at once)", "yellow")
+        raise _Stop(name)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stops the grid; Tune's would wait for every trial
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
 @guard
 def main(argv: Optional[list[str]] = None, *, run: Optional[Callable[..., dict]] = None) -> int:
     """The grid CLI. `run`: the run function of every trial (an `experiments.trial.RunFunction`;
     default `experiments.trial.run_stage`, the real runs); it is pickled with the Tune trainable, so
     Ray's worker processes must be able to import it or unpickle it by value."""
     args = parse_args(argv)
+    if args.output:
+        check_output_folder(Path(args.output))
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    install_stop_handlers(None)  # before the results folder exists: a signal just ends the driver (exit 130/143)
+    try:
+        return _main(args, run)
+    except _Stop as e:
+        signum = signal.Signals[str(e)] if str(e) in signal.Signals.__members__ else signal.SIGINT
+        print(f"twinseg: error: interrupted ({signum.name}) before any trial started; rerun the same command",
+              file=sys.stderr, flush=True)
+        return 128 + int(signum)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise StorageError(f"cannot write {e.filename or 'the results folder'} ({e.strerror}); free space (or "
+                               "choose another --output) and continue with --resume") from None
+        raise
+    finally:  # an in-process caller (tests) gets its own handlers back
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
+def _main(args, run: Optional[Callable[..., dict]]) -> int:
     console = Console()
-    overrides = {"data_root": args.data_root, "wandb": args.wandb, "max_concurrent": args.max_concurrent}
+    overrides = {"data_root": args.data_root, "wandb": args.wandb, "max_concurrent": args.max_concurrent,
+                 "max_trials": args.max_trials}
 
     # ---- resolve and validate everything before anything is written or started
+    new_grid_yaml: Optional[dict] = None
     if args.resume:
         results_dir, resuming = choose_results_dir(args, _grid_name_hint(args))
         grid_path = results_dir / "grid.yaml"
-        if args.grid:
-            console.line(f"resume   using the grid stored in {grid_path} (--grid {args.grid} is ignored)", "dim")
+        if args.grid:  # a given grid file must agree with what the folder ran (only additions allowed)
+            grid_path = gridspec.resolve_grid(args.grid)
+            new_grid_yaml = gridspec.read_yaml(grid_path)
     else:
         grid_path = gridspec.resolve_grid(args.grid)
         results_dir, resuming = None, False
-    doc = gridspec.read_yaml(grid_path)
+    doc = new_grid_yaml if new_grid_yaml is not None else gridspec.read_yaml(grid_path)
     doc = gridspec.apply_overrides(doc, overrides)
     _absolute_data_root(doc)
     if not resuming:
         probe = gridspec.build_grid(doc, grid_path, None, check_models=False, collect=True)
         results_dir, resuming = choose_results_dir(args, probe.name)
+        check_output_folder(results_dir)
     spec = gridspec.build_grid(doc, grid_path, None, trials_root=results_dir / "trials", collect=True)
+    if resuming:
+        why = resume_changes(spec, results_dir)
+        if why:
+            given = f"--grid {args.grid}" if args.grid else f"the stored {results_dir / 'grid.yaml'}"
+            try:
+                ran = json.loads((results_dir / "summary.json").read_text()).get("grid_sha256")
+            except (OSError, ValueError, AttributeError):
+                ran = None
+            if not args.grid and ran and ran == file_sha256(results_dir / "grid.yaml"):
+                raise ConfigError(f"--resume: the grid of {results_dir} is unchanged but its trials' configs are not "
+                                  f"(the code's defaults changed since it ran): {why}; a resume keeps the finished "
+                                  "trials, so their configs must stay: run the code it ran with, or start a new "
+                                  "--output")
+            raise ConfigError(f"--resume: {given} differs from what {results_dir} ran: {why}; a resume keeps the "
+                              "finished trials, so only ADDING trials is allowed: restore the grid, or start a "
+                              "new --output")
     cluster = local_cluster(args)
     problems = pre_start_problems(spec, cluster)  # every problem at once; nothing written or started yet
+    from experiments import cost
+
+    estimate = cost.estimate_grid(spec)
     if args.dry_run:
         print(plan_text(spec, cluster, results_dir, resuming, args.address))
+        print(estimate.text())
         print(f"dry run: {len(problems)} problem(s) (on stderr); nothing written, Ray not started" if problems else
               "dry run: no problem found; nothing written, Ray not started. Run the same command without --dry-run")
         sys.stdout.flush()
@@ -914,51 +1166,71 @@ def main(argv: Optional[list[str]] = None, *, run: Optional[Callable[..., dict]]
                      "with --dry-run", "bold red")
         return code
     console.line(f"grid     {gridspec.describe(spec)}", "bold")
-    prepare_data(spec, console)
+    console.line(estimate.short())
 
-    # ---- results folder
-    results_dir.mkdir(parents=True, exist_ok=True)
+    # ---- results folder: one driver at a time (a second one, or a --resume while this runs, is refused)
+    with folder_lock(results_dir, "grid driver"):
+        return _drive(args, spec, grid_path, results_dir, resuming, new_grid_yaml is not None, console, run)
+
+
+def _drive(args, spec: gridspec.GridSpec, grid_path: Path, results_dir: Path, resuming: bool, regrid: bool,
+           console: Console, run: Optional[Callable[..., dict]]) -> int:
     if resuming:  # temp files of a driver killed mid-write (the targets themselves are always whole)
         for stale in results_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    (results_dir / "trials").mkdir(exist_ok=True)
     created = _now_iso()
     if resuming:
         try:
             created = json.loads((results_dir / "summary.json").read_text()).get("created") or created
         except (OSError, ValueError):
             pass
-    else:
+    if not resuming or regrid:
         import yaml
 
         atomic_write(results_dir / "grid.yaml", f"# effective grid (from {grid_path}, CLI overrides applied)\n"
                      + yaml.safe_dump(spec.raw, sort_keys=False))
+    prepare_data(spec, console)
+    (results_dir / "trials").mkdir(exist_ok=True)
     group = results_dir.name
     state = GridState(spec, results_dir, created, console, group=group, wandb=spec.wandb)
+    install_stop_handlers(state)
     state.write_summary()
     n_done = state.counts()["done"]
     console.line(f"results  {results_dir}" + (f" (resuming: {n_done} trial(s) already done)" if resuming else ""))
 
-    if state.unlaunched_pending():
-        run_on_ray(args, spec, state, console, run=run)
-    else:
-        console.line("nothing to run: every trial is already finished")
+    try:
+        if state.unlaunched_pending():
+            run_on_ray(args, spec, state, console, run=run)
+        else:
+            console.line("nothing to run: every trial is already finished")
+    except _Stop:
+        state.interrupted = True
+        state.mark_interrupted()
 
     # ---- end
     state.write_summary()
     c = state.counts()
     console.line(f"summary  {c['done']} done, {c['failed']} failed, {c['skipped']} skipped, {c['pending']} pending "
                  f"-> {results_dir / 'summary.json'}", "bold")
-    if not args.no_report:
+    if not args.no_report and not state.signal_name:
         build_report(results_dir, console)
     if state.ray_started:
         line = dashboard_line(state.dashboard_url, os.environ.get("RAY_AUTH_MODE"))
         if state.dashboard_url and not args.address:
             line = line.replace("dashboard: ", "dashboard (used by this run; stopped with it): ", 1)
         console.line(line)
+    resume_cmd = f"python experiments/grid.py --resume --output {results_dir}"
+    if state.write_error is not None:
+        e = state.write_error
+        print(f"twinseg: error: cannot write {e.filename or results_dir / 'summary.json'} ({e.strerror or e}); "
+              f"free space and continue with {resume_cmd}", file=sys.stderr)
+        return 1
     if c["pending"]:
-        print(f"twinseg: error: grid interrupted with {c['pending']} trial(s) not finished; continue with "
-              f"python experiments/grid.py --resume --output {results_dir}", file=sys.stderr)
+        why = f"interrupted by {state.signal_name}" if state.signal_name else "interrupted"
+        print(f"twinseg: error: grid {why} with {c['pending']} trial(s) not finished; continue with {resume_cmd}",
+              file=sys.stderr)
+        if state.signal_name:
+            return 128 + int(signal.Signals[state.signal_name])
         return 130 if state.interrupted else 1
     if c["failed"] or c["skipped"]:
         bad = [t for t in state.order if state.status[t] in ("failed", "skipped")]
@@ -992,7 +1264,10 @@ def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console
 
     from experiments.trial import make_trainable
 
-    url = start_ray(args, console, env_vars)
+    try:
+        url = start_ray(args, console, env_vars)
+    finally:
+        install_stop_handlers(state)  # ray.init replaced SIGTERM's handler with its own (abort, exit 134)
     quiet_tune_logs()
     state.dashboard_url = url
     state.ray_started = True
@@ -1031,7 +1306,7 @@ def run_on_ray(args, spec: gridspec.GridSpec, state: GridState, console: Console
         )
         try:
             tuner.fit()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # our _Stop (SIGTERM / SIGINT) or a plain Ctrl-C
             state.interrupted = True
         if state.launched:
             state.interrupted = True

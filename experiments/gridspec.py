@@ -7,7 +7,9 @@ commented example. Schema (every key optional unless marked):
     description: "..."
     wandb: offline                   # offline | online | disabled (one wandb run per trial)
     max_concurrent: 2                # trials running at once (>= 1)
-    retries: 1                       # Ray Tune max_failures per trial (>= 0; retry resumes last.ckpt)
+    retries: 1                       # Ray Tune max_failures per trial (>= 0; retry resumes last.ckpt);
+                                     # crashes only: a TwinsegError (e.g. NonFiniteError) is never retried
+    max_trials: 1000                 # refuse a grid expanding to more trials (before anything is written)
     data: {DataConfig fields}        # shared by both stages
     stage1:                          # self-supervised pretraining
       resources: {cpu: 1, gpu: 0}    # per trial; gpu may be a fraction (several trials per GPU)
@@ -73,6 +75,7 @@ import difflib
 import functools
 import hashlib
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +128,13 @@ def stage1_axes() -> dict[str, Axis]:
     return {a.name: a for a in axes}
 
 
+def method_sections() -> tuple[str, ...]:
+    """Config sections of the SSL methods (one per registered method: `barlow_twins`, `dino`, ...)."""
+    from core.methods.registry import ssl_methods
+
+    return tuple(ssl_methods())
+
+
 def axis_names() -> tuple[str, ...]:
     return tuple(stage1_axes())
 
@@ -138,7 +148,10 @@ def stage1_axis_fields() -> set[str]:
     return {".".join(a.path) for a in stage1_axes().values()}
 
 
-TOP_KEYS = ("name", "description", "wandb", "max_concurrent", "retries", "data", "stage1", "stage2")
+TOP_KEYS = ("name", "description", "wandb", "max_concurrent", "retries", "max_trials", "data", "stage1", "stage2")
+DEFAULT_MAX_TRIALS = 1000
+"""Default `max_trials` (grid key; `--max-trials` overrides): the paper grid has ~160 trials; a typo'd
+axis (a 200,000-seed range) is refused with its count instead of writing a 400 MB summary.json."""
 STAGE1_KEYS = ("resources", "settings", "axes", "exclude", "overrides")
 STAGE2_KEYS = ("resources", "settings", "overrides", "evaluations")
 ENTRY_KEYS = ("evaluation", "from", "settings", "tag")
@@ -169,6 +182,7 @@ class GridSpec:
     wandb: str
     max_concurrent: int
     retries: int
+    max_trials: int
     trials: list[TrialSpec]
     problems: list["Problem"] = field(default_factory=list)  # per-trial problems (build_grid(collect=True))
     left_out: list[str] = field(default_factory=list)  # ids of trials not scheduled: their pair has no weights
@@ -220,7 +234,7 @@ def read_yaml(path: Path) -> dict:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the grid file ({e.strerror or e}); check the path") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = safe_load_limited(text, fname)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -231,6 +245,57 @@ def read_yaml(path: Path) -> dict:
     if not isinstance(doc, dict):
         raise ConfigError(f"{fname}: a grid file must be a mapping of keys ({', '.join(TOP_KEYS)}), not a {type(doc).__name__}")
     return doc
+
+
+MAX_YAML_NODES = 100_000
+"""Most values a grid file's aliases (`*name`) may ADD once followed (expanded nodes minus written
+nodes): a real grid adds a few hundred at most; a "billion laughs" file (aliases of aliases) would add
+billions and exhaust the memory of whatever reads it (the loader below refuses it before building any
+Python object). A long written-out list (100,000 seeds) adds nothing: max_trials judges it."""
+
+
+def _expanded_nodes(root: yaml.Node) -> tuple[int, int]:
+    """(nodes `root` stands for once every alias is expanded (shared nodes counted at each use),
+    distinct nodes written), in one pass over the composed graph (memoised per node: linear in its
+    size; the counts are Python ints, exact however large)."""
+    memo: dict[int, int] = {}
+    order: list[yaml.Node] = []
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: deep nesting cannot hit the recursion limit
+        node, expanded = stack.pop()
+        if id(node) in memo:
+            continue
+        if expanded or isinstance(node, yaml.ScalarNode):
+            memo[id(node)] = 1 + sum(memo[id(c)] for c in _children(node))
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in memo)
+    return memo[id(root)], len(memo)
+
+
+def _children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for kv in node.value for x in kv]
+    return []
+
+
+def safe_load_limited(text: str, fname: str) -> Any:
+    """`yaml.safe_load` that refuses (one ConfigError line) a document expanding to more than
+    MAX_YAML_NODES nodes through aliases, before constructing it."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml: 100,000 values in ~2 s, not ~10
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        expanded, written = _expanded_nodes(node)
+        if expanded - written > MAX_YAML_NODES:
+            raise ConfigError(f"{fname}: the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                              "(*name); a grid file is a few hundred; write the values out or use fewer aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 # ----------------------------------------------------------------------------- problems
@@ -292,6 +357,11 @@ class _Ctx:
         # (source, backbone) -> {"where": [...], "trials": [TrialSpec], "dependants": [ids]}
         self.no_weights: dict[tuple[str, str], dict] = {}
         self.left_out: list[str] = []  # ids of trials not part of the grid for want of weights
+        self.max_trials = DEFAULT_MAX_TRIALS
+
+    def too_many(self, n: int, what: str) -> ConfigError:
+        return self.err(f"max_trials={self.max_trials}", f"is exceeded: {what} {n:,} trials; shorten the axes / "
+                        "evaluations, or raise max_trials (grid key or --max-trials N) if you mean it")
 
     def err(self, path: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.fname}: {path} {msg}" if path else f"{self.fname}: {msg}")
@@ -369,6 +439,16 @@ def _same(a: Any, b: Any) -> bool:
         return float(a) == float(b)
     except (TypeError, ValueError):
         return str(a) == str(b)
+
+
+def _same_key(v: Any) -> tuple:
+    """A hashable key with `_same(a, b)` <=> `_same_key(a) == _same_key(b)` for single axis values
+    (numbers and numeric strings by value, other values by their text)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return ("s", str(v))
+    return ("n", f) if f == f else ("s", str(v))
 
 
 def _matches(match: dict, labels: dict) -> bool:
@@ -508,6 +588,8 @@ def apply_overrides(doc: dict, overrides: Optional[dict]) -> dict:
         doc["wandb"] = ov["wandb"]
     if ov.get("max_concurrent") is not None:
         doc["max_concurrent"] = ov["max_concurrent"]
+    if ov.get("max_trials") is not None:
+        doc["max_trials"] = ov["max_trials"]
     return doc
 
 
@@ -529,6 +611,7 @@ def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, trial
         raise c.err(f"wandb={_short(wandb)}", f"is not allowed; choose one of: {', '.join(WANDB_MODES)}")
     max_conc = c.number("max_concurrent", doc.get("max_concurrent", 1), minimum=1, integer=True)
     retries = c.number("retries", doc.get("retries", 0), minimum=0, integer=True)
+    c.max_trials = int(c.number("max_trials", doc.get("max_trials", DEFAULT_MAX_TRIALS), minimum=1, integer=True))
     data = c.mapping("data", doc.get("data"))
     if data.get("root") is not None and not isinstance(data.get("root"), str):
         raise c.err(f"data.root={_short(data.get('root'))}", "must be a folder path (a string) or null for the generated dataset")
@@ -563,7 +646,7 @@ def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, trial
             raise c.err("", f"two trials get the same id {t.id}; remove the duplicate axis value or add a tag")
         seen.add(t.id)
     return GridSpec(name=name, path=path, raw=doc, wandb=wandb, max_concurrent=int(max_conc),
-                    retries=int(retries), trials=trials, problems=c.problems, left_out=c.left_out)
+                    retries=int(retries), max_trials=c.max_trials, trials=trials, problems=c.problems, left_out=c.left_out)
 
 
 def _axes_block(where: str) -> str:
@@ -674,11 +757,14 @@ def _axis_blocks(c: _Ctx, axes: Any) -> list[tuple[str, dict]]:
                 vals = [vals]
             if not vals:
                 raise c.err(f"{p}.{k}", "is an empty list; give at least one value (or remove the axis to use the default)")
+            seen: set = set()
             for j, v in enumerate(vals):
                 if v is None or isinstance(v, (dict, list)):
                     raise c.err(f"{p}.{k}[{j}]={_short(v)}", "must be a single value")
-                if any(_same(v, w) for w in vals[:j]):
+                key = _same_key(v)  # linear: one set lookup per value (100,000 seeds stay instant)
+                if key in seen:
                     raise c.err(f"{p}.{k}[{j}]={_short(v)}", "is listed twice; remove the duplicate")
+                seen.add(key)
             norm[k] = vals
         out.append((p, norm))
     return out
@@ -705,7 +791,11 @@ def _expand_stage1(c: _Ctx, s1: Any, data: dict, wandb: str, checks: Optional[_M
     trials: list[TrialSpec] = []
     ids: set[str] = set()
     used_excl: set[int] = set()
-    for bpath, block in _axis_blocks(c, s1.get("axes")):
+    blocks = _axis_blocks(c, s1.get("axes"))
+    bound = sum(math.prod(len(v) for v in block.values()) for _, block in blocks)
+    if bound > c.max_trials:  # counted before any config is built (an upper bound: exclude may drop some)
+        raise c.too_many(bound, "stage1.axes expand to" + (" up to" if excludes else ""))
+    for bpath, block in blocks:
         names = list(block)
         for combo in itertools.product(*(list(enumerate(block[k])) for k in names)):
             labels = {k: ax.get(defaults) for k, ax in axes.items()}
@@ -812,6 +902,9 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
                 raise c.err(f"{p}.from", "is empty; name at least one stage-1 axis (e.g. backbone) or write from: none")
             match.setdefault("method", EVALUATIONS[ev].get("pretrain_method"))
             deps = [t for t in pre if _matches(match, t.labels)]
+            if len(pre) + len(trials) + len(deps) > c.max_trials:
+                n = len(pre) + len(trials) + sum(len(_entry_deps(e, pre, EVALUATIONS)) for e in entries[i:])
+                raise c.too_many(n, f"stage1 ({len(pre)}) + stage2 ({n - len(pre)}) expand to")
             # stage-1 trials left out for want of weights: their dependants are counted, not created
             lost = [(pair, t) for pair, nw in c.no_weights.items() for t in nw["trials"] if _matches(match, t.labels)]
             for pair, t in lost:
@@ -880,6 +973,18 @@ def _expand_stage2(c: _Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec
                                                                cfg.device),
                                     labels=labels))
     return trials
+
+
+def _entry_deps(ent: Any, pre: list[TrialSpec], evaluations: dict) -> list:
+    """The stage-1 trials a (later, not yet validated) stage-2 entry selects; for counting only."""
+    if not isinstance(ent, dict):
+        return [None]
+    src = ent.get("from")
+    if not isinstance(src, dict):
+        return [None]
+    match = dict(src)
+    match.setdefault("method", (evaluations.get(ent.get("evaluation")) or {}).get("pretrain_method"))
+    return [t for t in pre if _matches(match, t.labels)] or [None]
 
 
 def describe(spec: GridSpec) -> str:

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per PretrainConfig field (data fields as --data-FIELD), plus --output / --no-progress."""
     from core.config import PretrainConfig
 
-    p = OneLineParser(prog=PROG, usage=f"{PROG} [--FIELD VALUE ...] [--output DIR] [--no-progress]",
+    p = OneLineParser(prog=PROG, usage=f"{PROG} [--FIELD VALUE ...] [--output DIR] [--overwrite] [--no-progress]",
                       description="Self-supervised pretraining of one backbone (--method: any registered SSL method). "
                                   "Every flag below is a PretrainConfig field; values are checked by the "
                                   "config (one-line error naming the field).",
@@ -45,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", metavar="DIR",
                      help="run folder (default results/pretrain-<method>-<backbone>-<timestamp>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--overwrite", "--force", action="store_true",
+                     help="--output holds a run of another config: delete that run's files (config.json, "
+                          "metrics.json, checkpoints/, logs/, backbone.pt, ...) and start afresh instead of refusing")
     add_config_arguments(p, PretrainConfig)
     return p
 
 
 def config_from_args(a: argparse.Namespace):
-    """The flags the user gave -> PretrainConfig (every other field keeps its dataclass default)."""
+    """The flags the user gave -> PretrainConfig (every other field: the method's registry `defaults`, else the
+    dataclass default)."""
     from core.config import PretrainConfig
 
     return PretrainConfig.from_dict(config_dict_from_args(a, PretrainConfig))
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
         f"pretrain-{cfg.method}-{cfg.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     from core.runs.pretrain import run_pretrain
 
-    m = run_pretrain(cfg, out, progress=not a.no_progress)
+    m = run_pretrain(cfg, out, progress=not a.no_progress, overwrite=a.overwrite)
 
     def pct(v):
         return "n/a" if v is None else f"{v:.2f}%"

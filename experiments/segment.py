@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     from core.config import SegmentConfig
 
     p = OneLineParser(prog=PROG, usage=f"{PROG} [--FIELD VALUE ...] [--size auto|tiny|full] [--output DIR] "
-                                       "[--no-progress]",
+                                       "[--overwrite] [--no-progress]",
                       description=__doc__.split("\n\n")[0], epilog=EPILOG)
     run = p.add_argument_group("run")
     run.add_argument("--size", default="auto", choices=("auto", "tiny", "full"),
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", metavar="DIR",
                      help="run folder (default results/segment-<evaluation or head>-<timestamp>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--overwrite", "--force", action="store_true",
+                     help="--output holds a run of another config: delete that run's files (config.json, "
+                          "metrics.json, checkpoints/, logs/, model.pt, ...) and start afresh instead of refusing")
     add_config_arguments(p, SegmentConfig)
     return p
 
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
     out = Path(args.output).expanduser() if args.output else default_output(cfg)
     from core.runs.segment import run_segment
 
-    m = run_segment(cfg, out, progress=not args.no_progress)
+    m = run_segment(cfg, out, progress=not args.no_progress, overwrite=args.overwrite)
     print(
         f"segment {cfg.evaluation or '-'} {cfg.backbone}+{cfg.head} fusion={cfg.fusion} source={cfg.source} "
         f"mode={cfg.mode}: mIoU {m['mIoU']:.2f}  aAcc {m['aAcc']:.2f}  mAcc {m['mAcc']:.2f}  "

@@ -10,7 +10,12 @@ is `<results>/trials/<id>/`, NOT Ray's trial folder, so that:
   * a retry after a failure (Ray Tune `max_failures`) or a `--resume` after a kill calls the same
     run function on the same folder, which resumes from `checkpoints/last.ckpt`.
 On failure the trainable writes `error.txt` (one line: `<Type>: <message>`) in the trial folder and
-re-raises, so Ray records the error and the grid can report why dependants were skipped.
+re-raises, so Ray records the error, retries the trial (`retries:` -> Tune's FailureConfig.max_failures)
+and the grid can report why dependants were skipped. Retries are for crashes: a DETERMINISTIC failure
+(`NOT_RETRIED`: `core.errors.NonFiniteError`, a divergence, and the user errors ConfigError /
+DataError / WeightsError) would fail again the same way, so the trainable records it the same way
+but returns normally with `failed` in its last report: Tune counts no failure, and the grid marks
+the trial failed with that one line as the reason.
 
 The run function (`RunFunction`, default `run_stage`) is a parameter: a trial calls
     run(stage, config, out_dir, *, progress, wandb_group, name, report=None, callbacks=(), ddp=None) -> dict
@@ -37,12 +42,22 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from core.errors import ConfigError, DataError, NonFiniteError, WeightsError
 from core.io import atomic_write_text as _atomic_write
 from core.io import read_metrics  # the ONE definition of a finished run folder (grid.py imports it here)
 
 ERROR_FILE = "error.txt"
 TRIAL_FILE = "trial.json"
 TRAINABLE_NAME = "grid_trial"
+
+NOT_RETRIED = (NonFiniteError, ConfigError, DataError, WeightsError)
+"""Deterministic failures: the same config fails the same way again, so Tune must not retry them."""
+
+
+class DeterministicFailure(Exception):
+    """`run_payload` raises it (instead of the original error, already recorded in error.txt) for a
+    `NOT_RETRIED` error; the trainable turns it into a normal end with `failed` in its report."""
+
 
 RunFunction = Callable[..., dict]
 """run(stage, config: dict, out_dir: Path, *, progress, wandb_group, name, report=None, callbacks=(),
@@ -203,12 +218,15 @@ def run_payload(payload: dict, run: Optional[RunFunction] = None, report_epochs:
             raise RuntimeError(f"the {stage} run returned without writing {out / 'metrics.json'}")
         metrics = read_metrics(out) or metrics
     except BaseException as e:
+        line = one_line_error(e)
         try:
-            _atomic_write(out / ERROR_FILE, one_line_error(e) + "\n")
+            _atomic_write(out / ERROR_FILE, line + "\n")
             with open(out / "error.log", "a", encoding="utf-8") as f:
                 f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
         except OSError:
             pass
+        if isinstance(e, NOT_RETRIED):
+            raise DeterministicFailure(line) from e
         raise
     return metrics
 
@@ -228,7 +246,11 @@ def make_trainable(run: Optional[RunFunction] = None, resources: Optional[Callab
 
     def grid_trial(config: dict) -> None:
         payload = config["trial"]
-        metrics = run_payload(payload, run=run)
+        try:
+            metrics = run_payload(payload, run=run)
+        except DeterministicFailure as e:  # recorded in error.txt; ends normally so that Tune does not retry
+            tune.report({"trial": payload["id"], "done_run": 1, "failed": str(e)})
+            return
         tune.report({"trial": payload["id"], "done_run": 1, **scalar_metrics(metrics)})
 
     class GridTrial(wrap_function(grid_trial, name=TRAINABLE_NAME)):  # type: ignore[misc]

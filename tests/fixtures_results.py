@@ -17,7 +17,9 @@ the consumed trial's labels + `from`), pretraining metrics.json carries `method`
 (only Barlow Twins writes `lambd` and the cross-correlation statistics), and config.json nests each
 method's options in its own section. `legacy=True` writes a folder as the code did before: no labels,
 no method_label, a flat `lambd` in every pretraining config and metrics.json (DINO included), and
-null cross-correlation statistics for DINO; no VICReg.
+null cross-correlation statistics for DINO; no VICReg. Non-legacy pretraining metrics also carry the
+collapse monitors (`embedding_std`, `embedding_rank`, `collapsed`, `collapse_reason`: the DINO seed-1 run
+collapsed) and the emerging-properties measures (`attn_jaccard`, ViTs only; `dense_probe_miou`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,15 @@ def pretrain_metrics(method: str, backbone: str, lambd: float, seed: int, epochs
         "images_per_s": 96 * epochs / secs, "peak_mem_mb": {"barlow_twins": 300.0, "dino": 500.0}.get(method, 350.0),
         "backbone_path": "",  # filled with the trial path
     })
+    if not legacy:  # the collapse monitors and the emerging-properties measures (attention: ViTs only)
+        collapsed = method == "dino" and seed == 1  # one collapsed run: a uniform DINO teacher
+        m.update({
+            "embedding_std": 0.02 if collapsed else 0.5 + 0.05 * seed, "embedding_rank": 12.0 + seed,
+            "collapsed": collapsed,
+            "collapse_reason": "uniform collapse: teacher_entropy 5.0 >= 0.9 x ln K" if collapsed else None,
+            "attn_jaccard": (20.0 + knn / 10) if backbone.startswith("vit") else None,  # percent
+            "dense_probe_miou": 10.0 + knn / 5,
+        })
     if legacy:  # the old writer: cross-correlation statistics for every method, null unless Barlow Twins
         m["cc_diag_mean"] = 0.8 + 0.01 * seed if bt else None
         m["cc_offdiag_rms"] = 0.02 + 0.001 * seed if bt else None

@@ -176,12 +176,16 @@ def test_vitpytorch_attention_rows_and_hooks_removed():
         assert b.forward_dense(torch.randn(1, 3, 64, 48)).shape == (1, 384, 4, 3)
 
 
-def test_cnn_and_swin_refuse_attention():
+def test_cnn_refuses_attention_swin_gives_window_attention():
     x = torch.randn(1, 3, 64, 64)
     with pytest.raises(ConfigError, match="CNN"):
         create_backbone("resnet_tiny").forward_all(x, attention_blocks=(-1,))
-    with pytest.raises(ConfigError, match="Swin has windowed attention and no CLS token"):
-        create_backbone("swin_nano").forward_all(x, attention_blocks=(-1,))
+    # Swin: the last stage's last block as (B, heads, N, N) over the stage's tokens, rows summing to 1
+    # (structure and timm reference: tests/test_swin_attention.py)
+    with torch.no_grad():
+        a = create_backbone("swin_nano").forward_all(x, attention_blocks=(-1,)).attentions[-1]
+    assert a.shape == (1, 24, 4, 4)
+    assert torch.allclose(a.sum(-1), torch.ones(1, 24, 4), atol=1e-5)
 
 
 @pytest.mark.parametrize("name,size,mult", [("vit_nano_patch8", (60, 64), 8),

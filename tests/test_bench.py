@@ -28,6 +28,7 @@ def _check_rows(rows, expected):
         assert r.mem_kind == "cpu_peak_rss"
         assert math.isfinite(r.loss), r
         assert r.machine and r.torch and r.command and r.date
+        assert r.flops_per_image and r.flops_per_image > 0 and r.mfu is None  # FLOPs counted; no MFU on a CPU
 
 
 def test_model_mode_all_tasks_and_lightly_side_by_side():
@@ -38,11 +39,15 @@ def test_model_mode_all_tasks_and_lightly_side_by_side():
     assert {(r.task, r.impl) for r in rep.rows} == {("barlow_twins", "twinseg"), ("barlow_twins", "lightly"),
                                                      ("dino", "twinseg"), ("segment", "twinseg")}
     assert all(r.data_wait_frac is None for r in rep.rows)
+    tw, lt = (next(r for r in rep.rows if r.task == "barlow_twins" and r.impl == i) for i in ("twinseg", "lightly"))
+    # same backbone, same projector widths (biases are not counted): the same forward + backward FLOPs
+    assert tw.flops_per_image == lt.flops_per_image
     (ratio,) = rep.ratios
     assert ratio["ratio"] > 0 and ratio["backbone"] == "vit_nano_patch8" and ratio["mode"] == "model"
     (check,) = rep.loss_checks
     assert check["rel_diff"] < 1e-5
     md = bench.markdown_rows(rep)
+    assert "GFLOP/img | MFU" in bench.MD_HEADER
     assert md.startswith(bench.MD_HEADER) and md.count("\n") == 1 + len(rep.rows)
     json.dumps(rep.to_dict(), default=str)  # serialisable
 
@@ -83,6 +88,9 @@ BAD_FLAGS = {  # name: (flags, a word the one-line message must contain)
     "unknown_backbone": (["--backbone", "no_such_net"], "no_such_net"),
     "size_not_divisible_by_patch": (["--backbone", "vit_nano_patch8", "--image-size", "60"], "divisible"),
     "not_an_int": (["--iters", "many"], "--iters"),
+    "unknown_suite": (["--suite", "nope"], "--suite"),
+    "unknown_suite_row": (["--suite", "gpu", "--rows", "bt-r50,nope"], "nope"),
+    "loader_suite_bad_recipe": (["--suite", "loader", "--recipes", "nope"], "--recipes"),
 }
 
 
@@ -127,3 +135,43 @@ def test_settings_validation_in_process():
         bench.BenchSettings(projector=(64, 32, 16)).validate()
     with pytest.raises(ConfigError, match="divisible"):
         bench.check_backbone_settings(bench.BenchSettings(backbones=("vit_nano_patch8",), image_size=60))
+
+
+def test_gpu_suite_plan_is_the_paper_sizes():
+    plan = dict(bench.suite_plan(gpu=True, workers=16, data_root="/data/voc"))
+    assert list(plan) == [k for k, _ in bench.SUITE_ITEMS]
+    bt = plan["bt-r50"]
+    assert (bt.backbones, bt.image_size, bt.batch_size, bt.precision, bt.channels_last) == (("resnet50",), 224, 256,
+                                                                                              "bf16", True)
+    assert bt.modes == ("model", "pipeline") and bt.projector == (8192,) * 3 and bt.workers == 16
+    assert plan["bt-vits16"].backbones == ("vit_small_patch16",)
+    assert plan["dino-vits16"].tasks == ("dino",) and plan["dino-vits16"].dino_local_crops == 6
+    assert (plan["e1-deeplabv3-r50"].seg_head, plan["e1-deeplabv3-r50"].image_size) == ("deeplabv3", 512)
+    assert plan["e2-setr-vits16"].seg_head == "setr_pup" and plan["e2-linear-vits16"].seg_head == "linear"
+
+
+def test_gpu_suite_cpu_fallback_updates_benchmarks(tmp_path):
+    """Without a GPU, --suite gpu runs the tiny CPU version of the same rows and writes its own block."""
+    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "suite.json"
+    md.write_text("# twinseg benchmarks\n\nintro\n")
+    rc = bench.main(["--suite", "gpu", "--device", "cpu", "--rows", "bt-vits16,e2-linear-vits16", "--threads", "1",
+                     "--benchmarks", str(md), "--json", str(js)])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    assert [r["suite_item"] for r in data["rows"]] == ["bt-vits16", "bt-vits16", "e2-linear-vits16"]
+    assert [r["mode"] for r in data["rows"]] == ["model", "pipeline", "model"]
+    assert all(r["flops_per_image"] > 0 and r["mfu"] is None for r in data["rows"])
+    text = md.read_text()
+    assert text.startswith("# twinseg benchmarks\n\nintro\n") and "| bt-vits16 | barlow_twins | pipeline |" in text
+    assert "CPU fallback" in text and "<!-- bench-suite gpu -->" not in text
+    # a second run replaces its block, nothing else
+    bench.update_benchmarks(md, "NEW BLOCK", gpu=False)
+    text2 = md.read_text()
+    assert text2.count("<!-- bench-suite cpu-fallback -->") == 1 and "NEW BLOCK" in text2
+    assert "| bt-vits16 |" not in text2 and text2.startswith("# twinseg benchmarks\n\nintro\n")
+
+
+def test_suite_help_exits_0():
+    p = subprocess.run([sys.executable, str(REPO / "experiments" / "bench.py"), "--suite", "gpu", "--help"],
+                       cwd=str(REPO), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0 and "--suite" in p.stdout and "MFU" in p.stdout

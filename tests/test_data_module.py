@@ -50,7 +50,7 @@ def test_ssl_loaders_gpu_augment_and_all_but_val(voc_root):
     L = build_ssl_loaders(cfg, _views(cfg, gpu_augment=True), batch_size=10)
     assert L.num_images == 48 + 12 and L.view_sizes == (32, 32)
     v1, v2 = next(iter(L.train))
-    assert float(v1.min()) >= 0 and float(v1.max()) <= 1
+    assert v1.dtype == v2.dtype == torch.uint8  # colour, float conversion and normalisation on the device
     out = [aug(v) for aug, v in zip(L.batch_augment, (v1, v2))]
     assert out[0].shape == (10, 3, 32, 32)
     assert len(L.knn_val.dataset) == 5
@@ -76,8 +76,8 @@ def test_seg_loaders_voc(voc_root):
     S = build_seg_loaders(cfg, batch_size=4)
     assert S.num_classes == 21 and len(S.class_names) == 21 and S.ignore_index == 255 and len(S.palette) == 768
     x, m = next(iter(S.train))
-    assert x.shape == (4, 3, 48, 48) and x.dtype == torch.float32
-    assert m.shape == (4, 48, 48) and m.dtype == torch.int64
+    assert x.shape == (4, 3, 48, 48) and x.dtype == torch.uint8  # normalised on the device
+    assert m.shape == (4, 48, 48) and m.dtype == torch.uint8
     assert set(m.unique().tolist()) <= set(range(21)) | {255}
     vb = next(iter(S.val))  # val: images at the evaluation scale (short side 48), ORIGINAL 64 px masks
     assert vb["image"].shape == (4, 3, 48, 48) and vb["mask"].shape == (4, 64, 64) and vb["mask"].dtype == torch.int64
@@ -130,7 +130,7 @@ def test_coco_loader(coco_root):
     S = build_seg_loaders(DataConfig(dataset="coco_stuff", root=str(coco_root), coco_labels="fine"), 4)
     assert S.num_classes == 171 and len(S.class_names) == 171
     x, m = next(iter(S.train))
-    assert x.shape == (4, 3, 64, 64) and m.dtype == torch.int64
+    assert x.shape == (4, 3, 64, 64) and m.dtype == torch.uint8
     cfg = DataConfig(dataset="coco_stuff", root=str(coco_root))
     L = build_ssl_loaders(cfg, _views(cfg), 4)
     assert L.num_images == 8 and L.knn_num_classes == 27

@@ -76,7 +76,7 @@ def test_barlow_twins_accepts_pil():
 def test_gpu_augment_mode_splits_the_work():
     t = BarlowTwinsTransform(32, gpu_augment=True)
     v1, v2_ = t(_img())
-    assert v1.shape == (3, 32, 32) and 0.0 <= float(v1.min()) and float(v1.max()) <= 1.0  # not normalised
+    assert v1.shape == (3, 32, 32) and v1.dtype == torch.uint8  # crop + flip only: the device does the rest
     augs = t.batch_augments()
     assert [a.params for a in augs] == [BT_VIEW1, BT_VIEW2]
     batch = torch.stack([t(_img(seed=i))[0] for i in range(6)])
@@ -149,8 +149,8 @@ def test_seg_transforms_keep_255_and_use_nearest():
     tr = SegTrainTransform(32)
     for _ in range(5):
         x, m = tr(img, mask)
-        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-        assert m.shape == (32, 32) and m.dtype in (torch.uint8, torch.int64)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8  # normalised on the device
+        assert m.shape == (32, 32) and m.dtype == torch.uint8
         assert set(m.unique().tolist()) <= {0, 7, 255}  # nearest: no blended label values
     # val: the image keeps its aspect ratio (short side 32), the mask stays the ORIGINAL one (scored there)
     x, m = SegValTransform(32)(img, mask)
@@ -168,7 +168,7 @@ def test_seg_transform_through_dataset(voc_root):
 
     ds = VOCSegmentation(voc_root, "train", transform=SegTrainTransform(48))
     x, m = ds[0]
-    assert x.shape == (3, 48, 48) and m.dtype == torch.int64 and (m == 255).any()
+    assert x.shape == (3, 48, 48) and x.dtype == m.dtype == torch.uint8 and (m == 255).any()
     assert type(x) is torch.Tensor and type(m) is torch.Tensor
 
 
@@ -178,3 +178,104 @@ def test_eval_transform_and_denormalize():
     d = denormalize(x.unsqueeze(0))
     assert d.shape == (1, 3, 16, 16) and float(d.min()) >= 0 and float(d.max()) <= 1
     assert len(MEAN) == len(STD) == 3
+
+
+# --------------------------------------------------------------------------- uint8 loaders (issue 19)
+def _old_gpu_views(sizes, scales, img):
+    """The float views the gpu_augment path made before the loaders handed uint8 (PIL/tensor -> ToImage per
+    view -> crop -> flip -> float [0, 1])."""
+    from torchvision.transforms.v2 import InterpolationMode
+
+    views = [v2.Compose([v2.ToImage(), v2.RandomResizedCrop(s, scale=sc, interpolation=InterpolationMode.BICUBIC,
+                                                             antialias=True),
+                         v2.RandomHorizontalFlip(p=0.5), v2.ToDtype(torch.float32, scale=True)])
+             for s, sc in zip(sizes, scales)]
+    return [t(img).as_subclass(torch.Tensor) for t in views]
+
+
+def test_uint8_views_give_the_same_device_batches_as_before():
+    from PIL import Image
+
+    for t in (BarlowTwinsTransform(40, gpu_augment=True), DINOTransform(40, 24, 3, gpu_augment=True)):
+        imgs = [Image.fromarray(_img(70, 90, seed=i).permute(1, 2, 0).numpy()) for i in range(4)]
+        torch.manual_seed(0)
+        new = [t(im) for im in imgs]
+        torch.manual_seed(0)
+        old = [_old_gpu_views(t.sizes, t.scales, im) for im in imgs]
+        for k, aug in enumerate(t.batch_augments()):
+            nb = torch.stack([v[k] for v in new])
+            ob = torch.stack([v[k] for v in old])
+            assert nb.dtype == torch.uint8 and nb.element_size() * 4 == ob.element_size()
+            assert (nb.float() / 255 - ob).abs().max() < 1e-6  # what BatchAugment starts from
+            torch.manual_seed(1)
+            a = aug(nb, generator=torch.Generator().manual_seed(2))
+            torch.manual_seed(1)
+            b = aug(ob, generator=torch.Generator().manual_seed(2))
+            assert (a - b).abs().max() < 1e-5
+
+
+def test_seg_uint8_batches_normalised_on_the_device_as_before():
+    from core.data.gpu_augment import SegBatchTransform
+    from core.data.transforms import MMSegTrainTransform, seg_batch_transform
+
+    img = tv_tensors.Image(_img(48, 40))
+    mask = tv_tensors.Mask(torch.randint(0, 21, (48, 40), dtype=torch.uint8))
+    old_t = v2.Compose([v2.RandomResizedCrop(32, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip(0.5),
+                        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+                        v2.Normalize(MEAN, STD)])
+    new_t = SegTrainTransform(32)
+    torch.manual_seed(4)
+    xs, ms = zip(*[new_t(img, mask) for _ in range(3)])
+    torch.manual_seed(4)
+    xo, mo = zip(*[old_t(img, mask) for _ in range(3)])
+    x = seg_batch_transform("simple")(torch.stack(xs))
+    assert (x - torch.stack(xo)).abs().max() < 1e-6
+    assert all(torch.equal(a, b.as_subclass(torch.Tensor)) for a, b in zip(ms, mo))
+    # mmseg without photometric: crop of the old normalised image, padding 0 (old: pad after normalising)
+    t = MMSegTrainTransform(64, 16, photometric=False, cat_max_ratio=1.0)
+    torch.manual_seed(0)
+    xu, mu, valid = t(img, mask)
+    y = SegBatchTransform(False)(xu[None], valid[None])[0]
+    h, w = valid.tolist()
+    ref = torch.zeros(3, 64, 64)
+    ref[:, :h, :w] = normalize(xu[:, :h, :w].float() / 255)
+    assert (y - ref).abs().max() < 1e-6
+
+
+def test_batch_photometric_equals_per_image_mmseg_steps(monkeypatch):
+    import core.data.transforms as T
+    from core.data.gpu_augment import BatchPhotoMetricDistortion
+
+    x = _img(20, 24).float()[None].repeat(3, 1, 1, 1)
+    bp = BatchPhotoMetricDistortion()
+    p = {"on_b": torch.tensor([True, False, True]), "delta_b": torch.tensor([10.5, 0.0, -20.25]),
+         "mode": torch.tensor([True, False, False]), "on_c": torch.tensor([True, True, False]),
+         "alpha_c": torch.tensor([1.3, 0.7, 1.0]), "on_s": torch.tensor([True, True, False]),
+         "alpha_s": torch.tensor([0.6, 1.4, 1.0]), "on_h": torch.tensor([True, False, True]),
+         "delta_h": torch.tensor([7, 0, -18])}
+    out = bp.apply(x.clone(), p)
+    for i in range(3):  # the per-image version's draws, in its order, scripted
+        ints = [int(p["on_b"][i]), int(p["mode"][i])]
+        if p["mode"][i]:
+            ints.append(int(p["on_c"][i]))
+        ints += [int(p["on_s"][i]), int(p["on_h"][i])]
+        if p["on_h"][i]:
+            ints.append(int(p["delta_h"][i]))
+        if not p["mode"][i]:
+            ints.append(int(p["on_c"][i]))
+        floats = [float(p["delta_b"][i])] if p["on_b"][i] else []
+        if p["mode"][i] and p["on_c"][i]:
+            floats.append(float(p["alpha_c"][i]))
+        if p["on_s"][i]:
+            floats.append(float(p["alpha_s"][i]))
+        if not p["mode"][i] and p["on_c"][i]:
+            floats.append(float(p["alpha_c"][i]))
+        it_i, it_f = iter(ints), iter(floats)
+        monkeypatch.setattr(T, "_randint", lambda lo, hi: next(it_i))
+        monkeypatch.setattr(T, "_uniform", lambda lo, hi: next(it_f))
+        ref = T.PhotoMetricDistortion()(_img(20, 24)).float()
+        assert (out[i] - ref).abs().max() <= 1.0 and ((out[i] - ref).abs() > 0).float().mean() < 0.01
+    assert not torch.equal(out[0], x[0])
+    # drawn parameters: every sample its own, the result stays on the 0-255 integer grid
+    y = bp(x, torch.Generator().manual_seed(0))
+    assert torch.equal(y, y.floor()) and float(y.min()) >= 0 and float(y.max()) <= 255

@@ -254,3 +254,112 @@ def test_bad_split_and_policy(voc_root):
     with pytest.raises(DataError) as e:
         VOCSegmentation(voc_root, "train", corrupt_policy="ignore")
     _one_line(e, "ignore", "skip")
+
+
+# --------------------------------------------------------------------------- split lists, 16-bit files, void val (issue 18)
+def _split(root, name):
+    return _voc(root) / "ImageSets/Segmentation" / f"{name}.txt"
+
+
+def test_train_val_overlap_refused(small_voc):
+    from core.config import DataConfig
+    from core.data.module import validate_data
+
+    val = _split(small_voc, "val").read_text().split()
+    train = _split(small_voc, "train")
+    train.write_text(train.read_text() + "\n".join(val[:2]) + "\n")
+    for split in ("train", "val"):
+        with pytest.raises(DataError) as e:
+            VOCSegmentation(small_voc, split)
+        _one_line(e, "2 id(s)", val[0], "must not share")
+    with pytest.raises(DataError):
+        validate_data(DataConfig(root=str(small_voc)), "pretrain")
+    with pytest.raises(DataError):
+        voc_ssl_images(small_voc, "train")
+
+
+def test_train_val_overlap_cli_exit_and_nothing_written(small_voc, tmp_path, capsys):
+    import experiments.pretrain as cli
+
+    val = _split(small_voc, "val").read_text().split()
+    train = _split(small_voc, "train")
+    train.write_text(train.read_text() + val[0] + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--data.root", str(small_voc), "--output", str(out), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("twinseg: error:") and "\n" not in err and val[0] in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_duplicate_ids_refused(small_voc):
+    train = _split(small_voc, "train")
+    ids = train.read_text().split()
+    train.write_text("\n".join(ids + [ids[1], ids[1], ids[2]]) + "\n")
+    with pytest.raises(DataError) as e:
+        VOCSegmentation(small_voc, "train")
+    _one_line(e, "3 id(s) more than once", ids[1], "train.txt")
+
+
+def test_bom_in_split_list_is_dropped(small_voc):
+    train = _split(small_voc, "train")
+    ids = train.read_text().split()
+    train.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(ids) + "\r\n").encode())
+    ds = VOCSegmentation(small_voc, "train")
+    assert ds.ids == ids and not ds.ids[0].startswith("\ufeff")
+    ds[0]
+
+
+def test_16bit_image_scaled_not_white(tmp_path):
+    from core.data.imagefolder import UnlabeledImages
+    from core.data.voc import load_image, load_image_tensor
+
+    a = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    p = tmp_path / "g16.png"
+    Image.fromarray(a).save(p)
+    assert Image.open(p).mode.startswith("I")
+    x = load_image_tensor(p)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    want = torch.from_numpy(((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
+    assert torch.equal(x[0], want) and torch.equal(x[1], want)  # scaled by 16 bits, not clipped to 255
+    assert int(x.min()) == 0 and int(x.max()) == 255 and float(x.float().mean()) < 200
+    assert np.asarray(load_image(p)).mean() < 200
+    assert UnlabeledImages([p])[0].shape == (3, 32, 32)
+
+
+def test_16bit_mask_read_as_labels_or_refused(small_voc):
+    ds = VOCSegmentation(small_voc, "train")
+    want = ds.load_mask(0)
+    Image.fromarray(want.astype(np.uint16)).save(ds.masks[0])
+    assert Image.open(ds.masks[0]).mode.startswith("I")
+    assert np.array_equal(ds.load_mask(0), want) and ds[0][1].dtype == torch.int64
+    big = want.astype(np.uint16)
+    big[0, 0] = 1000
+    Image.fromarray(big).save(ds.masks[0])
+    with pytest.raises(DataError) as e:
+        ds[0]
+    _one_line(e, str(ds.masks[0]), "1000")
+
+
+def test_all_void_val_masks_refused_before_training(small_voc, tmp_path):
+    from core.config import DataConfig, SegmentConfig
+    from core.data.module import build_seg_loaders, validate_data
+    from core.runs.segment import run_segment
+
+    for m in VOCSegmentation(small_voc, "val").masks:
+        im = Image.open(m)
+        Image.fromarray(np.full((im.height, im.width), 255, np.uint8)).save(m)
+    cfg = DataConfig(root=str(small_voc), image_size=32)
+    for call in (lambda: validate_data(cfg, "segment"), lambda: validate_data(cfg, "both"),
+                 lambda: build_seg_loaders(cfg, 2)):
+        with pytest.raises(DataError) as e:
+            call()
+        _one_line(e, "all 3 val masks", "no labelled pixel")
+    validate_data(cfg, "pretrain")  # k-NN labels fall back to background: pretraining is not refused
+    out = tmp_path / "seg"
+    seg = SegmentConfig(backbone="resnet_tiny", head="linear", epochs=1, batch_size=2, device="cpu",
+                        data=cfg.to_dict())
+    with pytest.raises(DataError):
+        run_segment(seg, out, progress=False)
+    assert not (out / "metrics.json").exists() and not (out / "config.json").exists()

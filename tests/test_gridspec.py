@@ -149,10 +149,13 @@ def test_smoke_expansion():
     assert [t.id for t in baseline] == ["seg-E2-random_init-vit_nano_patch8-random-s0"]
     assert baseline[0].config["source"] == "random" and baseline[0].config["fusion"] == "none"
     seg = [t for t in seg if t.depends_on]
-    deps = {t.config["evaluation"]: t.depends_on for t in seg}
-    assert deps == {
+    deps: dict[str, list[str]] = {}
+    for t in seg:
+        deps.setdefault(t.config["evaluation"], []).extend(t.depends_on)
+    assert {k: sorted(v) for k, v in deps.items()} == {
         "E1": ["pt-resnet_tiny-random-bt-l0.0051-s0"],
-        "E2": ["pt-vit_nano_patch8-random-bt-l0.0051-s0"],
+        # E2 on the Barlow Twins ViT of every lambda (the lambda sweep's segmentation line)
+        "E2": ["pt-vit_nano_patch8-random-bt-l0.0051-s0", "pt-vit_nano_patch8-random-bt-l0.02-s0"],
         "E3": ["pt-vit_nano_patch8-random-bt-l0.0051-s0"],
         "E4": ["pt-vit_nano_patch8-random-bt-l0.0051-s0"],
         "E5": ["pt-vit_nano_patch8-random-dino-s0"],
@@ -166,7 +169,8 @@ def test_smoke_expansion():
     dino = g.by_id()["pt-vit_nano_patch8-random-dino-s0"]
     assert dino.config["optimizer"] == "adamw"  # overrides apply
     assert all(t.config["data"]["root"] is None and t.config["data"]["image_size"] == 64 for t in g.trials)
-    assert set(g.dependants()["pt-vit_nano_patch8-random-bt-l0.02-s0"]) == set()
+    assert set(g.dependants()["pt-vit_nano_patch8-random-bt-l0.02-s0"]) == {
+        "seg-E2-from-pt-vit_nano_patch8-random-bt-l0.02-s0"}
 
 
 def test_paper_expansion_and_overrides(tmp_path):

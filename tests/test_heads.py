@@ -19,6 +19,7 @@ from core.models.heads.fusion import (
     AttentionFeatureFusion,
     check_fusion,
     cls_attention_maps,
+    fusion_refusal,
     patch_affinity,
     propagate,
 )
@@ -120,7 +121,7 @@ class FakeCNN(nn.Module):
 
 
 class FakeSwin(FakeCNN):
-    """Hierarchical transformer without CLS token (windowed attention): fusion must refuse it."""
+    """Hierarchical transformer without CLS token and without Swin's window attention: fusion refuses it."""
 
     is_transformer = True
     num_heads = 2
@@ -249,13 +250,23 @@ def test_fusion_refuses_cnn(bb_name, fusion):
             AttentionAffinityFusion.from_backbone(bb, alpha=0.1)
 
 
-@pytest.mark.parametrize("bb_name", ["fake_swin", "swin_nano"])
 @pytest.mark.parametrize("fusion", ["features", "affinity"])
-def test_fusion_refuses_swin(bb_name, fusion):
-    bb = make_backbone(bb_name)
-    with pytest.raises(ConfigError, match="windowed attention without a CLS token") as e:
+def test_fusion_refuses_transformer_without_cls_or_window_attention(fusion):
+    bb = make_backbone("fake_swin")  # no CLS token and no Swin window attention to read
+    with pytest.raises(ConfigError) as e:
         check_fusion(fusion, bb)
-    assert "fusion=none or a vit_* backbone" in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value) == (f"fusion='{fusion}' needs a ViT with a CLS token or a Swin with window attention; "
+                            f"fake_swin has neither — use fusion=none or a vit_* / swin_* backbone")
+
+
+@pytest.mark.parametrize("fusion", ["features", "affinity"])
+def test_fusion_accepts_swin(fusion):
+    """Swin: fusion 1 reads the attention received per token, fusion 2 the block-diagonal window affinity
+    (tests/test_swin_attention.py checks both); only fusion_blocks=1 for fusion 1."""
+    bb = make_backbone("swin_nano")
+    check_fusion(fusion, bb)
+    err = fusion_refusal("features", bb, 2)
+    assert isinstance(err, ConfigError) and "use fusion_blocks=1" in str(err) and "\n" not in str(err)
 
 
 def test_fusion_features_refuses_too_many_blocks():
@@ -329,7 +340,7 @@ def test_propagation_matches_matrix_power():
     assert torch.allclose(out, direct, atol=1e-12)
 
 
-@pytest.mark.parametrize("bb_name", ["fake_vit", "vit_nano_patch8"])
+@pytest.mark.parametrize("bb_name", ["fake_vit", "vit_nano_patch8", "swin_nano"])
 @pytest.mark.parametrize("head_name", ["linear", "setr_pup", "segformer"])
 def test_affinity_alpha_zero_equals_plain_head(bb_name, head_name):
     bb = make_backbone(bb_name)

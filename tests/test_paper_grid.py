@@ -39,3 +39,16 @@ def test_dino_trials_follow_the_official_recipe(paper):
     bt = [t.config for t in paper.stage("pretrain") if t.config["method"] == "barlow_twins"]
     assert bt and all((c["optimizer"], c["min_lr"], c["weight_decay_end"], c["drop_path"]) == ("lars", None, None, 0.0)
                       for c in bt)
+
+
+def test_e2_to_e4_run_on_every_barlow_twins_vit_and_swin(paper):
+    """E2, E3 and E4 each consume every Barlow Twins ViT-S/16, ViT-S/8 and Swin-T pretraining run (attention
+    fusion on Swin: core/models/heads/fusion.py); the Swin-T runs are Barlow Twins in stage 1."""
+    pt = {t.id: t.config for t in paper.stage("pretrain")}
+    bt = {i for i, c in pt.items() if c["method"] == "barlow_twins"
+          and c["backbone"] in ("vit_small_patch16", "vit_small_patch8", "swin_tiny")}
+    assert any(pt[i]["backbone"] == "swin_tiny" for i in bt)
+    for ev in ("E2", "E3", "E4"):
+        seg = [t for t in paper.stage("segment") if t.config["evaluation"] == ev]
+        assert {d for t in seg for d in t.depends_on} == bt, ev
+        assert all(t.config["fusion"] == {"E2": "none", "E3": "features", "E4": "affinity"}[ev] for t in seg)

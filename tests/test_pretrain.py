@@ -73,6 +73,10 @@ def test_pretrain_run_folder_rerun_and_resume(voc_root, tmp_path):
         assert 1.0 <= m[k] <= 96.0, (k, m[k])
     for k in ("dense_local_var", "dense_local_var_init"):
         assert 0.0 < m[k] < 1.0, (k, m[k])
+    # DINO's attention-mask Jaccard and the frozen dense linear probe, before and after (3 heads)
+    for k in ("attn_jaccard", "attn_jaccard_init", "dense_probe_miou", "dense_probe_miou_init"):
+        assert isinstance(m[k], float) and 0.0 <= m[k] <= 100.0, (k, m[k])
+    assert len(m["attn_jaccard_heads"]) == 3 and max(m["attn_jaccard_heads"]) <= m["attn_jaccard"] + 1e-9
     assert json.loads((out / "config.json").read_text())["barlow_twins"]["lambd"] == cfg.barlow_twins.lambd
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
     import csv
@@ -129,6 +133,8 @@ def test_dino_run(voc_root, tmp_path):
     assert m["teacher_entropy_uniform"] == pytest.approx(math.log(64))  # the collapse monitors (dino.out_dim 64)
     assert 0.0 <= m["teacher_entropy"] <= m["teacher_entropy_uniform"] + 1e-6 and m["teacher_student_kl"] >= 0.0
     assert (tmp_path / "dino" / "backbone.pt").is_file()
+    assert m["attn_jaccard"] is None and m["attn_jaccard_init"] is None  # a CNN has no attention maps
+    assert 0.0 <= m["dense_probe_miou"] <= 100.0 and 0.0 <= m["dense_probe_miou_init"] <= 100.0
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -153,10 +154,19 @@ class Ctx:
         self.marker = tmp / "pwned"
         self.evil = tmp / "evil.pt"
         torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Evil(self.marker)}, self.evil)
+        self.afile = tmp / "afile"  # a file where a folder is expected
+        self.afile.write_text("not a folder")
+        self.nan = tmp / "nan" / "backbone.pt"  # a diverged run's export: NaN weights
+        sd = torch.load(resnet_ckpt, map_location="cpu", weights_only=True)
+        first = next(k for k, v in sd["state_dict"].items() if v.is_floating_point())
+        sd["state_dict"][first] = torch.full_like(sd["state_dict"][first], float("nan"))
+        self.nan.parent.mkdir()
+        torch.save(sd, self.nan)
 
     def fill(self, s: str) -> str:
         return s.format(voc=self.voc, named=self.named, ckpt=self.ckpt, evil=self.evil, empty=self.empty,
-                        out=self.out, coco=self.coco, tmp=self.tmp)
+                        out=self.out, coco=self.coco, tmp=self.tmp, ckdir=self.ckpt.parent, afile=self.afile,
+                        nan=self.nan)
 
 
 def assert_clean_failure(rc, err: str, out: str, needles, out_dir: Path):
@@ -262,6 +272,19 @@ CASES = [
      ["checkpoint {ckpt} holds a resnet_tiny backbone but backbone=vit_nano_patch8"], {}),
     ("segment-pickle-with-code", "segment", "good", _with(SEG, source="checkpoint:{evil}"),
      ["{evil} is not a plain weights file (refusing to unpickle code)", "trusted=True"], {}),
+    ("segment-checkpoint-is-a-folder", "segment", "good", _with(SEG, source="checkpoint:{ckdir}"),
+     ["weights path {ckdir} is a folder, not a file", "pass the file inside it: {ckdir}/backbone.pt"], {}),
+    ("segment-checkpoint-nan-weights", "segment", "good", _with(SEG, source="checkpoint:{nan}"),
+     ["weights {nan} hold 864 NaN/inf values (1 tensors, first conv1.weight)", "diverged run", "lower lr"], {}),
+    # ---- the output folder
+    ("pretrain-output-is-a-file", "pretrain", "good", _with(PT, output="{afile}"),
+     ["--output {afile} is a file, not a folder"], {}),
+    ("segment-output-under-a-file", "segment", "good", _with(SEG, output="{afile}/run"),
+     ["--output {afile}/run: {afile} is a file, not a folder"], {}),
+    ("segment-wandb-online-without-key", "segment", "good", _with(SEG, wandb="online"),
+     ["wandb=online needs wandb credentials", "WANDB_API_KEY", "--wandb offline"], {"NETRC": "{empty}/netrc"}),
+    ("pretrain-wandb-online-without-key", "pretrain", "good", _with(PT, wandb="online"),
+     ["wandb=online needs wandb credentials"], {"NETRC": "{empty}/netrc"}),
 ]
 
 
@@ -271,6 +294,7 @@ def test_bad_input_matrix(cid, cli, dataset, argv, needles, env, tmp_path, base_
     ctx = Ctx(tmp_path, base_voc, resnet_ckpt, dataset)
     monkeypatch.delenv("TWINSEG_TRACEBACK", raising=False)
     monkeypatch.delenv("TWINSEG_ONLINE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, ctx.fill(v))
     fn = {"pretrain": _pretrain_main, "segment": _segment_main}[cli]()
@@ -466,3 +490,265 @@ def test_grid_ray_dashboard_on_loopback():
     src = (REPO / "experiments" / "grid.py").read_text()
     assert not re.search(r"dashboard_host\s*=\s*['\"](?!127\.0\.0\.1)", src)  # no other host anywhere
     assert not re.search(r"RAY_AUTH_MODE\"?\]?\s*=\s*['\"]disabled", src)  # token auth never switched off
+
+
+# ============================================================================ one run folder, one config, one writer
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding `path`'s folder lock (core.folder_lock imports no torch: starts fast)."""
+    code = ("import sys, time\nfrom core.folder_lock import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'pretrain run'):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_writer_on_a_folder_is_refused(tmp_path, base_voc, resnet_ckpt, capsys):
+    """A run folder has one writer: a second pretrain / segment on a folder another live process holds
+    gets one line naming the holder; the lock dies with its process (no stale lock)."""
+    from core.folder_lock import folder_lock, is_locked
+
+    ctx = Ctx(tmp_path, base_voc, resnet_ckpt, "good")
+    holder = _hold_lock(ctx.out)
+    try:
+        assert is_locked(ctx.out)
+        for fn, argv in ((_pretrain_main(), PT), (_segment_main(), SEG)):
+            rc, out, err = _call(fn, [ctx.fill(a) for a in argv], capsys)
+            assert_clean_failure(rc, err, out, [f"{ctx.out} is in use by another pretrain run (pid {holder.pid}, "
+                                                "started", "wait for it or use another --output"], ctx.out)
+            assert not (ctx.out / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not is_locked(ctx.out)  # killed holder: the kernel dropped its lock
+    with folder_lock(ctx.out, "segment run"), folder_lock(ctx.out, "grid trial"):  # re-entrant in one process
+        assert not is_locked(ctx.out)
+
+
+def _write_run(out: Path, cfg, metrics: Optional[dict] = None, ckpt: bool = False) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    if metrics is not None:
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    if ckpt:
+        (out / "checkpoints").mkdir()
+        (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
+
+
+def test_folder_with_another_config_refused_same_config_returned(tmp_path, base_voc, resnet_ckpt, capsys,
+                                                                 monkeypatch):
+    """finished + other config -> one line naming the fields (was: the old result, exit 0); finished +
+    same config (bookkeeping fields aside) -> the old result, no training, even without a checkpoint;
+    unfinished + other config -> refused (segment too); --overwrite clears the run's files only."""
+    import experiments.pretrain as P
+    import experiments.segment as S
+    import core.runs.skeleton as skeleton
+
+    ctx = Ctx(tmp_path, base_voc, resnet_ckpt, "good")
+    pt_argv = [ctx.fill(a) for a in PT]
+    old = P.config_from_args(P.build_parser().parse_args(_with(pt_argv, lambd="0.5")))
+    _write_run(ctx.out, old, {"stage": "pretrain", "knn_acc": 12.5})
+    rc, out, err = _call(_pretrain_main(), _with(pt_argv, method="dino", backbone="resnet_tiny"), capsys)
+    assert_clean_failure(rc, err, out, [f"{ctx.out} holds a finished run with a different config (fields "
+                                        "backbone, barlow_twins.lambd, method)", "--overwrite"], tmp_path / "none")
+    assert json.loads((ctx.out / "metrics.json").read_text())["knn_acc"] == 12.5  # untouched
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run must not train again")
+
+    monkeypatch.setattr(skeleton, "make_trainer", no_training)
+    rc, out, err = _call(_pretrain_main(), _with(pt_argv, lambd="0.5", wandb="offline", keep_checkpoints="true"),
+                         capsys)
+    assert rc == 0 and "after 12.50%" in out, err[-2000:]
+
+    seg_argv = [ctx.fill(a) for a in _with(SEG, output=str(tmp_path / "seg"))]
+    _write_run(tmp_path / "seg", S.resolve_config(S.build_parser().parse_args(_with(seg_argv, lr="0.5"))), ckpt=True)
+    rc, out, err = _call(_segment_main(), seg_argv, capsys)
+    assert_clean_failure(rc, err, out, ["holds an unfinished run with a different config (fields lr)"], tmp_path / "seg")
+
+    # --overwrite: the run's own files go, anything else in the folder stays; then the new run is done
+    (ctx.out / "notes.txt").write_text("mine")
+    (ctx.out / "logs" / "version_0").mkdir(parents=True)
+
+    def fake_fit(run, out_dir, **kw):
+        assert not (out_dir / "metrics.json").exists() and not (out_dir / "logs").exists()
+        atomic = skeleton.atomic_write_json
+        atomic(out_dir / "config.json", run.cfg.to_dict())
+        atomic(out_dir / "metrics.json", {"stage": "pretrain", "knn_acc": 50.0})
+        return {"stage": "pretrain", "knn_acc": 50.0}
+
+    monkeypatch.setattr(skeleton, "_fit_and_write", fake_fit)
+    rc, out, err = _call(_pretrain_main(), pt_argv + ["--overwrite"], capsys)
+    assert rc == 0 and "after 50.00%" in out, err[-2000:]
+    assert (ctx.out / "notes.txt").read_text() == "mine"
+    assert json.loads((ctx.out / "config.json").read_text())["barlow_twins"]["lambd"] != 0.5
+
+
+def test_read_only_output_is_one_line(tmp_path, base_voc, resnet_ckpt, capsys):
+    ctx = Ctx(tmp_path, base_voc, resnet_ckpt, "good")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores the mode bits: use a read-only system folder instead
+            ro = next((Path(p) for p in ("/sys/fs", "/proc/sys") if Path(p).is_dir() and not _can_mkdir(Path(p))),
+                      None)
+            if ro is None:
+                pytest.skip("no read-only folder available to this user")
+        rc, out, err = _call(_segment_main(), [ctx.fill(a) for a in _with(SEG, output=str(ro / "run"))], capsys)
+        assert_clean_failure(rc, err, out, [str(ro / "run")], tmp_path / "none")
+        assert re.search(r"not writable|permission denied|Operation not permitted|Read-only", err)
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+def _can_mkdir(p: Path) -> bool:
+    try:
+        (p / "twinseg-probe").mkdir()
+    except OSError:
+        return False
+    (p / "twinseg-probe").rmdir()
+    return True
+
+
+# ============================================================================ divergence
+def test_nan_loss_stops_the_run(tmp_path, base_voc, resnet_ckpt, capsys):
+    """segment --lr 1e20 (was: NaN losses, exit 0, metrics.json with an mIoU, model.pt): one line with the
+    step, the value and the likely cause; no metrics.json, no model.pt."""
+    ctx = Ctx(tmp_path, base_voc, resnet_ckpt, "good")
+    rc, out, err = _call(_segment_main(), [ctx.fill(a) for a in _with(SEG, lr="1e20")], capsys)
+    assert_clean_failure(rc, err, out, ["training diverged: the loss is nan at step",
+                                        "the learning rate (lr=1e+20) is likely too high; lower --lr"], ctx.out)
+
+
+def test_non_finite_results_and_weights_are_errors():
+    """The guards behind the one line: results (the linear-probe accuracy of diverged features...) and the
+    trained weights must be finite; per-class lists may hold NaN (a class absent from val)."""
+    from core.errors import NonFiniteError, TwinsegError
+    from core.runs.common import check_finite_metrics
+    from core.runs.skeleton import check_finite_weights
+
+    assert issubclass(NonFiniteError, TwinsegError)
+    check_finite_metrics({"mIoU": 12.0, "IoU": [float("nan"), 3.0], "val_loss": None})
+    with pytest.raises(NonFiniteError, match=r"linear_probe_acc=nan.*lower --lr"):
+        check_finite_metrics({"knn_acc": 3.0, "linear_probe_acc": float("nan")}, "lower --lr")
+    m = torch.nn.Linear(2, 2)
+    check_finite_weights(m)
+    with torch.no_grad():
+        m.bias[0] = float("inf")
+    with pytest.raises(NonFiniteError, match="1 NaN/inf values in bias"):
+        check_finite_weights(m)
+
+
+# ============================================================================ checkpoints: atomic, checked, RNG
+def test_checkpoint_write_is_atomic_and_disk_full_is_one_line(tmp_path, monkeypatch):
+    """Checkpoints are written in their own folder (temp + fsync + rename: Lightning's fsspec path used a
+    temp file in $TMPDIR and a cross-filesystem copy); a full disk leaves the previous checkpoint intact
+    and says how much space is needed; an unreadable checkpoint is set aside, the run restarts."""
+    import errno
+
+    import core.runs.common as C
+    from core.errors import StorageError
+
+    ck = tmp_path / "checkpoints" / "last.ckpt"
+    io_ = C.make_checkpoint_io()
+    io_.save_checkpoint({"epoch": 0, "w": torch.ones(1000)}, ck)
+    assert C.checkpoint_problem(ck) is None and C.usable_checkpoint(tmp_path) == ck
+
+    def full(fd, data):
+        os.write(fd, bytes(data)[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C, "_write_all", full)
+    with pytest.raises(StorageError, match=r"no space left on the device holding .*checkpoints: writing the "
+                                           r"checkpoint needs [0-9.]+ MB .*rerun the same command to resume"):
+        io_.save_checkpoint({"epoch": 1, "w": torch.zeros(1000)}, ck)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ck.parent.iterdir()) == ["last.ckpt"]  # no temp file left
+    assert torch.load(ck, weights_only=True)["epoch"] == 0  # the previous checkpoint, intact
+
+    ck.write_bytes(ck.read_bytes()[:200])  # what a kill during the old non-atomic copy left behind
+    with pytest.warns(RuntimeWarning, match=r"last.ckpt is unreadable .*set aside as last.ckpt.corrupt-.*restarts "
+                                            "from scratch"):
+        assert C.usable_checkpoint(tmp_path) is None
+    assert not ck.exists() and len(list(ck.parent.glob("last.ckpt.corrupt-*"))) == 1
+
+
+def _kill_at(epoch: int, sig=None):
+    from lightning.pytorch.callbacks import Callback
+    import signal as _signal
+
+    class KillAt(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == epoch:
+                os.kill(os.getpid(), sig or _signal.SIGTERM)
+
+    return KillAt()
+
+
+RESULT_KEYS = ("knn_acc", "knn_acc_init", "linear_probe_acc", "final_loss", "dense_rank", "dense_local_var",
+               "cc_diag_mean", "cc_offdiag_rms")
+
+
+def test_sigterm_then_disk_full_then_resume_equals_uninterrupted(tmp_path, base_voc, capsys, monkeypatch):
+    """SIGTERM mid-run (was: exit 0, nothing written): exit 143, one line saying how to continue, no
+    result. The resume then hits a full disk at its checkpoint (one line, the previous checkpoint kept),
+    and the next resume finishes with exactly the metrics of an uninterrupted run (RNG states are in the
+    checkpoint); on success last.ckpt is deleted unless keep_checkpoints."""
+    import errno
+
+    import core.runs.common as C
+    from core.config import PretrainConfig
+    from core.runs.pretrain import run_pretrain
+
+    cfg = PretrainConfig.from_dict(dict(backbone="resnet_tiny", projector=(32, 32), batch_size=4, epochs=2,
+                                        warmup_epochs=0.5, optimizer="adamw", wandb="disabled", device="cpu",
+                                        gpu_augment=False, data=dict(root=str(base_voc), image_size=32)))
+    ref = run_pretrain(cfg.replace(keep_checkpoints=True), tmp_path / "ref", progress=False)
+    assert (tmp_path / "ref" / "checkpoints" / "last.ckpt").is_file()  # kept on request
+
+    out = tmp_path / "run"
+    run = guard(lambda cbs: run_pretrain(cfg, out, progress=False, callbacks=cbs))
+    rc, o, err = _call(run, [_kill_at(1)], capsys)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert rc == 143 and "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == [f"twinseg: interrupted by SIGTERM; rerun the same command to resume from {ckpt}"], err[-3000:]
+    assert ckpt.is_file() and not [p for p in out.rglob("*") if p.name in RESULT_FILES]
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(C, "_write_all", full)
+        rc, o, err = _call(run, [], capsys)
+    assert rc == 2 and "Traceback" not in err and f"no space left on the device holding {ckpt.parent}" in err, err
+    assert C.checkpoint_problem(ckpt) is None and not [p for p in out.rglob("*") if p.name in RESULT_FILES]
+
+    m = run_pretrain(cfg, out, progress=False)
+    assert {k: m[k] for k in RESULT_KEYS} == {k: ref[k] for k in RESULT_KEYS}
+    assert not ckpt.exists() and (out / "backbone.pt").is_file()  # issue 19: the finished run keeps no checkpoint
+    assert run_pretrain(cfg, out, progress=False) == m  # finished + same config, without a checkpoint
+
+
+def test_sigterm_to_the_cli_process(tmp_path, base_voc, resnet_ckpt):
+    """The real thing: `kill -TERM` to experiments/segment.py while it trains."""
+    import signal as _signal
+    import time
+
+    ctx = Ctx(tmp_path, base_voc, resnet_ckpt, "good")
+    env = {k: v for k, v in os.environ.items() if k not in ("TWINSEG_TRACEBACK", "PYTHONWARNINGS")}
+    env.update({"WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
+    argv = [ctx.fill(a) for a in _with(SEG, epochs="50")]
+    p = subprocess.Popen([sys.executable, str(REPO / "experiments/segment.py"), *argv], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (ctx.out / "logs").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(_signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("twinseg: interrupted by SIGTERM; ") and \
+        "rerun the same command to" in lines[0], err
+    assert not [q for q in ctx.out.rglob("*") if q.name in RESULT_FILES]

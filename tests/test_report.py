@@ -497,3 +497,98 @@ def test_protocol_line_beside_segmentation_tables(tmp_path):
     assert ("Protocol: split val (200 images), scored at original resolution after a keep-ratio resize to short "
             "side 64, slide inference (crop 64, stride 42); 255 ignored; 12,345 labelled pixels scored") in seg_part
     assert "Protocol: 1 run(s) written before the protocol was recorded" in seg_part
+
+
+def test_emerging_properties_table_and_figure(full):
+    """One row per pretraining variant: k-NN, probe, attention Jaccard, dense probe, dense rank, collapsed
+    (a dash where a run measured nothing); the figure pairs each measure with the segmentation trials
+    built on that pretraining; the collapsed run is named with its reason."""
+    built, report = full
+    df = pd.read_csv(built.root / "tables" / "emerging_properties.csv")
+    assert len(df) == 5
+    pre = [t["metrics"] for t in built.trials.values() if t["stage"] == "pretrain"]
+    for _, row in df.iterrows():
+        mine = [m for m in pre if m["method"] == row["method"] and m["backbone"] == row["backbone"]
+                and (pd.isna(row["lambd"]) or math.isclose(m["lambd"], row["lambd"]))]
+        for key in ("knn_acc", "linear_probe_acc", "dense_probe_miou", "dense_rank"):
+            assert row[f"{key}_mean"] == pytest.approx(np.mean([m[key] for m in mine])), key
+        if row["backbone"].startswith("vit"):
+            assert row["attn_jaccard_mean"] == pytest.approx(np.mean([m["attn_jaccard"] for m in mine]))
+        else:  # no attention on a CNN: not measured
+            assert pd.isna(row["attn_jaccard_mean"]) and row["attn_jaccard_n"] == 0
+        assert row["collapsed_n"] == sum(m["collapsed"] for m in mine)
+    md = _md_table(built.root / "tables" / "emerging_properties.md")
+    header, body = md[0], md[1:]
+    assert header[-6:] == ["k-NN acc", "Linear probe", "Attn Jaccard (%)", "Dense probe mIoU", "Dense eff. rank",
+                           "Collapsed"]
+    by_label = {(r[0], r[1]): r for r in body}
+    assert by_label[("DINO", "vit_nano_patch8")][-1] == "1 of 2"
+    assert by_label[("VICReg", "vit_nano_patch8")][-1] == "no"
+    assert by_label[("Barlow Twins", "resnet_tiny")][header.index("Attn Jaccard (%)")] == "—"
+    # the pretraining table carries the flag too, and both name the collapsed trial and its reason
+    pmd = _md_table(built.root / "tables" / "pretraining.md")
+    assert "Collapsed" in pmd[0]
+    text = report.read_text()
+    assert "### Emerging properties" in text
+    assert "pretrain_dino_vit_nano_patch8_s1: uniform collapse" in text
+    assert "figures/emerging_properties.png" in text
+    png = built.root / "figures" / "emerging_properties.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    from analysis.figures import spearman
+    from analysis.results import load_results
+    from analysis.tables import emerging_points
+
+    res = load_results(built.root)
+    pts = emerging_points(res, "knn_acc")
+    seg = [t for t in built.trials.values() if t["stage"] == "segment" and t["status"] == "done"]
+    assert len(pts) == len(seg)  # every finished segmentation trial is paired with its pretraining
+    by_id = {t["id"]: t for t in built.trials.values()}
+    want = sorted((t["metrics"]["evaluation"], by_id[t["depends_on"][0]]["metrics"]["knn_acc"], t["metrics"]["mIoU"])
+                  for t in seg)
+    got = sorted((e, x, y) for e, x, y, _ in pts)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1:] for g in got] == [pytest.approx(w[1:]) for w in want]
+    assert sum(c for *_, c in pts) == 1  # the E5 trial on the collapsed DINO seed
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+# ----------------------------------------------------------------------------- any folder (helper E)
+_HEADLINE = ("mIoU", "aAcc", "mAcc", "IoU", "knn_acc", "knn_acc_init", "final_loss", "linear_probe_acc")
+
+
+def test_null_and_nonfinite_metrics_still_write_a_report(tmp_path):
+    """Every run of an evaluation with a null metric (and NaN elsewhere): report.md is written, the
+    values are n/a with a note naming the trials, no figure or table crashes the report."""
+    import json
+
+    built = build_results(tmp_path / "res", seeds=(0,))
+    for m in built.root.glob("trials/*/metrics.json"):
+        d = json.loads(m.read_text())
+        for k in _HEADLINE:
+            if k in d:
+                d[k] = None if d.get("stage") == "segment" else float("nan")
+        m.write_text(json.dumps(d))
+    s = json.loads((built.root / "summary.json").read_text())
+    for t in s["trials"]:
+        for k in _HEADLINE:
+            if k in (t.get("metrics") or {}):
+                t["metrics"][k] = None
+    (built.root / "summary.json").write_text(json.dumps(s))
+    report = build_report(built.root)
+    text = report.read_text()
+    assert "- note: mIoU is n/a (missing in metrics.json) for" in text
+    assert "- note: knn_acc is n/a (non-finite in metrics.json) for" in text
+    miou = _md_table(built.root / "tables" / "segmentation_miou.md")
+    assert all(cell in ("", "n/a", "nan") for row in miou[1:] for cell in row[1:]), miou
+
+
+def test_single_run_folder_gets_a_one_trial_report(tmp_path):
+    built = build_results(tmp_path / "res", seeds=(0,), evaluations=("E4",))
+    run = next(p.parent for p in built.root.glob("trials/segment_*/metrics.json"))
+    report = build_report(run)
+    text = report.read_text()
+    assert "1 of 1 trials finished" in text and "single run folder" in text
+    assert report == run / "report.md"

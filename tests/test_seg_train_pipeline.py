@@ -66,15 +66,19 @@ def test_crop_shape_and_255_padding():
     # scale 16 x ratio <= 2 -> the short side is at most 32 < crop 64: padded with 255 on the mask
     t = MMSegTrainTransform(64, 16, photometric=False, cat_max_ratio=1.0)
     torch.manual_seed(0)
-    x, y = t(*_sample())
-    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    x, y, valid = t(*_sample())
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8 and y.dtype == torch.uint8
     assert y.shape == (64, 64)
     assert (y[-1, :] == 255).all() and (y[:, -1] == 255).all()
-    # padded image area is 0 (after normalisation, as mmseg pads)
-    assert (x[:, -1, :] == 0).all()
+    h, w = valid.tolist()
+    assert h < 64 and w < 64 and (y[h:] == 255).all() and (y[:, w:] == 255).all()
+    # padded image area is 0 after normalisation on the device, as mmseg pads
+    xn = t.batch_transform()(x[None], valid[None])[0]
+    assert (xn[:, h:, :] == 0).all() and (xn[:, :, w:] == 0).all() and (xn[:, :h, :w] != 0).any()
     # a big image: the crop is full, no padding beyond what the mask held
     t2 = MMSegTrainTransform(32, 96, photometric=False, cat_max_ratio=1.0)
-    x2, y2 = t2(*_sample())
+    x2, y2, v2 = t2(*_sample())
+    assert v2.tolist() == [32, 32]
     assert x2.shape == (3, 32, 32) and y2.shape == (32, 32)
     assert set(torch.unique(y2).tolist()) <= {0, 5, 12, 255}
 
@@ -122,7 +126,7 @@ def test_flip_applied_jointly():
     flips = 0
     for s in range(20):
         torch.manual_seed(s)
-        x, y = t(tv_tensors.Image(img), tv_tensors.Mask(mask))
+        x, y, _ = t(tv_tensors.Image(img), tv_tensors.Mask(mask))
         bright = x[0] > 0
         assert torch.equal(bright, y == 3)
         flips += int(bool(y[0, -1] == 3))
@@ -148,8 +152,10 @@ def test_photometric_leaves_mask_untouched():
     t = MMSegTrainTransform(32, 32, ratio_range=(1.0, 1.0), hflip=0.0, cat_max_ratio=1.0)
     for s in range(5):
         torch.manual_seed(s)
-        _, y = t(img, mask)
+        x, y, valid = t(img, mask)
         assert torch.equal(y, mask.as_subclass(torch.Tensor))
+        assert torch.equal(x, img.as_subclass(torch.Tensor))  # photometric runs on the device batch
+    assert t.batch_transform().photometric
 
 
 # --------------------------------------------------------------------------- simple pipeline unchanged
@@ -171,14 +177,16 @@ def test_simple_pipeline_is_the_old_transform(voc_root):
     assert loaders.train_dataset.split == "train"
     m = build_seg_loaders(cfg, 4, train_pipeline="mmseg", crop_size=48, train_scale=32)
     assert isinstance(m.train_dataset.transform, MMSegTrainTransform)
-    x, y = next(iter(m.train))
-    assert x.shape[-2:] == (48, 48) and y.shape[-2:] == (48, 48)
+    x, y, valid = next(iter(m.train))
+    assert x.shape[-2:] == (48, 48) and y.shape[-2:] == (48, 48) and valid.shape == (4, 2)
+    assert x.dtype == y.dtype == torch.uint8
 
 
 def test_mmseg_output_normalised():
     t = MMSegTrainTransform(32, 32, photometric=False, ratio_range=(1.0, 1.0), hflip=0.0, cat_max_ratio=1.0)
     img = tv_tensors.Image(torch.full((3, 32, 32), 255, dtype=torch.uint8))
-    x, _ = t(img, tv_tensors.Mask(torch.zeros(32, 32, dtype=torch.uint8)))
+    x, _, valid = t(img, tv_tensors.Mask(torch.zeros(32, 32, dtype=torch.uint8)))
+    x = t.batch_transform()(x[None], valid[None])[0]
     assert math.isclose(float(x[0, 0, 0]), (1 - MEAN[0]) / STD[0], rel_tol=1e-5)
 
 
@@ -332,3 +340,52 @@ def test_vit_pos_embed_interpolated_on_load(tmp_path):
         assert out.dense.shape == (1, 96, 12, 12)
         # dynamic size: another input size still runs (timm interpolates the pos-embed)
         assert big.forward_dense(torch.randn(1, 3, 48, 80)).shape == (1, 96, 6, 10)
+
+
+def test_mmseg_crop_equals_resize_then_crop():
+    """The mask is never resized whole (nearest = index gather of the crop): the same crops, boxes and RNG draws
+    as resizing image and mask whole, then cropping (mmseg's order)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    import core.data.transforms as T
+
+    g = torch.Generator().manual_seed(1)
+    img = tv_tensors.Image(torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=g))
+    mask = torch.randint(0, 4, (37, 53), dtype=torch.uint8, generator=g)
+    mask[:, :20] = 0
+    mask[5] = 255
+    t = MMSegTrainTransform(40, 30, photometric=False, cat_max_ratio=0.75)
+    for seed in range(12):
+        torch.manual_seed(seed)
+        x, y, valid = t(img, tv_tensors.Mask(mask))
+        torch.manual_seed(seed)  # the old order: resize both whole, crop box on the resized mask, crop, flip
+        nh, nw = T.random_resize_size(37, 53, 30, T._uniform(0.5, 2.0))
+        ri = F.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        rm = F.resize(tv_tensors.Mask(mask), [nh, nw], interpolation=InterpolationMode.NEAREST)
+        assert torch.equal(rm.as_subclass(torch.Tensor), mask[T.nearest_index(37, nh)][:, T.nearest_index(53, nw)])
+        top, left, ch, cw = cat_max_crop_box(rm, (40, 40), 0.75)
+        ri, rm = F.crop(ri, top, left, ch, cw), F.crop(rm, top, left, ch, cw)
+        if torch.rand(()).item() < 0.5:
+            ri, rm = F.horizontal_flip(ri), F.horizontal_flip(rm)
+        assert valid.tolist() == [ch, cw]
+        assert torch.equal(x[:, :ch, :cw], ri.as_subclass(torch.Tensor))
+        assert torch.equal(y[:ch, :cw], rm.as_subclass(torch.Tensor))
+
+
+def test_resized_box_equals_crop_of_the_full_resize():
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from core.data.transforms import resized_box
+
+    for h, w in ((37, 53), (53, 37), (20, 21)):
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
+        for ratio in (0.5, 0.8, 1.0, 1.3, 2.0):
+            nh, nw = random_resize_size(h, w, 30, ratio)
+            full = F.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            ch, cw = min(24, nh), min(24, nw)
+            for top in range(0, nh - ch + 1, 3):
+                for left in range(0, nw - cw + 1, 2):  # includes boxes whose source prefix is as wide as the output
+                    assert torch.equal(resized_box(img, nh, nw, top, left, ch, cw),
+                                       full[:, top:top + ch, left:left + cw]), (h, w, ratio, top, left)

@@ -47,7 +47,7 @@ def test_run_folder_contract_and_rerun_skips(tmp_path, voc_root, monkeypatch):
     from core.runs import segment as seg
 
     out = tmp_path / "run"
-    m = seg.run_segment(_cfg(voc_root), out, progress=False)
+    m = seg.run_segment(_cfg(voc_root, keep_checkpoints=True), out, progress=False)
     for f in ("config.json", "history.csv", "metrics.json", "model.pt", "checkpoints/last.ckpt"):
         assert (out / f).is_file(), f
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -250,4 +250,4 @@ def test_iteration_based_mmseg_pipeline_run(tmp_path, voc_root):
     m = run_segment(cfg, tmp_path / "it", progress=False, callbacks=[rec])
     assert rec.val_at == [3]  # one validation, at the last step (3 is not a multiple of 2000)
     assert 0.0 <= m["mIoU"] <= 100.0 and m["val_pixels"] > 0
-    assert (tmp_path / "it" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "it" / "checkpoints" / "last.ckpt").exists()  # deleted on success (keep_checkpoints)

@@ -51,8 +51,8 @@ def test_build_resnet_deeplab_and_refusals():
         build_segmenter(cfg(backbone="resnet_tiny", head="deeplabv3", fusion="affinity"), K)
     assert str(e.value) == ("fusion='affinity' needs a transformer backbone with self-attention; resnet_tiny is a "
                             "CNN — use fusion=none or a vit_* backbone")
-    with pytest.raises(ConfigError, match="swin_nano uses windowed attention without a CLS token"):
-        build_segmenter(cfg(backbone="swin_nano", head="linear", fusion="features"), K)
+    with pytest.raises(ConfigError, match="fusion_blocks=2: fusion 1 on swin_nano reads the last stage's last block only"):
+        build_segmenter(cfg(backbone="swin_nano", head="linear", fusion="features", fusion_blocks=2), K)
     with pytest.raises(ConfigError, match="fusion_blocks=9"):
         build_segmenter(cfg(backbone="vit_nano_patch8", head="linear", fusion="features", fusion_blocks=9), K)
 

@@ -83,3 +83,27 @@ def test_vicreg_lives_in_at_most_three_source_files():
                           ":!*test*"], cwd=REPO, capture_output=True, text=True)
     files = out.stdout.split()
     assert len(files) <= 3, files
+
+
+def test_method_defaults_sit_under_explicit_values():
+    """A method's `SSLMethodSpec.defaults` replace the shared defaults in from_dict (CLI, grid) and never an
+    explicit value; methods without defaults keep the dataclass defaults; a config read back is unchanged."""
+    from core.config import PretrainConfig
+    from core.methods.registry import ssl_methods
+
+    shared = PretrainConfig()
+    for name, spec in ssl_methods().items():
+        cfg = PretrainConfig.from_dict({"method": name})
+        for k in {f for f in ("lr", "optimizer", "weight_decay")}:
+            assert getattr(cfg, k) == spec.defaults.get(k, getattr(shared, k)), (name, k)
+        assert PretrainConfig.from_dict(cfg.to_dict()) == cfg
+    dino = ssl_methods()["dino"]
+    assert dino.defaults["lr"] == 5e-4
+    assert PretrainConfig.from_dict({"method": "dino", "lr": 1e-3}).lr == 1e-3
+    assert PretrainConfig.from_dict({"method": "dino"}, lr=3e-3).lr == 3e-3
+    # the CLI: no --lr -> the method's value; --lr wins
+    import experiments.pretrain as cli
+
+    assert cli.config_from_args(cli.build_parser().parse_args(["--method", "dino"])).lr == 5e-4
+    assert cli.config_from_args(cli.build_parser().parse_args(["--method", "dino", "--lr", "0.002"])).lr == 2e-3
+    assert cli.config_from_args(cli.build_parser().parse_args([])).lr == shared.lr

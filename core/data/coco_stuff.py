@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from core.data.voc import _SkippingDataset, _to_sample, load_image, load_label_map
+from core.data.voc import _SkippingDataset, _to_sample, load_image_tensor, load_label_map
 from core.errors import DataError
 
 IGNORE_INDEX = 255
@@ -177,9 +177,10 @@ class COCOStuff(_SkippingDataset):
         return self.lut[raw]
 
     def _load(self, index: int):
-        img = load_image(self.images[index])
+        img = load_image_tensor(self.images[index])
         mask = self.load_mask(index)
-        if mask.shape != (img.height, img.width):
+        h, w = (int(v) for v in img.shape[-2:])
+        if mask.shape != (h, w):
             raise DataError(f"label map {self.masks[index]} is {mask.shape[1]}x{mask.shape[0]} but image "
-                            f"{self.images[index]} is {img.width}x{img.height}; they must have the same size")
+                            f"{self.images[index]} is {w}x{h}; they must have the same size")
         return _to_sample(img, mask, self.transform)

@@ -7,9 +7,15 @@ random order per batch), grayscale, Gaussian blur (per-sample sigma, separable g
 solarization, then ImageNet normalisation. Every sample draws its own parameters, as the per-image
 CPU transforms do.
 
-Usage (in a LightningModule)::
+The loaders hand uint8 batches (crop + flip only on the CPU); `BatchAugment` converts them to float
+[0, 1] on the device first. Usage (in a LightningModule)::
 
     views = [aug(v) for aug, v in zip(loaders.batch_augment, batch)]   # loaders from build_ssl_loaders
+
+Segmentation: `SegBatchTransform(photometric)` is the device half of the segmentation train pipelines
+(core/data/transforms.py `seg_batch_transform`): uint8 (B, 3, H, W) -> mmseg's PhotoMetricDistortion per
+sample (`BatchPhotoMetricDistortion`, mmseg pipeline only) -> /255 -> ImageNet normalisation -> pixels beyond
+each sample's valid (h, w) set to 0 (mmseg pads after normalising).
 """
 
 from __future__ import annotations
@@ -185,3 +191,100 @@ class BatchAugment:
 
 def batch_augments_for(view_params: Sequence[ViewParams]) -> list[BatchAugment]:
     return [BatchAugment(vp) for vp in view_params]
+
+
+class BatchPhotoMetricDistortion:
+    """mmseg's ``PhotoMetricDistortion`` (open-mmlab/mmsegmentation mmseg/datasets/transforms/transforms.py) on
+    a whole (B, 3, H, W) batch on the 0-255 scale, every sample drawing its own parameters: brightness (+delta
+    uniform in +-`brightness_delta`, p 0.5), contrast (x alpha in `contrast_range`, p 0.5) either second or last
+    (mode drawn per sample), saturation (HSV S x alpha, p 0.5), hue (+ an integer delta in [-hue_delta,
+    hue_delta) of OpenCV's 0-180 scale, p 0.5); clipped to 0-255 and floored after each step as mmseg's
+    ``astype(np.uint8)``. The same arithmetic as the per-image `core.data.transforms.PhotoMetricDistortion`
+    (tests compare them on the same parameters). Every step is per pixel."""
+
+    def __init__(self, brightness_delta: int = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
+                 saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18):
+        self.brightness_delta = int(brightness_delta)
+        self.contrast_range = (float(contrast_range[0]), float(contrast_range[1]))
+        self.saturation_range = (float(saturation_range[0]), float(saturation_range[1]))
+        self.hue_delta = int(hue_delta)
+
+    def draw(self, b: int, device, generator: Optional[torch.Generator] = None) -> dict:
+        """Per-sample parameters: ``on_*`` (bool (B,)), ``mode`` (1: contrast second, 0: last), values."""
+        def u(lo, hi):
+            return torch.rand(b, device=device, generator=generator) * (hi - lo) + lo
+
+        def coin():
+            return torch.rand(b, device=device, generator=generator) < 0.5
+
+        d = self.brightness_delta
+        return {"on_b": coin(), "delta_b": u(-d, d), "mode": coin(), "on_c": coin(), "alpha_c": u(*self.contrast_range),
+                "on_s": coin(), "alpha_s": u(*self.saturation_range), "on_h": coin(),
+                "delta_h": torch.randint(-self.hue_delta, self.hue_delta, (b,), device=device, generator=generator)}
+
+    @staticmethod
+    def _u8(x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0, 255).floor()
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        v4 = (-1, 1, 1, 1)
+
+        def sel(on, new, old):
+            return torch.where(on.view(v4), new, old)
+
+        x = sel(p["on_b"], self._u8(x + p["delta_b"].view(v4)), x)
+        contrast = p["on_c"] & p["mode"]
+        x = sel(contrast, self._u8(x * p["alpha_c"].view(v4)), x)
+        # saturation: scale HSV S (hue and V = max channel kept), S clipped to 1
+        v = x.amax(1, keepdim=True)
+        s = (v - x.amin(1, keepdim=True)) / v.clamp_min(1e-6)
+        a = torch.minimum(p["alpha_s"].view(v4).expand_as(s), 1.0 / s.clamp_min(1e-6))
+        x = sel(p["on_s"], self._u8(v - a * (v - x) + 1e-4), x)
+        # hue on OpenCV's 0-180 scale: delta / 180 of the circle
+        hsv = _rgb_to_hsv(x / 255.0)
+        hsv[:, 0] = torch.remainder(hsv[:, 0] + (p["delta_h"].to(x.dtype) / 180.0).view(-1, 1, 1), 1.0)
+        x = sel(p["on_h"], self._u8(_hsv_to_rgb(hsv) * 255.0 + 1e-4), x)
+        contrast = p["on_c"] & ~p["mode"]
+        return sel(contrast, self._u8(x * p["alpha_c"].view(v4)), x)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.apply(x.float(), self.draw(x.shape[0], x.device, generator))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(brightness_delta={self.brightness_delta}, contrast_range={self.contrast_range}, "
+                f"saturation_range={self.saturation_range}, hue_delta={self.hue_delta})")
+
+
+class SegBatchTransform:
+    """The device half of a segmentation train pipeline: a uint8 (B, 3, H, W) batch (the CPU cropped, flipped
+    and padded it) -> [`BatchPhotoMetricDistortion` when ``photometric``] -> /255 -> (x - mean) / std -> the
+    pixels beyond each sample's ``valid`` (B, 2) = (h, w) set to 0 (mmseg pads the normalised image with 0).
+    A float batch is taken as already normalised and returned unchanged (CPU transforms of old)."""
+
+    def __init__(self, photometric: bool = False, mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
+        self.photometric = bool(photometric)
+        self.distort = BatchPhotoMetricDistortion() if self.photometric else None
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        y = x.float()
+        if self.distort is not None:
+            y = self.distort(y, generator)
+        mean = torch.tensor(self.mean, device=y.device, dtype=y.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=y.device, dtype=y.dtype).view(1, 3, 1, 1)
+        y = (y / 255.0 - mean) / std
+        if valid is not None:
+            valid = valid.to(y.device).view(-1, 2)
+            h, w = y.shape[-2:]
+            keep = ((torch.arange(h, device=y.device).view(1, h, 1) < valid[:, 0].view(-1, 1, 1))
+                    & (torch.arange(w, device=y.device).view(1, 1, w) < valid[:, 1].view(-1, 1, 1)))
+            y = y * keep.unsqueeze(1).to(y.dtype)
+        return y
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(photometric={self.photometric})"

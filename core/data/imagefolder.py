@@ -2,7 +2,9 @@
 ``train/n01440764/*.JPEG``) or a flat folder of images, or any explicit list of paths.
 
 `UnlabeledImages(paths, transform)` is the dataset behind every SSL source (VOC lists too):
-``ds[i] -> transform(PIL RGB image)`` (or a uint8 (3, H, W) tensor without transform). Corrupt
+``ds[i] -> transform(PIL RGB image)`` (or a uint8 (3, H, W) tensor without transform); a transform with
+``tensor_input = True`` (the SSL `MultiViewTransform`) gets the uint8 (3, H, W) tensor decoded straight from
+the file (`core.data.voc.load_image_tensor`, no PIL image object). Corrupt
 files -> one-line DataError naming the file, or skipped and counted with ``corrupt_policy="skip"``.
 """
 
@@ -12,10 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
-import torch
-
-from core.data.voc import _SkippingDataset, load_image
+from core.data.voc import _SkippingDataset, load_image, load_image_tensor
 from core.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -72,11 +71,11 @@ class UnlabeledImages(_SkippingDataset):
         return f"{self.name} ({len(self.paths)} files from {self.paths[0].parent})"
 
     def _load(self, index: int):
-        img = load_image(self.paths[index])
-        if self.transform is not None:
-            out = self.transform(img)
+        if self.transform is None or getattr(self.transform, "tensor_input", False):
+            img = load_image_tensor(self.paths[index])
+            out = img if self.transform is None else self.transform(img)
         else:
-            out = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+            out = self.transform(load_image(self.paths[index]))
         if self.labels is not None:
             return out, self.labels[index]
         return out

@@ -4,16 +4,20 @@
   method's `MultiViewTransform` (its registry entry builds it, core/methods/registry.py):
   ``.train`` yields a list of views per batch: ``[v1 (B,3,S,S), v2 (B,3,S,S)]`` for Barlow Twins,
   ``[g1, g2, l1..ln]`` for DINO (globals at image_size, locals at ``.view_sizes[2:]``). When the
-  transform was built with ``gpu_augment=True`` the views are float in [0, 1] (crop + flip only) and
-  ``.batch_augment`` holds one `BatchAugment` per view to apply on the device (colour, blur,
-  solarize, then normalise); otherwise views are already normalised and ``.batch_augment`` is None.
+  transform was built with ``gpu_augment=True`` the views are uint8 (crop + flip only: a quarter of float32's
+  bytes to collate, hand over and copy) and ``.batch_augment`` holds one `BatchAugment` per view to apply on
+  the device (float conversion, colour, blur, solarize, then normalise); otherwise views are already
+  normalised floats and ``.batch_augment`` is None.
   ``.knn_train`` / ``.knn_val`` yield ``(image (B,3,S,S) normalised, label (B,) int64)`` for the
   k-NN monitor (VOC: image label = largest non-background class of the seg mask; seg train / val).
 - `build_seg_loaders(data_cfg, batch_size, eval_scale=None, eval_max_long=None, train_pipeline="simple",
   crop_size=None, train_scale=None, cat_max_ratio=0.75, train_split="train")` (train side from a
   SegmentConfig: `seg_train_kwargs(cfg)`) -> `SegLoaders` with
-  ``.train`` yielding ``(image (B,3,S,S) float normalised, mask (B,S,S) int64, 255 = ignore)`` (S = image_size,
-  or crop_size with the mmseg pipeline) and
+  ``.train`` yielding ``(image (B,3,S,S) uint8, mask (B,S,S) uint8, 255 = ignore)`` (S = image_size), or with
+  the mmseg pipeline ``(image, mask, valid (B,2) int64)`` (S = crop_size; valid = each crop's unpadded h, w):
+  the device half of the pipeline (`core.data.transforms.seg_batch_transform`: [photometric distortion],
+  normalisation, padding 0) runs in `SegmentationMethod` after the host-to-device copy, masks become int64
+  there; and
   ``.val`` yielding dicts (`seg_val_collate`) for scoring at the ORIGINAL resolution: ``image``
   (B,3,h,w) = each image resized keeping its aspect ratio (short side ``eval_scale``, default
   image_size; `core.data.transforms.SegValTransform`) at the top left, zero padded (after
@@ -24,6 +28,8 @@
   even the ranks out, which would count their pixels twice).
 
 ``data_cfg.root is None`` -> the generated dataset (`core.data.synthetic.default_voc_root`).
+Bad data is refused in one line before training: split lists with repeated ids or a train/val overlap
+(`core.data.voc`), val masks without any labelled pixel (`check_val_labelled`, also in `validate_data`).
 """
 
 from __future__ import annotations
@@ -105,6 +111,36 @@ class KNNDataset(Dataset):
         img, mask = self.seg_ds[i]
         label = image_label_from_mask(mask, self.num_classes, self.background, IGNORE_INDEX)
         return self.transform(img), label
+
+
+class _ImagesWithMasks(Dataset):
+    """(normalised (S,S) image, ORIGINAL mask) of the segmentation dataset under a `KNNDataset`."""
+
+    def __init__(self, knn_ds: KNNDataset):
+        self.knn_ds = knn_ds
+
+    def __len__(self) -> int:
+        return len(self.knn_ds.seg_ds)
+
+    def __getitem__(self, i: int):
+        img, mask = self.knn_ds.seg_ds[i]
+        return self.knn_ds.transform(img), torch.as_tensor(mask).long()
+
+
+def knn_mask_loader(knn_loader: Optional[DataLoader]) -> Optional[DataLoader]:
+    """The images of a k-NN loader (same dataset, same (S,S) images, same batch size, in order) with their
+    segmentation masks at the original resolution: batches ``(images (B,3,S,S), [mask (H_i,W_i) int64, ...])``
+    for the dense evaluations of a pretraining (core/metrics/attention_jaccard.py, dense_probe.py). None when
+    the k-NN images have no masks (imagefolder sources)."""
+    ds = getattr(knn_loader, "dataset", None)
+    if not isinstance(ds, KNNDataset):
+        return None
+    return DataLoader(_ImagesWithMasks(ds), batch_size=knn_loader.batch_size, shuffle=False,
+                      num_workers=knn_loader.num_workers, collate_fn=_images_masks_collate)
+
+
+def _images_masks_collate(samples: list) -> tuple:
+    return torch.stack([x for x, _ in samples]), [m for _, m in samples]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -357,6 +393,7 @@ def build_seg_loaders(data_cfg, batch_size: int, seed: int = 0, val_batch_size: 
         tr = VOCSegmentation(root, train_split, train_tf, pol, data_cfg.limit_train)
         va = VOCSegmentation(root, "val", val_tf, pol, data_cfg.limit_val)
         num_classes, names = NUM_CLASSES, VOC_CLASSES
+    check_val_labelled(va)
     train = _loader(tr, data_cfg, batch_size, True, len(tr) > int(batch_size), seed)
     val = _loader(va, data_cfg, val_batch_size or batch_size, False, False, seed, collate_fn=seg_val_collate,
                   sampler=EvalShardSampler(va))
@@ -364,13 +401,36 @@ def build_seg_loaders(data_cfg, batch_size: int, seed: int = 0, val_batch_size: 
                       palette=list(VOC_PALETTE), root=root, train_dataset=tr, val_dataset=va)
 
 
+def check_val_labelled(val_ds) -> None:
+    """Refuse (one-line DataError) a val set whose masks hold no labelled pixel at all (every pixel 255): the
+    scores would be undefined (metrics.json of nulls, then a crash). Reads masks only until the first labelled
+    pixel (normally the first mask), so it is cheap on a good set; a corrupt mask raises as it would in training
+    (or is skipped with corrupt_policy=skip)."""
+    n = len(val_ds)
+    for i in range(n):
+        try:
+            m = val_ds.load_mask(i)
+        except DataError:
+            if getattr(val_ds, "corrupt_policy", "stop") == "skip":
+                continue
+            raise
+        if bool((np.asarray(m) != IGNORE_INDEX).any()):
+            return
+    where = val_ds.describe() if hasattr(val_ds, "describe") else "the val set"
+    raise DataError(f"all {n} val masks of {where} are 255 (ignore) everywhere: no labelled pixel to score; "
+                    f"check the masks (class ids 0..{NUM_CLASSES - 1} for VOC, 255 = void) or the val split list")
+
+
 def validate_data(data_cfg, stage: str = "both", train_split: str = "train") -> Path:
-    """Pre-flight check (layout, split lists, listed files) without loading pixels; returns the root.
+    """Pre-flight check (layout, split lists and their train/val overlap or repeated ids, listed files) and, for
+    segmentation, that the val masks hold a labelled pixel (`check_val_labelled`: reads masks up to the first
+    labelled one); returns the root.
 
     ``stage``: "pretrain", "segment" or "both"; ``train_split``: the segmentation training split
     (train | trainaug, VOC). Raises DataError / ConfigError with one line.
     """
     root = data_root(data_cfg)
+    lim = data_cfg.limit_val
     if data_cfg.dataset == "voc":
         if stage in ("pretrain", "both"):
             if data_cfg.ssl_root:
@@ -378,10 +438,14 @@ def validate_data(data_cfg, stage: str = "both", train_split: str = "train") -> 
             else:
                 voc_ssl_images(root, data_cfg.ssl_split)
         VOCSegmentation(root, train_split if stage == "segment" else "train")
-        VOCSegmentation(root, "val")
+        va = VOCSegmentation(root, "val", corrupt_policy=data_cfg.corrupt_policy, limit=lim)
+        if stage in ("segment", "both"):
+            check_val_labelled(va)
     elif data_cfg.dataset == "coco_stuff":
         COCOStuff(root, "train", data_cfg.coco_labels)
-        COCOStuff(root, "val", data_cfg.coco_labels)
+        va = COCOStuff(root, "val", data_cfg.coco_labels, corrupt_policy=data_cfg.corrupt_policy, limit=lim)
+        if stage in ("segment", "both"):
+            check_val_labelled(va)
     else:
         if stage == "segment":
             raise ConfigError("data.dataset=imagefolder has no masks; segmentation needs voc or coco_stuff")

@@ -14,7 +14,10 @@ Collapse monitors (the DINO paper's section 5.3 / Fig. 7 analysis): each call le
 (detached tensors, no host sync) the decomposition of its cross-entropy, H(q, p) = h(q) + KL(q || p):
 `teacher_entropy` = mean over the global crops and the batch of h(q) (ln K for a uniform collapse, 0 for a
 one-hot collapse) and `teacher_student_kl` = the mean over the same crop pairs as the loss of KL(q || p)
-(0 in both collapses). `teacher_entropy + teacher_student_kl == loss`.
+(0 in both collapses). `teacher_entropy + teacher_student_kl == loss`. `teacher_batch_entropy` = the
+entropy of the teacher's distribution averaged over the batch (both global crops), h(mean_b q): ln of the
+effective number of output dimensions the batch uses; it tells a healthy sharp teacher (each image its own
+dimensions: high) from a one-hot collapse (every image the same dimension: 0), which both have a low h(q).
 """
 
 from __future__ import annotations
@@ -100,7 +103,10 @@ class DINOLoss(nn.Module):
                     n_terms += 1
             loss = total / max(n_terms, 1)
             h_mean = entropy.detach() / max(n_terms, 1)
-            self.last_stats = {"teacher_entropy": h_mean, "teacher_student_kl": loss.detach() - h_mean}
+            q_bar = torch.cat(q_all).mean(dim=0)
+            h_batch = torch.sum(-q_bar * torch.log(q_bar.clamp_min(1e-30)))
+            self.last_stats = {"teacher_entropy": h_mean, "teacher_student_kl": loss.detach() - h_mean,
+                               "teacher_batch_entropy": h_batch.detach()}
         if self.training:
             self.update_center(teacher_f)
         return loss

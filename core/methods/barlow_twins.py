@@ -76,6 +76,7 @@ class BarlowTwinsMethod(SSLMethod):
         self.log("train/cc_diag_mean", torch.diagonal(c).mean(), on_step=False, on_epoch=True, batch_size=bs)
         self.log("train/cc_offdiag_rms", off_diagonal(c).pow(2).mean().sqrt(), on_step=False, on_epoch=True,
                  batch_size=bs)
+        self.log_embedding_std("train/proj_std", z1.detach())  # collapse monitor of the projector output
         return loss
 
     @torch.no_grad()

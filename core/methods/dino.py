@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
 CLIP_GRAD = 3.0
 FREEZE_LAST_LAYER_EPOCHS = 1
+UNIFORM_ENTROPY_FRACTION = 0.9  # collapse rule: teacher entropy >= this x ln K (DINOMethod.collapse_reason)
+ONE_HOT_BATCH_ENTROPY = math.log(2)  # collapse rule: batch-averaged teacher entropy below this
 
 
 def clip_gradients_per_param(module: nn.Module, clip: float) -> None:
@@ -61,14 +64,16 @@ class DINOOptions(ConfigBase):
 
     out_dim: int = 1024
     """Output dimension K of the DINO head (official 65536)."""
-    teacher_temp: float = 0.07
+    teacher_temp: float = 0.02
     """Teacher softmax temperature after the warmup (main_dino.py default 0.04; its README's ViT-S/16 300-epoch
-    run: 0.07 after a 30-epoch warmup)."""
-    warmup_teacher_temp: float = 0.04
-    """Teacher temperature at the start of the warmup (official 0.04)."""
-    warmup_teacher_temp_epochs: int = 2
+    run, the paper grid: 0.07 after a 30-epoch warmup). 0.02: the CPU recipe. A random tiny ViT's teacher is
+    already ~0.9 ln K at 0.04 (0.97 at 0.07, 0.69 at 0.02) and a short run at 0.04-0.07 ends in the uniform
+    collapse (docs/findings.md, "DINO's uniform collapse on the CPU")."""
+    warmup_teacher_temp: float = 0.02
+    """Teacher temperature at the start of the warmup (official 0.04; the CPU recipe: no warmup, 0.02)."""
+    warmup_teacher_temp_epochs: int = 0
     """Epochs of linear teacher-temperature warmup (official 30 with teacher_temp 0.07; capped at the run's
-    epochs)."""
+    epochs; the CPU recipe: 0)."""
     student_temp: float = 0.1
     """Student softmax temperature."""
     momentum: float = 0.996
@@ -102,7 +107,10 @@ class DINOMethod(SSLMethod):
                            "collapse, 0: one-hot collapse; DINO paper section 5.3)",
         "teacher_student_kl": "DINO: KL(teacher || student), last epoch's mean (0 in either collapse)",
         "teacher_entropy_uniform": "DINO: ln K, the teacher entropy of a uniform collapse (K = dino.out_dim)",
+        "teacher_batch_entropy": "DINO: entropy of the teacher's distribution averaged over each batch, last epoch's "
+                                 "mean (ln of the output dimensions a batch uses; 0: one-hot collapse)",
     }
+    collapse_monitor_keys = ("teacher_entropy", "teacher_batch_entropy", "embedding_std", "embedding_rank")
 
     def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
                  backbone: Optional[nn.Module] = None, head_hidden: Optional[int] = None,
@@ -180,15 +188,33 @@ class DINOMethod(SSLMethod):
         return loss
 
     def result_metrics(self, loader, device) -> dict:
-        """The collapse monitors of the last training epoch (logged per epoch as train/teacher_entropy and
-        train/teacher_student_kl) and ln K for reference."""
-        import math
-
-        logged = self.trainer.callback_metrics if self._trainer is not None else {}
-        out = {k: (float(logged[f"train/{k}"]) if f"train/{k}" in logged else None)
-               for k in ("teacher_entropy", "teacher_student_kl")}
+        """The collapse monitors of the last training epoch (logged per epoch as train/teacher_entropy,
+        train/teacher_student_kl, train/teacher_batch_entropy) and ln K for reference."""
+        out = {k: self.logged_metric(f"train/{k}")
+               for k in ("teacher_entropy", "teacher_student_kl", "teacher_batch_entropy")}
         out["teacher_entropy_uniform"] = math.log(self.cfg.dino.out_dim)
         return out
+
+    def collapse_reason(self, metrics: dict) -> Optional[str]:
+        """DINO's two collapses (paper section 5.3), read on the teacher's output over the last epoch:
+        - uniform: `teacher_entropy >= UNIFORM_ENTROPY_FRACTION (0.9) x ln K`. A randomly initialised
+          teacher already sits at ~0.90 ln K at temperature 0.04 (measured: vit_nano_patch8, K 256, 64 px:
+          0.896; 0.968 at 0.07), so a teacher that ends there learnt no sharper, image-specific targets
+          than a random network gives (its targets spread over >= K^0.9 of the K dimensions);
+        - one-hot: `teacher_batch_entropy < ln 2`: the batch's averaged teacher output uses fewer than 2
+          output dimensions, i.e. every image gets the same target (the per-image entropy is then ~0 too;
+          a healthy sharp teacher has a low per-image entropy but a high batch entropy);
+        then the embedding rule every method shares (core/diagnostics/collapse.py)."""
+        h, h_batch = metrics.get("teacher_entropy"), metrics.get("teacher_batch_entropy")
+        ln_k = math.log(self.cfg.dino.out_dim)
+        if h is not None and h >= UNIFORM_ENTROPY_FRACTION * ln_k:
+            return (f"uniform collapse: teacher_entropy {h:.3f} >= {UNIFORM_ENTROPY_FRACTION} x ln K "
+                    f"({UNIFORM_ENTROPY_FRACTION * ln_k:.3f}, K={self.cfg.dino.out_dim}): the teacher's targets "
+                    "are nearly uniform")
+        if h_batch is not None and h_batch < ONE_HOT_BATCH_ENTROPY:
+            return (f"one-hot collapse: teacher_batch_entropy {h_batch:.3f} < ln 2: every image gets the same "
+                    "teacher target")
+        return super().collapse_reason(metrics)
 
     # ------------------------------------------------------------------ official training details
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -217,4 +243,7 @@ METHOD = SSLMethodSpec(
     name="dino", label="DINO", short="dino",
     paper="Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021",
     options=DINOOptions, module=DINOMethod, views=multicrop_views, order=10,
+    # the CPU recipe: AdamW at lr 5e-4 with DINO's weight decay 0.04; at the shared default lr 2e-3 the
+    # student's noisy batch-32 steps average into a flat teacher: uniform collapse (docs/findings.md)
+    defaults={"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04},
 )

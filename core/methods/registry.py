@@ -13,6 +13,7 @@ and the rest of the code reads the registry instead of naming methods:
 - the pretraining run builds the views (`views(cfg, gpu_augment) -> MultiViewTransform`) and the
   LightningModule (`module`, a `core.methods.ssl_base.SSLMethod`) from the entry, and writes the
   module's `result_keys` into metrics.json;
+- `defaults` replace shared settings' defaults for this method (PretrainConfig.from_dict);
 - the grid names its trials with `short` and adds the method's `axes` (option field -> id token) to
   the stage-1 axes; the report labels rows with `label` (read back from metrics.json).
 
@@ -41,6 +42,10 @@ class SSLMethodSpec:
     views: Callable[[Any, bool], Any]  # (PretrainConfig, gpu_augment) -> MultiViewTransform
     axes: dict[str, str] = field(default_factory=dict)  # option fields that are grid axes -> id token
     order: int = 100  # position in listings (the default method first)
+    #: shared `PretrainSettings` values this method starts from instead of the field defaults (its own CPU
+    #: recipe, e.g. a learning rate); `PretrainConfig.from_dict` (the CLI, grid trials) applies them under
+    #: every value given explicitly, as segment.py applies an evaluation preset under explicit flags
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 _SPECS: Optional[dict[str, SSLMethodSpec]] = None

@@ -18,6 +18,11 @@ with the loss of `cfg.loss` (`core.losses.segmentation.build_seg_loss`, void 255
   configs/_base_/schedules/schedule_20k.py: ``PolyLR(eta_min=1e-4, power=0.9, begin=0, end=20000,
   by_epoch=False)`` with SGD lr 0.01), ``lr_t = eta_min + (lr - eta_min) (1 - t / T)^0.9`` per parameter
   group, eta_min = its base lr x ``cfg.min_lr_ratio`` (`poly_factor`), no warmup. The optimizer stays AdamW.
+- training batches arrive as the loaders make them: uint8 images (B, 3, S, S), uint8 masks (255 = void) and,
+  with the mmseg pipeline, each crop's valid (h, w) (`core.data.transforms.MMSegTrainTransform`); on the device
+  `seg_batch_transform(cfg.train_pipeline)` (`core.data.gpu_augment.SegBatchTransform`) does the rest of the
+  pipeline (mmseg: photometric distortion per sample; normalise; padded pixels 0) and the masks become int64
+  there. Float batches (already normalised) are used as they are.
 - CNN backbones run channels_last.
 - validation scores at the ORIGINAL resolution, as mmseg does (open-mmlab/mmsegmentation
   mmseg/models/segmentors/base.py `postprocess_result`): the val loader gives each image resized
@@ -54,6 +59,14 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         return batch["image"], batch["mask"]
     return batch[0], batch[1]
+
+
+def _train_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(images, masks, valid (B, 2) or None) of a training batch: ``(x, y)`` or ``(x, y, valid)`` (mmseg
+    pipeline: each crop's unpadded (h, w)) or a dict with "image", "mask" [, "valid"]."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["mask"], batch.get("valid")
+    return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
 
 
 def _val_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
@@ -153,6 +166,10 @@ class SegmentationMethod(pl.LightningModule):
         # optional torch.compile of the training forward (kept outside the module tree, so
         # checkpoints and state dicts keep their plain keys)
         self.__dict__["_train_forward"] = torch.compile(self.model) if cfg.compile else self.model
+        from core.data.transforms import seg_batch_transform
+
+        # the device half of the training pipeline (uint8 batch -> [photometric] -> normalised float)
+        self.batch_transform = seg_batch_transform(cfg.train_pipeline)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -167,8 +184,10 @@ class SegmentationMethod(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward / inference
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:  # loaders normally normalise; tolerate raw images
-            x = x.float() / 255.0
+        if x.dtype == torch.uint8:  # raw images (val loaders normalise): /255 and ImageNet normalisation
+            from core.methods.knn_monitor import prepare_images
+
+            x = prepare_images(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -221,8 +240,16 @@ class SegmentationMethod(pl.LightningModule):
             loss = loss + self.aux_loss_weight * ce(a)
         return loss, main
 
+    def train_inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised float images, int64 masks) on the device from a training batch (`_train_batch`): uint8
+        images go through `batch_transform` here, after the host-to-device copy."""
+        x, y, valid = _train_batch(batch)
+        if x.dtype == torch.uint8:
+            x = self.batch_transform(x, valid)
+        return x, y.long()
+
     def training_step(self, batch, batch_idx):
-        x, y = _split_batch(batch)
+        x, y = self.train_inputs(batch)
         if self.model.aux_heads is not None:
             logits, aux = self._train_forward(self._prep(x), with_aux=True)
             loss, _ = self.training_loss(logits, y.long(), aux)

@@ -17,7 +17,17 @@ Hooks a method may override:
   training on rank 0 alone (no collective call); `result_keys` documents each (key -> description,
   read by core/runs/metrics_schema.py);
 - `diagnostic_callbacks(every_n_epochs) -> list`: method-specific Lightning diagnostics;
-- `on_weights_loaded()`: called after a weight source was loaded into `self.backbone`.
+- `on_weights_loaded()`: called after a weight source was loaded into `self.backbone`;
+- `collapse_reason(metrics) -> Optional[str]`: the method's declared collapse rule on the final metrics
+  (default: core/diagnostics/collapse.py's embedding rule; DINO: its teacher's entropy), read by
+  `collapse_metrics`, which adds `embedding_std` / `embedding_rank` / `collapsed` / `collapse_reason` to
+  metrics.json and prints one warning line when the run collapsed.
+
+Collapse monitors (every method): at the end of each validation epoch, before the k-NN accuracy, the
+pooled features of the k-NN images give `val/embedding_std` and `val/embedding_rank`
+(`core.diagnostics.collapse.embedding_stats`; this process' images, no collective call); the last
+epoch's values are the metrics.json ones. `log_embedding_std(name, z)` logs the same std of a training
+batch's embeddings (the methods with a projector log its output as `train/proj_std`).
 """
 
 from __future__ import annotations
@@ -95,11 +105,13 @@ class SSLMethod(KNNMonitorMixin, pl.LightningModule):
         return self.backbone
 
     def prepare_view(self, x: Tensor, index: int = 0) -> Tensor:
-        x = prepare_images(x, self.device)
-        if self._gpu_aug:
+        if self._gpu_aug:  # uint8 views from the loader: the batch augment converts, augments and normalises
+            x = x.to(self.device, non_blocking=True)
             aug = self._gpu_aug[min(index, len(self._gpu_aug) - 1)]
             with torch.no_grad():
                 x = aug(x)
+        else:  # float views are normalised already; uint8 ones are normalised here
+            x = prepare_images(x, self.device)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -133,6 +145,59 @@ class SSLMethod(KNNMonitorMixin, pl.LightningModule):
     def diagnostic_callbacks(self, every_n_epochs: int) -> list:
         """Method-specific diagnostic callbacks (figures every `every_n_epochs` epochs)."""
         return []
+
+    # ------------------------------------------------------------------ collapse monitors
+    #: metrics a method's `collapse_reason` reads; `collapsed` is null when none of them was measured
+    collapse_monitor_keys: tuple[str, ...] = ("embedding_std", "embedding_rank")
+
+    def on_validation_epoch_end(self) -> None:
+        """The embedding statistics of the k-NN images' pooled features (before the k-NN monitor, which
+        clears its feature store), then the k-NN accuracy."""
+        from core.diagnostics.collapse import embedding_stats
+
+        store = getattr(self, "_knn_store", {})
+        feats = [f for idx in sorted(store) for f, _ in store[idx]]
+        z = torch.cat(feats) if feats else None
+        if z is not None and z.ndim == 2 and z.shape[0] >= 2:
+            for name, value in embedding_stats(z.float().cpu()).items():
+                self.log(f"val/{name}", value, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
+        super().on_validation_epoch_end()
+
+    def log_embedding_std(self, name: str, z: Tensor) -> None:
+        """Log the embedding std (core/diagnostics/collapse.py) of a training batch's embeddings per epoch."""
+        from core.diagnostics.collapse import embedding_std_tensor
+
+        if z.ndim == 2 and z.shape[0] >= 2:
+            self.log(name, embedding_std_tensor(z), on_step=False, on_epoch=True, batch_size=z.shape[0])
+
+    def logged_metric(self, name: str) -> Optional[float]:
+        """The last value logged under `name` (epoch mean for on_epoch logs), None when never logged."""
+        logged = self.trainer.callback_metrics if self._trainer is not None else {}
+        return float(logged[name]) if name in logged else None
+
+    def collapse_reason(self, metrics: dict) -> Optional[str]:
+        """The declared collapse rule: a one-line reason when the run collapsed, else None. Default: the
+        embedding rule of core/diagnostics/collapse.py (embedding_std < 0.05 or embedding_rank < 2)."""
+        from core.diagnostics.collapse import embedding_collapse_reason
+
+        return embedding_collapse_reason(metrics)
+
+    def collapse_metrics(self, metrics: dict) -> dict:
+        """`embedding_std`, `embedding_rank` (last validation epoch), `collapsed` (true / false; null when
+        no monitor the rule reads was measured) and `collapse_reason` (null unless collapsed), given the
+        run's other final metrics (`result_metrics`' keys included). Prints one warning line on collapse."""
+        import sys
+
+        out: dict[str, Any] = {"embedding_std": self.logged_metric("val/embedding_std"),
+                               "embedding_rank": self.logged_metric("val/embedding_rank")}
+        merged = {**metrics, **out}
+        reason = self.collapse_reason(merged)
+        measured = reason is not None or any(merged.get(k) is not None for k in self.collapse_monitor_keys)
+        out["collapsed"] = (reason is not None) if measured else None
+        out["collapse_reason"] = reason
+        if reason is not None:
+            print(f"twinseg: warning: {self.method_name} pretraining collapsed: {reason}", file=sys.stderr, flush=True)
+        return out
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

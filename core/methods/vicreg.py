@@ -61,8 +61,10 @@ class VICRegMethod(SSLMethod):
     def training_step(self, batch, batch_idx):
         views = unpack_views(batch)
         x1, x2 = self.prepare_view(views[0], 0), self.prepare_view(views[1], 1)
-        loss = self.loss_fn(self(x1), self(x2))
+        z1, z2 = self(x1), self(x2)
+        loss = self.loss_fn(z1, z2)
         bs = x1.shape[0]
+        self.log_embedding_std("train/proj_std", z1.detach())  # collapse monitor of the expander output
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         for name, value in self.loss_fn.last_terms.items():  # unweighted invariance / variance / covariance
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)

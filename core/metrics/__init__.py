@@ -1,4 +1,7 @@
-"""Metrics. Stable name: `SegmentationMetrics`; k-NN / linear-probe monitors live in `core.metrics.knn`."""
+"""Metrics. Stable name: `SegmentationMetrics`; k-NN / linear-probe monitors live in `core.metrics.knn`;
+DINO's attention-mask Jaccard in `core.metrics.attention_jaccard` and the frozen dense linear probe in
+`core.metrics.dense_probe` (import their functions from those modules: the package attribute of the same
+name is the submodule)."""
 
 from core.metrics.segmentation import SegmentationMetrics
 

@@ -4,7 +4,8 @@
     forward(x) -> (B, num_classes, H, W). It asks `backbone.forward_all` for the intermediate blocks
     the head declares (`head.needs_intermediates`) and for attention weights only when a fusion
     module needs them (`fusion.attention_blocks`), so plain runs keep fused attention.
-    - fusion 1 (`AttentionFeatureFusion`): CLS maps appended to the head input (`head.inject`);
+    - fusion 1 (`AttentionFeatureFusion`): CLS maps (Swin: the attention each token receives) appended to
+      the head input (`head.inject`);
     - fusion 2 (`AttentionAffinityFusion`): the head's native logits are propagated on the patch
       grid, then upsampled;
     - none: the head's logits bilinearly upsampled to the input size.

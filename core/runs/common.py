@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
+from core.config import check_wandb  # noqa: F401  (re-exported for the runs)
 from core.errors import ConfigError
 from core.io import METRICS_FILE, atomic_write_text, read_metrics  # noqa: F401  (re-exported for the runs)
 
@@ -222,9 +224,16 @@ def make_trainer(
     )
     if val_every_steps is not None:
         kwargs.update(check_val_every_n_epoch=None, val_check_interval=int(val_every_steps))
+    # checkpoints are written atomically in the run folder itself (make_checkpoint_io), unless the
+    # launcher brings its own CheckpointIO
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
     if ddp is None:
-        return pl.Trainer(**kwargs)
-    kwargs.update(devices="auto", strategy=ddp.strategy, plugins=list(ddp.plugins))
+        return pl.Trainer(**kwargs, plugins=[make_checkpoint_io()])
+    plugins = list(ddp.plugins)
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(make_checkpoint_io())
+    kwargs.update(devices="auto", strategy=ddp.strategy, plugins=plugins)
     trainer = pl.Trainer(**kwargs)
     return ddp.prepare(trainer) if ddp.prepare is not None else trainer
 
@@ -286,3 +295,283 @@ def finish_wandb(loggers: list) -> None:
             except Exception as e:  # noqa: BLE001 - logging must never fail a finished run, but say so
                 warnings.warn(f"wandb: closing the run failed ({type(e).__name__}: {e}); the local CSV logs "
                               "are complete", RuntimeWarning, stacklevel=2)
+
+
+# --------------------------------------------------------------------------- reliability
+def lr_hint(cfg) -> str:
+    """The 'likely cause' part of a non-finite message: the configured learning rate."""
+    lr = getattr(cfg, "lr", None)
+    return (f"the learning rate (lr={lr:g}) is likely too high; lower --lr" if isinstance(lr, (int, float))
+            else "the learning rate is likely too high; lower --lr")
+
+
+class NonFiniteLossCallback(Callback):
+    """Stops training with `core.errors.NonFiniteError` (one line: step, value, likely cause) as soon as
+    the training loss is NaN / inf. The check is cheap: on the CPU every step; on a GPU a device-side
+    flag is OR-ed every step (no host sync) and read every `every` steps and at each epoch end, so a
+    diverged run stops within `every` steps. It runs before ModelCheckpoint's epoch-end save (Lightning
+    calls monitoring callbacks last), so no checkpoint of diverged weights is written at that epoch."""
+
+    def __init__(self, hint: str = "", every: int = 50):
+        super().__init__()
+        self.hint, self.every = hint, int(every)
+        self._bad = None  # device flag: a non-finite loss was seen since the last check
+        self._first = None  # (step, value) of the first bad one, recorded on the device
+
+    @staticmethod
+    def _loss(outputs):
+        if isinstance(outputs, dict):
+            outputs = outputs.get("loss")
+        return outputs.detach() if isinstance(outputs, torch.Tensor) else None
+
+    def _raise(self, trainer, value: float, step: int) -> None:
+        from core.errors import NonFiniteError
+
+        raise NonFiniteError(f"training diverged: the loss is {value} at step {step} (epoch {trainer.current_epoch}); "
+                             f"{self.hint or 'the learning rate is likely too high'}; no result was written")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = self._loss(outputs)
+        if loss is None:
+            return
+        step = int(trainer.global_step)
+        if loss.device.type == "cpu":  # no sync cost: check every step
+            v = float(loss.float().mean()) if loss.numel() != 1 else float(loss)
+            if not math.isfinite(v):
+                self._raise(trainer, v, step)
+            return
+        bad = ~torch.isfinite(loss).all()
+        if self._bad is None:
+            self._bad = bad.clone()
+            self._first = torch.where(bad, loss.float().reshape(-1)[0], torch.zeros((), device=loss.device))
+            self._first_step = torch.full((), step, device=loss.device)
+        else:
+            first_new = bad & ~self._bad
+            self._first = torch.where(first_new, loss.float().reshape(-1)[0], self._first)
+            self._first_step = torch.where(first_new, torch.full_like(self._first_step, step), self._first_step)
+            self._bad |= bad
+        if self.every > 0 and (batch_idx + 1) % self.every == 0:
+            self._check(trainer)
+
+    def _check(self, trainer) -> None:
+        if self._bad is not None and bool(self._bad):
+            self._raise(trainer, float(self._first), int(self._first_step))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer)
+
+
+def check_finite_metrics(metrics: dict, hint: str = "") -> None:
+    """The run's scalar results (top-level float values) must be finite: a NaN / inf accuracy, loss or
+    statistic means the training (or the evaluation on its features) diverged -> NonFiniteError. Lists
+    (per-class IoU, NaN for a class absent from val) are not checked."""
+    from core.errors import NonFiniteError
+
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise NonFiniteError(f"the run's results are not finite ({', '.join(f'{k}={metrics[k]}' for k in bad)}); "
+                             f"{hint or 'the learning rate is likely too high'}; no result was written")
+
+
+# ----- RNG states: saved in every checkpoint, restored at resume (a killed-and-resumed run = uninterrupted)
+RNG_KEY = "twinseg_rng"
+
+
+def loader_generators(*loaders) -> list:
+    """The distinct torch.Generators of `loaders` (DataLoaders, or lists / tuples / dicts of them), in
+    order: shuffle order and worker base seeds come from them (core.data.module gives each DataLoader its
+    own seeded generator, so they are not part of torch's global state)."""
+    out: list = []
+
+    def walk(x) -> None:
+        if isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        else:
+            g = getattr(x, "generator", None)
+            if isinstance(g, torch.Generator) and all(g is not h for h in out):
+                out.append(g)
+
+    walk(list(loaders))
+    return out
+
+
+def collect_rng_states(generators: Iterable = ()) -> dict:
+    """torch (CPU and every CUDA device), numpy, python `random` and the DataLoader generators, as
+    plain tensors / numbers (a checkpoint stays loadable with weights_only=True)."""
+    import random
+
+    import numpy as np
+
+    py = random.getstate()
+    npst = np.random.get_state()
+    out = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": int(py[0]), "state": torch.tensor(py[1], dtype=torch.int64),
+                   "gauss": py[2]},
+        "numpy": {"keys": torch.from_numpy(npst[1].astype(np.int64)), "pos": int(npst[2]),
+                  "has_gauss": int(npst[3]), "gauss": float(npst[4])},
+        "loaders": [g.get_state() for g in generators],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng_states(state: dict, generators: Iterable = ()) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])[: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+    gens, saved = list(generators), list(state.get("loaders", []))
+    if len(gens) == len(saved):
+        for g, st in zip(gens, saved):
+            g.set_state(st)
+    else:
+        warnings.warn(f"resume: {len(saved)} saved DataLoader generator states for {len(gens)} loaders; the data "
+                      "order after the resume differs from an uninterrupted run", RuntimeWarning, stacklevel=2)
+
+
+class RngStateCallback(Callback):
+    """Saves the RNG states (torch CPU / CUDA, numpy, python, and the DataLoaders' own generators, given
+    as `generators`: `loader_generators(...)` of the loaders passed to fit) into every checkpoint and
+    restores them at resume, in `on_load_checkpoint`: Lightning calls it before anything of the resumed
+    fit draws a random number (a resumed fit makes its first DataLoader iterator, and prefetches the first
+    batch, in `FitLoop.setup_data`, before `on_train_start`). The epoch-end checkpoint is the last thing
+    of its epoch (ModelCheckpoint runs after every other epoch-end hook), so the saved states are those the
+    next epoch starts from. Lightning itself does not checkpoint these RNGs (lightning.pytorch 2.6
+    `_CheckpointConnector.dump_checkpoint`).
+    Exact equality with an uninterrupted run holds for epoch-end checkpoints with `data.num_workers=0`;
+    with workers, the (persistent) worker processes' own RNG states are not checkpointable, so their
+    augmentations differ after a resume."""
+
+    def __init__(self, generators: Iterable = ()):
+        super().__init__()
+        self.generators = list(generators)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[RNG_KEY] = collect_rng_states(self.generators)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        state = checkpoint.get(RNG_KEY)
+        if state is not None:
+            restore_rng_states(state, self.generators)
+
+
+# ----- crash-safe checkpoints
+def _write_all(fd: int, data) -> None:
+    """Write `data` (bytes / memoryview) to `fd` completely (a module function so tests can inject ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def disk_full_message(folder: Path, needed: int, what: str) -> str:
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+        free_s = f"{free / 2**20:.1f} MB free"
+    except OSError:
+        free_s = "free space unknown"
+    return (f"no space left on the device holding {folder}: writing {what} needs {needed / 2**20:.1f} MB "
+            f"({free_s}); free some space and rerun the same command to resume from the last complete checkpoint")
+
+
+def atomic_save_bytes(data: bytes, path: Path, what: str = "the checkpoint") -> None:
+    """Write `data` to `path` atomically in `path`'s own folder: temp file, fsync, os.replace, fsync of
+    the folder. A kill leaves the old file or the new one, never a truncated one; disk full (ENOSPC /
+    EDQUOT) leaves the old file and raises StorageError naming the folder and the space needed."""
+    import errno
+    import tempfile
+
+    from core.errors import StorageError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(disk_full_message(path.parent, len(data), what)) from None
+        raise
+    try:  # the rename itself survives a power loss once the folder is synced
+        dfd = os.open(str(path.parent), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def make_checkpoint_io():
+    """Lightning CheckpointIO that writes checkpoints with `atomic_save_bytes` in the run folder itself.
+    Lightning's TorchCheckpointIO goes through fsspec's transaction, whose temp file lives in $TMPDIR
+    (fsspec LocalFileOpener: tempfile.mkstemp(), then shutil.move): across filesystems that move is a
+    copy, so a kill or a full disk during it leaves a truncated last.ckpt."""
+    import io
+
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            if storage_options is not None:
+                raise TypeError("AtomicCheckpointIO takes no storage_options")
+            buf = io.BytesIO()
+            torch.save(checkpoint, buf)
+            atomic_save_bytes(buf.getbuffer(), Path(path))
+
+    return AtomicCheckpointIO()
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why `path` (a torch zip checkpoint) is unreadable (truncated, bad CRC), or None when it is intact.
+    Reads the zip's central directory and checks every member's CRC; does not unpickle anything."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
+        return f"{type(e).__name__}: {str(e)[:80]}"
+    return None if bad is None else f"member {bad} is corrupt (CRC mismatch)"
+
+
+def usable_checkpoint(out_dir: Path) -> Optional[Path]:
+    """checkpoints/last.ckpt when it is intact; an unreadable one (from a kill during a non-atomic write,
+    a copy cut short, a bad disk) is set aside as last.ckpt.corrupt-<time> with a warning naming it, and
+    the run restarts from scratch (None): there is no older checkpoint to go back to, since each save
+    replaces the previous one atomically."""
+    import time
+
+    p = last_checkpoint(out_dir)
+    if p is None:
+        return None
+    why = checkpoint_problem(p)
+    if why is None:
+        return p
+    aside = p.with_name(f"{p.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(p, aside)
+    warnings.warn(f"{p} is unreadable ({why}); set aside as {aside.name}, the run restarts from scratch",
+                  RuntimeWarning, stacklevel=2)
+    return None

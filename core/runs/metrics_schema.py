@@ -24,6 +24,10 @@ COMMON: dict[str, str] = {
     "images_per_s": "training images per second (all views of an image count once)",
     "train_images": "training images seen",
     "peak_mem_mb": "peak device memory (MB; CPU: peak RSS)",
+    "flops_per_image": "forward + backward FLOPs of one training image with all its views, counted at run start "
+                       "(core/flops.py, torch FlopCounterMode, FMA = 2 FLOPs); null when not countable",
+    "mfu": "model FLOPs utilisation: flops_per_image x images_per_s / (dense bf16 peak x GPUs), a fraction; "
+           "null on the CPU and on a GPU not in core/flops.py PEAK_BF16_TFLOPS",
     "workers": "DDP workers (only when > 1)",
     "device_seconds_per_worker": "device seconds of each DDP worker (only when > 1)",
 }
@@ -38,6 +42,15 @@ PRETRAIN: dict[str, str] = {
     "dense_rank_init": "the same before pretraining",
     "dense_local_var": "share of the dense features' variance within images, after pretraining",
     "dense_local_var_init": "the same before pretraining",
+    "attn_jaccard": "DINO's attention-mask Jaccard (%) after pretraining: last-block attention maps thresholded "
+                    "to 60% of their mass vs each val object, best head per object, mean per image then over "
+                    "images (core/metrics/attention_jaccard.py); null without attention maps (CNNs) or masks",
+    "attn_jaccard_init": "the same before pretraining",
+    "attn_jaccard_heads": "the same score with each head fixed, one value (%) per head, after pretraining",
+    "dense_probe_miou": "val mIoU (%) of a linear classifier on the frozen dense features, fitted on the train "
+                        "masks with a bounded budget (core/metrics/dense_probe.py), after pretraining; null "
+                        "without masks or with dense_probe_steps 0",
+    "dense_probe_miou_init": "the same before pretraining",
     "final_loss": "training loss of the last epoch",
     "knn_k": "neighbours of the k-NN monitor",
     "knn_backbone": "which backbone is evaluated and exported (backbone | teacher_backbone)",
@@ -46,6 +59,12 @@ PRETRAIN: dict[str, str] = {
     "ssl_source": "where they came from, e.g. voc:train",
     "gpu_augment": "whether colour/blur/solarize ran on whole batches on the device",
     "weights_loaded": "tensors loaded from the weight source",
+    "embedding_std": "collapse monitor: mean per-dimension std of the L2-normalised pooled embeddings of the k-NN "
+                     "images x sqrt(d), last epoch (~1 isotropic, 0 complete collapse; core/diagnostics/collapse.py)",
+    "embedding_rank": "collapse monitor: effective rank (RankMe) of the same embeddings, last epoch",
+    "collapsed": "true when the method's collapse rule (SSLMethod.collapse_reason) fired, false when not, null "
+                 "when none of its monitors was measured",
+    "collapse_reason": "one line: which collapse and the numbers that show it; null unless collapsed",
 }
 
 SEGMENT: dict[str, str] = {

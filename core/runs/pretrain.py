@@ -46,6 +46,28 @@ def _final_loss(trainer) -> Optional[float]:
     return None
 
 
+def dense_evaluations(backbone, loaders, cfg, device) -> dict:
+    """What the dense features and attention maps of ``backbone`` segment, on the k-NN images WITH their
+    masks (`core.data.module.knn_mask_loader`: same datasets, original masks): ``{"attn": DINO's attention-mask
+    Jaccard dict (core/metrics/attention_jaccard.py) or None (no attention maps: CNNs), "probe": frozen dense
+    linear-probe val mIoU (core/metrics/dense_probe.py) or None (probe off)}``; both None without masks
+    (imagefolder sources)."""
+    from core.data.module import knn_mask_loader
+    from core.metrics.attention_jaccard import attention_jaccard
+    from core.metrics.dense_probe import dense_probe
+
+    train, val = knn_mask_loader(loaders.knn_train), knn_mask_loader(loaders.knn_val)
+    if train is None or val is None:
+        return {"attn": None, "probe": None}
+    background = 0 if cfg.data.dataset == "voc" else None  # COCO-Stuff: every label is an object
+    attn = attention_jaccard(backbone, val, device, background=background)
+    probe = None
+    if cfg.dense_probe_steps > 0:
+        probe = dense_probe(backbone, train, val, device, num_classes=loaders.knn_num_classes,
+                            steps=cfg.dense_probe_steps)
+    return {"attn": attn, "probe": probe}
+
+
 class PretrainRun(StageRun):
     stage = "pretrain"
     artifact = BACKBONE
@@ -72,17 +94,19 @@ class PretrainRun(StageRun):
         self.has_knn = self.loaders.knn_train is not None and self.loaders.knn_val is not None
 
     def evaluate(self, linear_probe: bool) -> dict:
-        """k-NN (and linear probe) on the pooled features, and how local the dense features are (what
-        a segmentation head builds on), on the k-NN images, with the backbone the method exports."""
+        """k-NN (and linear probe) on the pooled features, how local the dense features are (what a
+        segmentation head builds on), and what the attention maps and a frozen linear probe on the dense
+        features segment (`dense_evaluations`), on the k-NN images, with the backbone the method exports."""
         from core.diagnostics.dense_features import dense_feature_stats
         from core.methods.knn_monitor import knn_eval
 
         if not self.has_knn:
-            return {"knn_acc": None, "linear_probe_acc": None, "dense": {}}
+            return {"knn_acc": None, "linear_probe_acc": None, "dense": {}, "attn": None, "probe": None}
         bb = self.method.export_backbone().to(self.device)
         out = knn_eval(bb, self.loaders.knn_train, self.loaders.knn_val, self.device, k=self.cfg.knn_k, T=0.07,
                        linear_probe=linear_probe)
         out["dense"] = dense_feature_stats(bb, self.loaders.knn_val, device=self.device)
+        out.update(dense_evaluations(bb, self.loaders, self.cfg, self.device))
         return out
 
     def before_fit(self) -> None:
@@ -133,6 +157,7 @@ class PretrainRun(StageRun):
         cfg, method, init = self.cfg, self.method, self.init
         final = self.evaluate(True)
         own = method.result_metrics(self.loaders.train, self.device)
+        own.update(method.collapse_metrics(own))  # embedding_std/rank, collapsed, collapse_reason (+ warning)
         path = out_dir / BACKBONE
         export_backbone(method.export_backbone(), path,
                         extra={"method": cfg.method, "source": cfg.source, "epochs": cfg.epochs})
@@ -151,6 +176,11 @@ class PretrainRun(StageRun):
             "dense_rank_init": init["dense"].get("effective_rank"),
             "dense_local_var": final["dense"].get("local_variance_fraction"),
             "dense_local_var_init": init["dense"].get("local_variance_fraction"),
+            "attn_jaccard": (final.get("attn") or {}).get("best"),
+            "attn_jaccard_init": (init.get("attn") or {}).get("best"),
+            "attn_jaccard_heads": (final.get("attn") or {}).get("per_head"),
+            "dense_probe_miou": final.get("probe"),
+            "dense_probe_miou_init": init.get("probe"),
             "final_loss": _final_loss(trainer),
             "epochs": cfg.epochs,
             "knn_k": cfg.knn_k,
@@ -165,8 +195,9 @@ class PretrainRun(StageRun):
 
 
 def run_pretrain(cfg: PretrainConfig, out_dir, *, progress: bool = True, wandb_group: Optional[str] = None,
-                 callbacks: Iterable = (), name: Optional[str] = None, ddp: Optional[ExternalDDP] = None) -> dict:
+                 callbacks: Iterable = (), name: Optional[str] = None, ddp: Optional[ExternalDDP] = None, overwrite: bool = False) -> dict:
     """Pretrain `cfg.backbone` with `cfg.method`; returns the metrics dict (also metrics.json).
-    `ddp`: this call is one rank of an externally launched DDP job (ranks other than 0 return {})."""
+    `ddp`: this call is one rank of an externally launched DDP job (ranks other than 0 return {}).
+    `overwrite`: replace a run of another config found in `out_dir` instead of refusing it."""
     return execute(PretrainRun(cfg, ddp), out_dir, progress=progress, wandb_group=wandb_group,
-                   callbacks=callbacks, name=name)
+                   callbacks=callbacks, name=name, overwrite=overwrite)

@@ -210,10 +210,11 @@ class SegmentRun(StageRun):
 
 def run_segment(cfg: Union[SegmentConfig, dict], out_dir: Union[str, Path], *, progress: bool = True,
                 wandb_group: Optional[str] = None, callbacks: Iterable = (), name: Optional[str] = None,
-                ddp: Optional[ExternalDDP] = None) -> dict:
-    """Train and evaluate `cfg` into `out_dir`; returns the metrics dict (also metrics.json)."""
+                ddp: Optional[ExternalDDP] = None, overwrite: bool = False) -> dict:
+    """Train and evaluate `cfg` into `out_dir`; returns the metrics dict (also metrics.json).
+    `overwrite`: replace a run of another config found in `out_dir` instead of refusing it."""
     return execute(SegmentRun(resolve_segment_config(cfg), ddp), out_dir, progress=progress,
-                   wandb_group=wandb_group, callbacks=callbacks, name=name)
+                   wandb_group=wandb_group, callbacks=callbacks, name=name, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -8,7 +8,10 @@ files and exposes:
   final norm reshaped to the patch grid; CNN: last stage; Swin: last stage after the final norm);
 - ``forward_all(x, intermediates=(), attention_blocks=()) -> BackboneOutput``: everything in one
   pass; attention weights are computed only for the blocks asked for (hooks that recompute
-  ``softmax(q k^T * scale)`` from the block's own projections), so training keeps fused attention.
+  ``softmax(q k^T * scale)`` from the block's own projections), so training keeps fused attention;
+- ``attention_saliency(x) -> (B, heads, gh, gw) | None``: per-head non-negative saliency of the LAST
+  block on the patch grid (ViT: the CLS token's attention to every patch, DINO's attention maps;
+  Swin: the attention each token receives inside its window); None for a backbone without attention.
 
 Attributes: ``name, embed_dim, dense_dim, stride, is_transformer, has_cls_token, num_heads,
 num_blocks, patch_size, num_prefix_tokens, size_multiple`` and the wrapped library model under ``timm_model`` /
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -132,6 +135,21 @@ class Backbone(nn.Module):
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_all(x).dense
+
+    def attention_saliency(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-head saliency maps of the LAST block, (B, heads, gh, gw), non-negative, on the patch grid;
+        None when the backbone has no attention (CNNs: this default). Read by
+        `core.metrics.attention_jaccard` (DINO's thresholded attention masks)."""
+        return None
+
+    def cls_attention_saliency(self, x: torch.Tensor) -> torch.Tensor:
+        """For backbones with a CLS token: the last block's attention rows of the CLS token to the patch
+        tokens, ``attn[:, :, 0, prefix:]`` reshaped to (B, heads, gh, gw) -- the maps of DINO's
+        `visualize_attention.py` (``get_last_selfattention(img)[0, :, 0, 1:]``)."""
+        _, _, h, w = x.shape
+        attn = self.forward_all(x, attention_blocks=[-1]).attentions[-1]
+        gh, gw = self.grid_size(h, w)
+        return attn[:, :, 0, self.num_prefix_tokens:].reshape(attn.shape[0], attn.shape[1], gh, gw)
 
     def extra_repr(self) -> str:
         return (f"name={self.name}, embed_dim={self.embed_dim}, dense_dim={self.dense_dim}, "

@@ -11,7 +11,8 @@ VisionTransformer (patch 8, embed 96, depth 4, 3 heads) for CPU.
 - dense: the patch tokens after the final norm, reshaped to (B, C, H/p, W/p);
 - intermediates: raw outputs of the requested blocks (timm `forward_intermediates`, NCHW, no norm);
 - attentions: for the requested blocks only, recomputed by a forward hook on `block.attn`
-  (see `core.models.backbones.attention`); T = 1 + h*w (CLS first).
+  (see `core.models.backbones.attention`); T = 1 + h*w (CLS first);
+- attention_saliency: the last block's CLS row ``attn[:, :, 0, 1:]`` on the patch grid.
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ class ViTBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_size(x.shape[-2], x.shape[-1])
         return self.timm_model.forward_features(x)[:, 0]
+
+    def attention_saliency(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's CLS-to-patch attention per head, (B, heads, H/p, W/p) (DINO's attention maps)."""
+        return self.cls_attention_saliency(x)
 
 
 def make_vit(name: str):

@@ -8,7 +8,8 @@ modules itself: patch embedding -> CLS + positional embedding -> transformer lay
   ``image_size``) is resampled (timm ``resample_abs_pos_embed``) for other input sizes;
 - attentions: vit-pytorch computes its attention with an explicit ``nn.Softmax`` (``attend``) in
   every layer (it has no fused path); a forward hook on ``attend`` of the requested layers only
-  copies that softmax out, and is removed after the pass.
+  copies that softmax out, and is removed after the pass; attention_saliency: the last layer's CLS row
+  ``attn[:, :, 0, 1:]`` on the patch grid.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class ViTPytorchBackbone(Backbone):
         inter = [outs[i][:, 1:].transpose(1, 2).reshape(B, -1, gh, gw) for i in want]
         dense = t[:, 1:].transpose(1, 2).reshape(B, -1, gh, gw)
         return BackboneOutput(pooled=t[:, 0], dense=dense, intermediates=inter, attentions=store)
+
+    def attention_saliency(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's CLS-to-patch attention per head, (B, heads, H/p, W/p) (DINO's attention maps)."""
+        return self.cls_attention_saliency(x)
 
 
 def make_vitpytorch(name: str):

@@ -1,4 +1,5 @@
-"""Attention fusion: the study's own ways of feeding a ViT's self-attention to a segmentation head.
+"""Attention fusion: the study's own ways of feeding a transformer's (ViT / Swin) self-attention to a
+segmentation head.
 
 Seed: Apavou & Zucker, "Barlow Twins with Vision Transformers for semantic segmentation" (the study
 is described in README.md; what the fusions did in the smoke study is in docs/findings.md).
@@ -13,7 +14,8 @@ Fusion 1, `AttentionFeatureFusion` ("attention as features")
     Each map is normalised by its maximum over the grid (attention is >= 0, so maps lie in [0, 1]
     with max exactly 1; chosen over min-max because min-max turns an almost uniform map into
     amplified noise). The heads*K maps are concatenated to the dense features as extra channels at
-    the base head's input (`SegHead.inject`).
+    the base head's input (`SegHead.inject`). On Swin (no CLS token) the maps are the attention each
+    token receives in the last block (see "Swin" below), normalised the same way.
 
 Fusion 2, `AttentionAffinityFusion` ("attention as affinity")
     A = last block's attention averaged over heads, patch-to-patch part (prefix rows/columns dropped)
@@ -27,10 +29,22 @@ Fusion 2, `AttentionAffinityFusion` ("attention as affinity")
     propagation is added as a residual: out = head_out + up(L_t - L), so fine detail is kept and
     a = 0 still gives exactly the plain head.
 
-Which backbones: a ViT with a CLS token and global attention. A CNN has no attention: ConfigError.
-Swin is refused too (documented choice): its attention is local to shifted 7x7 windows, so there is
-no CLS-to-patch map (fusion 1) and no image-wide patch-to-patch matrix (fusion 2); reassembling
-windows would give a block-diagonal affinity that cannot propagate beyond a window per step.
+Which backbones: a ViT with a CLS token and global attention, or a Swin (windowed attention, no CLS
+token; core/models/backbones/swin.py gives the last stage's last block as a (B, heads, N, N) matrix over
+the N = h*w tokens of the stage, block-diagonal per window, rows summing to 1). A CNN has no
+attention: ConfigError (one line).
+
+Swin (documented choices):
+- fusion 1 has no CLS row to read, so each head's map is the attention RECEIVED per token: the mean of
+  the token's column over the queries of its window (`core.models.backbones.swin.received_attention_maps`,
+  the same function as `SwinBackbone.attention_saliency`), max-normalised like the ViT maps. Only the
+  last stage's last block is read: `fusion_blocks` must be 1 (other stages have other grids and heads).
+- fusion 2 uses that block-diagonal matrix as A (head-averaged, renormalised: `patch_affinity` with no
+  prefix tokens); a shifted block's windows are mapped back to real token positions (the roll undone).
+  One step then mixes logits within a window only. For swin_tiny at 224 px (7x7 map, 7x7 window) and
+  swin_nano at 64 px (2x2 map, 2x2 window) the window covers the whole map, so A is image-wide as on a
+  ViT; at larger inputs (swin_tiny at 512 px: a 16x16 map in 7x7 windows, no shift in that stage) the
+  propagation stays inside each window. a = 0 still gives exactly the plain head.
 """
 
 from __future__ import annotations
@@ -43,13 +57,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import ConfigError
+from core.models.backbones.swin import received_attention_maps
 from core.models.heads.base import resize
 
 FUSION_NAMES = ("none", "features", "affinity")
 
 
-def _is_windowed(backbone) -> bool:
-    return bool(getattr(backbone, "window_size", None)) or "swin" in str(getattr(backbone, "name", "")).lower()
+def attention_kind(backbone) -> Optional[str]:
+    """"cls" (ViT: CLS token, global attention), "window" (Swin: `attention_kind = "window"`) or None."""
+    kind = getattr(backbone, "attention_kind", None)
+    if kind is not None:
+        return str(kind)
+    if getattr(backbone, "is_transformer", False) and getattr(backbone, "has_cls_token", False):
+        return "cls"
+    return None
 
 
 def fusion_refusal(fusion: str, backbone, blocks: int = 1) -> Optional[ConfigError]:
@@ -64,10 +85,16 @@ def fusion_refusal(fusion: str, backbone, blocks: int = 1) -> Optional[ConfigErr
             f"fusion='{fusion}' needs a transformer backbone with self-attention; {name} is a CNN "
             f"— use fusion=none or a vit_* backbone"
         )
-    if _is_windowed(backbone) or not getattr(backbone, "has_cls_token", False):
+    kind = attention_kind(backbone)
+    if kind is None:
         return ConfigError(
-            f"fusion='{fusion}' needs global self-attention with a CLS token; {name} uses windowed attention "
-            f"without a CLS token (no CLS-to-patch map, no image-wide patch affinity) — use fusion=none or a vit_* backbone"
+            f"fusion='{fusion}' needs a ViT with a CLS token or a Swin with window attention; {name} has neither "
+            f"— use fusion=none or a vit_* / swin_* backbone"
+        )
+    if kind == "window" and fusion == "features" and blocks != 1:
+        return ConfigError(
+            f"fusion_blocks={blocks}: fusion 1 on {name} reads the last stage's last block only (Swin's stages have "
+            f"different grids and heads); use fusion_blocks=1"
         )
     nb = int(getattr(backbone, "num_blocks", 0) or 0)
     if fusion == "features" and not (1 <= blocks <= nb):
@@ -96,7 +123,7 @@ def cls_attention_maps(attn: torch.Tensor, grid: Sequence[int], eps: float = 1e-
     if p < 1:
         raise ValueError("CLS-to-patch attention needs a CLS token (prefix of at least 1 token)")
     maps = attn[:, :, 0, p:].reshape(attn.shape[0], attn.shape[1], gh, gw)
-    return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    return max_normalize(maps, eps)
 
 
 def patch_affinity(attn: torch.Tensor, grid: Sequence[int], eps: float = 1e-12) -> torch.Tensor:
@@ -117,29 +144,48 @@ def propagate(logits: torch.Tensor, affinity: torch.Tensor, alpha, steps: int) -
     return lf.transpose(1, 2).reshape(b, k, gh, gw)
 
 
+def max_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(B, heads, gh, gw) non-negative maps divided by their maximum over the grid (max exactly 1)."""
+    return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+
+
 class AttentionFeatureFusion(nn.Module):
-    """Fusion 1: CLS-to-patch attention of the last K blocks as heads*K extra head-input channels."""
+    """Fusion 1: CLS-to-patch attention of the last K blocks as heads*K extra head-input channels
+    (Swin: the attention received per token in the last block, `window` / `shift` of that block)."""
 
     kind = "features"
 
-    def __init__(self, num_heads: int, attention_blocks: Sequence[int]):
+    def __init__(self, num_heads: int, attention_blocks: Sequence[int], *,
+                 window: Optional[Sequence[int]] = None, shift: Optional[Sequence[int]] = None):
         super().__init__()
         self.num_heads = int(num_heads)
         self.attention_blocks = tuple(int(b) for b in attention_blocks)
         self.out_channels = self.num_heads * len(self.attention_blocks)
+        self.window = tuple(int(v) for v in window) if window is not None else None
+        self.shift = tuple(int(v) for v in (shift if shift is not None else (0, 0))) if window is not None else None
+        if self.window is not None and len(self.attention_blocks) != 1:
+            raise ConfigError("fusion 1 on a Swin reads one block (the last stage's last); use fusion_blocks=1")
 
     @classmethod
     def from_backbone(cls, backbone, blocks: int = 1) -> "AttentionFeatureFusion":
         check_fusion("features", backbone, blocks)
         nb = int(backbone.num_blocks)
+        if attention_kind(backbone) == "window":
+            window, shift = backbone.attention_window(-1)
+            return cls(backbone.num_heads, (nb - 1,), window=window, shift=shift)
         return cls(backbone.num_heads, tuple(range(nb - blocks, nb)))
 
     def forward(self, attentions: Mapping[int, torch.Tensor], grid: Sequence[int]) -> torch.Tensor:
-        maps = [cls_attention_maps(attentions[b], grid) for b in self.attention_blocks]
+        if self.window is not None:
+            maps = [max_normalize(received_attention_maps(attentions[b], grid, self.window, self.shift))
+                    for b in self.attention_blocks]
+        else:
+            maps = [cls_attention_maps(attentions[b], grid) for b in self.attention_blocks]
         return torch.cat(maps, dim=1)
 
     def extra_repr(self) -> str:
-        return f"blocks={self.attention_blocks}, out_channels={self.out_channels}, norm=max"
+        maps = "cls" if self.window is None else f"received(window={self.window}, shift={self.shift})"
+        return f"blocks={self.attention_blocks}, out_channels={self.out_channels}, maps={maps}, norm=max"
 
 
 class AttentionAffinityFusion(nn.Module):

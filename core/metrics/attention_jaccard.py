@@ -1,0 +1,136 @@
+"""How well do a backbone's attention maps segment the objects? DINO's Jaccard of thresholded attention.
+
+Protocol (Caron et al., 2021, "Emerging Properties in Self-Supervised Vision Transformers",
+https://arxiv.org/abs/2104.14294, Sec. 4.2.1 / Fig. 4 table "Segmentations from supervised versus DINO":
+"masks obtained by thresholding the self-attention maps to keep 60% of the mass ... Jaccard similarity
+between the ground truth and these masks on the validation images of PASCAL VOC12"). Reference figures
+(last-block CLS attention, VOC12 val, the paper's Fig. 4 table): **DINO ViT-S/16 45.9** (supervised
+ViT-S/16 27.3; DINO ViT-S/8 44.7, supervised ViT-S/8 23.7). The generated 64 px data of the smoke runs is
+not VOC: compare runs with each other (before / after, method against method), not with these.
+
+1. Maps: `Backbone.attention_saliency(x)` (B, heads, gh, gw) -- for a ViT the last block's CLS-to-patch
+   attention ``attn[:, :, 0, 1:]`` as in DINO's ``visualize_attention.py``; None (CNNs): no score.
+2. `attention_masks(maps, keep=0.6)`: DINO's ``visualize_attention.py`` threshold: each map normalised
+   to sum 1, values sorted ascending, cumulative sum, a token is kept when its cumulative sum exceeds
+   ``1 - keep`` -- the smallest set of the largest tokens holding at least 60% of the mass.
+3. The binary grid mask is upsampled (``mode="nearest"``, as DINO's
+   ``interpolate(th_attn, scale_factor=patch, mode="nearest")``) to the ground-truth mask's H x W (the
+   images are fed resized to the evaluation size; the masks stay at their original resolution).
+4. Scoring follows DINO's evaluation code, which the paper does not spell out; its author posted it in
+   facebookresearch/dino issue #54 (https://github.com/facebookresearch/dino/issues/54; same code in
+   NVlabs/GroupViT issue #34 and Muzammal-Naseer/IPViT ``evaluate_segmentation.py``): per image, for
+   every ground-truth object (here: every class present in the mask other than background 0 and the
+   ignore label 255; VOC SegmentationClass masks, so objects of one class count together), the Jaccard
+   of EACH head's mask with that object's mask; the best head is picked PER OBJECT (``max`` over
+   heads); the image's score is the mean over its objects; the reported figure is the mean over images
+   (per image, then mean -- not pooled over the dataset). Images without an object are skipped (DINO's
+   code would divide by zero there). 255 pixels are ignored (left out of intersection and union; DINO's
+   snippet counts them, IPViT tries to exclude them).
+
+`attention_jaccard` returns ``{"best": DINO's figure (per-object best head) in %, "per_head": [the same
+average with the head FIXED, one value per head, in %], "best_head": index of the best fixed head,
+"images": images scored}``; ``best >= max(per_head)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DINO_KEEP", "attention_masks", "jaccard", "attention_jaccard"]
+
+#: share of the attention mass the masks keep (DINO: ``--threshold 0.6``)
+DINO_KEEP = 0.6
+
+
+def attention_masks(maps: Tensor, keep: float = DINO_KEEP) -> Tensor:
+    """Boolean masks (same shape as ``maps`` (..., gh, gw)) keeping, per map, the smallest set of largest
+    values that holds at least ``keep`` of the map's mass (DINO ``visualize_attention.py``: sort, cumsum,
+    ``cumval > 1 - threshold``). A map with no mass (all zero) gives an empty mask."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep} must be in (0, 1]")
+    shape = maps.shape
+    flat = maps.detach().reshape(-1, shape[-2] * shape[-1]).double().clamp_min(0)
+    total = flat.sum(1, keepdim=True)
+    val, idx = torch.sort(flat, dim=1)
+    cum = torch.cumsum(val / total.clamp_min(torch.finfo(torch.float64).tiny), dim=1)
+    kept_sorted = (cum > 1.0 - keep) & (total > 0)
+    out = torch.zeros_like(kept_sorted)
+    out.scatter_(1, idx, kept_sorted)
+    return out.reshape(shape)
+
+
+def jaccard(pred_mask: Tensor, gt_fg: Tensor, ignore: Optional[Tensor] = None) -> Tensor:
+    """Jaccard (IoU, fraction in [0, 1]) of boolean ``pred_mask`` (..., H, W) with boolean ``gt_fg`` (H, W)
+    over the pixels not in ``ignore`` (H, W) (None: every pixel); shape (...,). NaN where the union is empty."""
+    pred = pred_mask.bool()
+    gt = gt_fg.bool().to(pred.device)
+    if ignore is not None:
+        valid = ~ignore.bool().to(pred.device)
+        pred, gt = pred & valid, gt & valid
+    inter = (pred & gt).flatten(-2).sum(-1).double()
+    union = (pred | gt).flatten(-2).sum(-1).double()
+    return inter / union  # 0/0 -> NaN
+
+
+def _object_head_jaccard(heads: Tensor, mask: Tensor, background: Optional[int], ignore_index: int) -> Tensor:
+    """(objects, heads) Jaccard of every head's mask (heads, H, W) with every object (class) of ``mask``."""
+    labels = torch.unique(mask)
+    labels = labels[(labels != ignore_index) & ((labels != background) if background is not None else True)]
+    if labels.numel() == 0:
+        return heads.new_zeros((0, heads.shape[0]), dtype=torch.float32)
+    # pixel counts are exact in float32 up to 2^24 pixels per image
+    valid = (mask != ignore_index).flatten().float()  # (P,)
+    gt = (mask.flatten()[None] == labels[:, None]).float()  # (K, P); 255 is never a label here
+    pred = heads.flatten(1).float() * valid  # (Hh, P), ignored pixels dropped
+    inter = gt @ pred.T  # (K, Hh)
+    union = gt.sum(1, keepdim=True) + pred.sum(1)[None] - inter
+    return inter / union  # union >= |object| > 0
+
+
+def _split(batch: Any) -> tuple[Tensor, list]:
+    if isinstance(batch, dict):
+        return batch["image"], list(batch["mask"])
+    x, m = batch[0], batch[1]
+    return x, list(m)
+
+
+@torch.no_grad()
+def attention_jaccard(backbone, loader: Iterable, device: Any = "cpu", keep: float = DINO_KEEP,
+                      background: Optional[int] = 0, ignore_index: int = 255) -> Optional[dict]:
+    """DINO's attention-mask Jaccard of ``backbone`` on ``loader`` (batches ``(images (B,3,S,S), masks)``,
+    masks a (B,H,W) tensor or a list of (H_i,W_i) masks at their original resolution); see the module doc.
+    ``background``: the label that is not an object (VOC 0; None: every label is one, e.g. COCO-Stuff).
+    None when the backbone has no attention maps or no image holds an object."""
+    device = torch.device(device)
+    was_training = backbone.training
+    backbone.eval()
+    per_head_sum: Optional[Tensor] = None
+    best_sum, n = 0.0, 0
+    try:
+        for batch in loader:
+            x, masks = _split(batch)
+            sal = backbone.attention_saliency(x.to(device).float())
+            if sal is None:
+                return None
+            grid = attention_masks(sal.float(), keep).float()  # (B, heads, gh, gw)
+            for g, m in zip(grid, masks):
+                m = torch.as_tensor(m).to(g.device).long()
+                up = F.interpolate(g[None], size=tuple(m.shape[-2:]), mode="nearest")[0] > 0.5
+                jac = _object_head_jaccard(up, m, background, ignore_index)
+                if jac.shape[0] == 0:
+                    continue
+                per_head = jac.mean(0).cpu()
+                per_head_sum = per_head if per_head_sum is None else per_head_sum + per_head
+                best_sum += float(jac.max(1).values.mean())
+                n += 1
+    finally:
+        backbone.train(was_training)
+    if n == 0 or per_head_sum is None:
+        return None
+    per_head = [float(v) * 100.0 / n for v in per_head_sum]
+    return {"best": best_sum * 100.0 / n, "per_head": per_head,
+            "best_head": int(max(range(len(per_head)), key=per_head.__getitem__)), "images": n}
