@@ -43,7 +43,7 @@ for the tiny ViT, so on the generated data pass --source checkpoint:PATH to the 
 run (python experiments/pretrain.py --method dino) or use --size full.
 
 Weight sources: random | imagenet | barlowtwins-imagenet | dino | coco-deeplab | checkpoint:PATH
-(PATH = a stage-1 run's backbone.pt, {"arch", "state_dict"}). Fusion needs a ViT backbone.
+(PATH = a stage-1 run's backbone.pt, {"arch", "state_dict"}). Fusion needs a ViT or Swin backbone.
 Every SegmentConfig field is a flag; a data field is --data-FIELD or --data.FIELD; `none` unsets an
 optional value.
 """

@@ -548,9 +548,10 @@ def test_folder_with_another_config_refused_same_config_returned(tmp_path, base_
     pt_argv = [ctx.fill(a) for a in PT]
     old = P.config_from_args(P.build_parser().parse_args(_with(pt_argv, lambd="0.5")))
     _write_run(ctx.out, old, {"stage": "pretrain", "knn_acc": 12.5})
+    # DINO's registry defaults (lr, weight_decay) differ from Barlow Twins' too
     rc, out, err = _call(_pretrain_main(), _with(pt_argv, method="dino", backbone="resnet_tiny"), capsys)
     assert_clean_failure(rc, err, out, [f"{ctx.out} holds a finished run with a different config (fields "
-                                        "backbone, barlow_twins.lambd, method)", "--overwrite"], tmp_path / "none")
+                                        "backbone, barlow_twins.lambd, lr, method, weight_decay)", "--overwrite"], tmp_path / "none")
     assert json.loads((ctx.out / "metrics.json").read_text())["knn_acc"] == 12.5  # untouched
 
     def no_training(*a, **k):
