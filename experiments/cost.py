@@ -40,7 +40,8 @@ class Throughput:
     source: str  # where the number comes from (measured where, or "not measured: estimate from ...")
 
 
-_BENCH = "measured on this project's 2-core CPU (BENCHMARKS.md, run 2, 64 px, batch 16, pipeline mode, loaded machine)"
+_SMOKE = ("measured: `make run` on this project's 2-core CPU, 2026-12-01 (metrics.json images_per_s, 64 px, "
+          "two trials at once, one core each; Barlow Twins pretraining, fine-tuning segmentation)")
 _BENCH224 = "measured on this project's 2-core CPU (BENCHMARKS.md, 224 px, batch 16, model mode)"
 _H100 = ("not measured: estimate from BENCHMARKS.md's H100 target (>= 1500 img/s, bf16, 224 px, pipeline "
          "included), a target, not a measurement")
@@ -48,12 +49,12 @@ _DINO = ("not measured: estimate = the H100 target x the {ratio} throughput rati
          "Caron et al. 2021 (DINO), Table 2 im/s (V100 inference: ViT-S/16 1007, {name} {ims})")
 
 THROUGHPUT: tuple[Throughput, ...] = (
-    Throughput("vit_nano_patch8", "cpu", "pretrain", 5.6, 64, _BENCH),
-    Throughput("vit_nano_patch8", "cpu", "segment", 6.1, 64, _BENCH),
-    Throughput("resnet_tiny", "cpu", "pretrain", 5.4, 64, _BENCH),
-    Throughput("resnet_tiny", "cpu", "segment", 5.3, 64, _BENCH),
-    Throughput("swin_nano", "cpu", "any", 5.0, 64,
-               "not measured: estimate, assumed like vit_nano_patch8 / resnet_tiny on this CPU (BENCHMARKS.md)"),
+    Throughput("vit_nano_patch8", "cpu", "pretrain", 68.0, 64, _SMOKE),
+    Throughput("vit_nano_patch8", "cpu", "segment", 13.6, 64, _SMOKE),
+    Throughput("resnet_tiny", "cpu", "pretrain", 20.0, 64, _SMOKE),
+    Throughput("resnet_tiny", "cpu", "segment", 28.7, 64, _SMOKE),
+    Throughput("swin_nano", "cpu", "any", 13.0, 64,
+               "not measured: estimate, assumed like vit_nano_patch8's segmentation on this CPU"),
     Throughput("resnet50", "cpu", "any", 0.58, 224, _BENCH224),
     Throughput("vit_small_patch16", "cpu", "any", 0.60, 224, _BENCH224),
     Throughput("resnet50", "gpu", "any", 1500.0, 224, _H100),

@@ -21,8 +21,8 @@ Design (see also experiments/gridspec.py and experiments/trial.py):
   generates no dataset.
 * ONE Tune experiment runs every trial. Its search algorithm is a small dependency-aware scheduler
   (`GridScheduler`, a Tune `Searcher`): whenever Tune asks for a trial, it hands out the next trial
-  whose dependencies are done (segmentation trials first, then the pretraining runs that unblock the
-  most segmentation trials), up to `max_concurrent` at once. A stage-2 trial therefore starts as
+  whose dependencies are done (the one with the longest estimated path to the end of the grid first:
+  experiments/cost.py's estimates), up to `max_concurrent` at once. A stage-2 trial therefore starts as
   soon as ITS stage-1 trial is done (no barrier between stages), and every trial is a Tune trial
   (an actor with its own resources, listed in the Ray dashboard as `trial <id>`: the trainable's
   `__repr__`, experiments/trial.py `make_trainable`).
@@ -159,12 +159,20 @@ class GridState:
         return out
 
     def _make_priority(self) -> dict[str, tuple]:
-        # segmentation first (end products), then pretraining runs that unblock the most trials.
-        pr = {}
-        for i, tid in enumerate(self.order):
-            t = self.trials[tid]
-            pr[tid] = (0 if t.stage == "segment" else 1, -len(self.dependants[tid]), i)
-        return pr
+        """Longest estimated path to the end of the grid first (critical-path list scheduling: a slow
+        pretraining whose segmentation trials wait on it starts before quick independent trials), then
+        the grid's order. A trial's estimate is experiments/cost.py's device time."""
+        from experiments import cost
+
+        est = {tid: cost.estimate_trial(self.trials[tid]).device_hours for tid in self.order}
+        path: dict[str, float] = {}
+
+        def longest(tid: str) -> float:  # the trial's time + its longest chain of dependants (a DAG)
+            if tid not in path:
+                path[tid] = est[tid] + max((longest(d) for d in self.dependants[tid]), default=0.0)
+            return path[tid]
+
+        return {tid: (-longest(tid), i) for i, tid in enumerate(self.order)}
 
     def ready(self) -> list[str]:
         out = []

@@ -135,8 +135,12 @@ def knn_mask_loader(knn_loader: Optional[DataLoader]) -> Optional[DataLoader]:
     ds = getattr(knn_loader, "dataset", None)
     if not isinstance(ds, KNNDataset):
         return None
+    # its own generator: a DataLoader without one draws its base seed from the global RNG at every pass,
+    # which would shift the training augmentations drawn after these evaluations
+    g = torch.Generator()
+    g.manual_seed(0)
     return DataLoader(_ImagesWithMasks(ds), batch_size=knn_loader.batch_size, shuffle=False,
-                      num_workers=knn_loader.num_workers, collate_fn=_images_masks_collate)
+                      num_workers=knn_loader.num_workers, collate_fn=_images_masks_collate, generator=g)
 
 
 def _images_masks_collate(samples: list) -> tuple:
