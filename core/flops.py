@@ -34,15 +34,14 @@ images/s) / (the device's dense bf16 peak x devices); None on the CPU and on a G
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 
 from core.errors import TwinsegError
+from core.rng import preserved_rng
 
 #: Dense (no 2:4 sparsity) bf16 Tensor Core peak in TFLOP/s per GPU, from NVIDIA's datasheets, which
 #: print the sparse figure (marked "*With sparsity"): the dense peak is half of it.
@@ -101,19 +100,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 # --------------------------------------------------------------------------- the run's module
 @contextlib.contextmanager
-def _preserved_rng(device: Optional[torch.device] = None) -> Iterator[None]:
-    py, npy = random.getstate(), np.random.get_state()
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-@contextlib.contextmanager
 def _no_distributed() -> Iterator[None]:
     """`torch.distributed.is_initialized()` reads False inside (no collective call from the losses)."""
     dist = torch.distributed
@@ -157,7 +143,7 @@ def sample_batch(loader, n: int = 2):
     if len(ds) < n:
         raise ValueError(f"the training set has {len(ds)} images; counting FLOPs needs {n}")
     collate = loader.collate_fn or torch.utils.data.default_collate
-    with _preserved_rng():
+    with preserved_rng():
         return collate([ds[i] for i in range(n)])
 
 
@@ -188,7 +174,7 @@ def training_flops_per_image(module, batch, n_images: int) -> int:
         loss.backward()
 
     try:
-        with _preserved_rng(device), _no_distributed(), _counting_view(module), warnings.catch_warnings():
+        with preserved_rng(device), _no_distributed(), _counting_view(module), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             total = count_flops(step)
     finally:

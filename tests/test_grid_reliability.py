@@ -282,7 +282,7 @@ def test_cost_estimate_is_the_formula_and_names_its_sources(tmp_path, env, capsy
     rc, out, err = _main(capsys, "--grid", _grid(tmp_path, TINY), "--dry-run")
     assert rc == 0, err
     assert "cost     pretrain 2 trial(s), 16 training images in all" in out
-    assert "cost     all      ~" in out and "speed [1] measured on this project's 2-core CPU" in out
+    assert "cost     all      ~" in out and "speed [1] measured: `make run` on this project's 2-core CPU" in out
     # a GPU grid says that its speeds are estimates
     doc = copy.deepcopy(TINY)
     doc["stage1"]["axes"]["backbone"] = ["vit_small_patch16"]

@@ -49,6 +49,7 @@ import torch
 
 from core.errors import ConfigError, InterruptedRun, NonFiniteError, StorageError
 from core.folder_lock import folder_lock, is_locked
+from core.rng import preserved_rng
 from core.runs import metrics_schema
 from core.runs.common import (
     CHECKPOINT_DIR,
@@ -390,9 +391,12 @@ def _fit_and_write(run: StageRun, out_dir: Path, *, progress: bool, wandb_group:
     loggers: list = []
     hint = lr_hint(cfg)
     try:
-        run.before_fit()
+        with preserved_rng(getattr(run, "device", None)):  # evaluations do not shift the training's random stream
+            run.before_fit()
         loggers = make_loggers(out_dir, cfg.wandb, wandb_group, name or run.default_name(out_dir), cfg.to_dict())
-        accounting = AccountingCallback(out_dir, flops_per_image=run.flops_per_image())
+        with preserved_rng(getattr(run, "device", None)):
+            flops = run.flops_per_image()
+        accounting = AccountingCallback(out_dir, flops_per_image=flops)
         rng = RngStateCallback()
         trainer = make_trainer(out_dir=out_dir, device=cfg.device, devices=cfg.devices, precision=cfg.precision,
                                loggers=loggers, progress=progress, ddp=run.ddp,
