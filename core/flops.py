@@ -1,12 +1,12 @@
 """FLOPs of one training image and model FLOPs utilisation (MFU).
 
 `flops_per_image` (metrics.json, both stages) = the FLOPs of the forward AND backward pass of the
-run's real LightningModule `training_step` for ONE training image with all its views (Barlow Twins /
-VICReg: 2 views; DINO: 2 global crops through student and teacher + N local crops through the
-student; segmentation: one image + its mask), at the run's real input sizes. It is counted once, at
+run's real LightningModule `training_step` for ONE training image with all its views (whatever the
+method's views are: e.g. 2 for Barlow Twins, 2 global crops through student and teacher + N local crops
+through the student for DINO; segmentation: one image + its mask), at the run's real input sizes. It is counted once, at
 run start, by `torch.utils.flop_counter.FlopCounterMode` on a batch of 2 real training samples
 (dataset items 0 and 1 through the train loader's collate function; 2 because BatchNorm and the
-Barlow Twins / VICReg batch statistics need more than one sample), divided by 2.
+methods' batch statistics (e.g. Barlow Twins' cross-correlation) need more than one sample), divided by 2.
 
 How torch counts (torch/utils/flop_counter.py): only matrix products and convolutions (mm, addmm,
 bmm, baddbmm, convolution and its backward, scaled-dot-product / flash / efficient attention and their
