@@ -89,6 +89,8 @@ def _summary(out: Path) -> dict:
     (["--grid", "nope"], "--grid nope: unknown grid"),
     (["--grid", "/nonexistent/grid.yaml"], "no such grid file"),
     (["--max-concurrent", "0"], "--max-concurrent 0 must be >= 1"),
+    (["--max-trials", "0"], "--max-trials 0 must be >= 1"),
+    (["--max-trials", "many"], "--max-trials: invalid int value"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--wandb", "maybe"], "invalid choice"),
     (["--data-root", "/nonexistent/voc"], "--data-root /nonexistent/voc is not a folder"),
