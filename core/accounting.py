@@ -56,11 +56,12 @@ def _peak_rss_mb() -> float:
 
 
 def _batch_size(batch: Any) -> int:
-    """Number of images in a batch: the first tensor's leading dim (views share it)."""
+    """Number of images in a batch: the first tensor's leading dim (views share it); of a dict, its
+    "valid" sizes (one row per image; the mmseg loader's regions are packed flat) or its first value."""
     while isinstance(batch, (list, tuple)) and batch:
         batch = batch[0]
     if isinstance(batch, dict):
-        batch = next(iter(batch.values()))
+        batch = batch["valid"] if "valid" in batch else next(iter(batch.values()))
     return int(batch.shape[0]) if hasattr(batch, "shape") else 0
 
 

@@ -14,7 +14,8 @@ img/s is per worker) over JPEGs of VOC's size. Recipes (``--recipes``), at the p
 - ``seg``: the simple segmentation train transform at ``--image-size`` (`SegTrainTransform`);
 - ``seg_mmseg``: mmseg's VOC train pipeline of paper.yaml, crop ``--crop-size`` (512), RandomResize
   short side ``--crop-size`` x 0.5-2.0, cat_max_ratio 0.75, flip, photometric distortion
-  (`MMSegTrainTransform`).
+  (`MMSegTrainTransform`: the worker cuts each crop's uint8 source region; resize, crop, flip, pad and the
+  photometric part run on the device, not timed here).
 
 Each recipe: one untimed batch (worker start-up), then ``--images`` images timed; img/s per worker =
 images / seconds / workers, and its ratio to ``--target`` (190 img/s per worker = 1,500 img/s per GPU with
@@ -141,8 +142,8 @@ def _nbytes(x: Any) -> int:
 def _batch_len(x: Any) -> int:
     import torch
 
-    while not isinstance(x, torch.Tensor):
-        x = next(iter(x.values())) if isinstance(x, dict) else x[0]
+    while not isinstance(x, torch.Tensor):  # a dict: its "valid" rows (the mmseg regions are packed flat)
+        x = (x["valid"] if "valid" in x else next(iter(x.values()))) if isinstance(x, dict) else x[0]
     return int(x.shape[0])
 
 
@@ -155,7 +156,7 @@ def measure(ds, images: int, batch_size: int, workers: int, seed: int = 0) -> di
     g.manual_seed(int(seed))
     bs = min(int(batch_size), len(ds))
     loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=int(workers),
-                        persistent_workers=True, generator=g)
+                        persistent_workers=True, generator=g, collate_fn=getattr(getattr(ds, "transform", None), "collate", None))
     it = iter(loader)
     first = next(it)
     per_img = _nbytes(first) / max(_batch_len(first), 1)
@@ -203,6 +204,8 @@ def _flat(x: Any) -> list:
         return [x]
     if isinstance(x, dict):
         x = list(x.values())
+    if not isinstance(x, (list, tuple)):
+        return []  # e.g. the region shapes' ints
     return [t for v in x for t in _flat(v)]
 
 

@@ -234,7 +234,7 @@ def test_seg_uint8_batches_normalised_on_the_device_as_before():
     # mmseg without photometric: crop of the old normalised image, padding 0 (old: pad after normalising)
     t = MMSegTrainTransform(64, 16, photometric=False, cat_max_ratio=1.0)
     torch.manual_seed(0)
-    xu, mu, valid = t(img, mask)
+    xu, mu, valid = t.apply(img, mask)
     y = SegBatchTransform(False)(xu[None], valid[None])[0]
     h, w = valid.tolist()
     ref = torch.zeros(3, 64, 64)

@@ -66,7 +66,7 @@ def test_crop_shape_and_255_padding():
     # scale 16 x ratio <= 2 -> the short side is at most 32 < crop 64: padded with 255 on the mask
     t = MMSegTrainTransform(64, 16, photometric=False, cat_max_ratio=1.0)
     torch.manual_seed(0)
-    x, y, valid = t(*_sample())
+    x, y, valid = t.apply(*_sample())
     assert x.shape == (3, 64, 64) and x.dtype == torch.uint8 and y.dtype == torch.uint8
     assert y.shape == (64, 64)
     assert (y[-1, :] == 255).all() and (y[:, -1] == 255).all()
@@ -77,7 +77,7 @@ def test_crop_shape_and_255_padding():
     assert (xn[:, h:, :] == 0).all() and (xn[:, :, w:] == 0).all() and (xn[:, :h, :w] != 0).any()
     # a big image: the crop is full, no padding beyond what the mask held
     t2 = MMSegTrainTransform(32, 96, photometric=False, cat_max_ratio=1.0)
-    x2, y2, v2 = t2(*_sample())
+    x2, y2, v2 = t2.apply(*_sample())
     assert v2.tolist() == [32, 32]
     assert x2.shape == (3, 32, 32) and y2.shape == (32, 32)
     assert set(torch.unique(y2).tolist()) <= {0, 5, 12, 255}
@@ -126,7 +126,7 @@ def test_flip_applied_jointly():
     flips = 0
     for s in range(20):
         torch.manual_seed(s)
-        x, y, _ = t(tv_tensors.Image(img), tv_tensors.Mask(mask))
+        x, y, _ = t.apply(tv_tensors.Image(img), tv_tensors.Mask(mask))
         bright = x[0] > 0
         assert torch.equal(bright, y == 3)
         flips += int(bool(y[0, -1] == 3))
@@ -152,7 +152,7 @@ def test_photometric_leaves_mask_untouched():
     t = MMSegTrainTransform(32, 32, ratio_range=(1.0, 1.0), hflip=0.0, cat_max_ratio=1.0)
     for s in range(5):
         torch.manual_seed(s)
-        x, y, valid = t(img, mask)
+        x, y, valid = t.apply(img, mask)
         assert torch.equal(y, mask.as_subclass(torch.Tensor))
         assert torch.equal(x, img.as_subclass(torch.Tensor))  # photometric runs on the device batch
     assert t.batch_transform().photometric
@@ -177,7 +177,9 @@ def test_simple_pipeline_is_the_old_transform(voc_root):
     assert loaders.train_dataset.split == "train"
     m = build_seg_loaders(cfg, 4, train_pipeline="mmseg", crop_size=48, train_scale=32)
     assert isinstance(m.train_dataset.transform, MMSegTrainTransform)
-    x, y, valid = next(iter(m.train))
+    from core.methods.segmentation import _train_batch
+
+    x, y, valid = _train_batch(next(iter(m.train)))  # the regions' batch -> crops (the device half)
     assert x.shape[-2:] == (48, 48) and y.shape[-2:] == (48, 48) and valid.shape == (4, 2)
     assert x.dtype == y.dtype == torch.uint8
 
@@ -185,7 +187,7 @@ def test_simple_pipeline_is_the_old_transform(voc_root):
 def test_mmseg_output_normalised():
     t = MMSegTrainTransform(32, 32, photometric=False, ratio_range=(1.0, 1.0), hflip=0.0, cat_max_ratio=1.0)
     img = tv_tensors.Image(torch.full((3, 32, 32), 255, dtype=torch.uint8))
-    x, _, valid = t(img, tv_tensors.Mask(torch.zeros(32, 32, dtype=torch.uint8)))
+    x, _, valid = t.apply(img, tv_tensors.Mask(torch.zeros(32, 32, dtype=torch.uint8)))
     x = t.batch_transform()(x[None], valid[None])[0]
     assert math.isclose(float(x[0, 0, 0]), (1 - MEAN[0]) / STD[0], rel_tol=1e-5)
 
@@ -343,49 +345,104 @@ def test_vit_pos_embed_interpolated_on_load(tmp_path):
 
 
 def test_mmseg_crop_equals_resize_then_crop():
-    """The mask is never resized whole (nearest = index gather of the crop): the same crops, boxes and RNG draws
-    as resizing image and mask whole, then cropping (mmseg's order)."""
+    """Worker half (source regions + taps) then device half (`crops_from_regions`, a whole ragged batch): the
+    same crops, boxes and RNG draws as resizing image and mask whole, then cropping and flipping (mmseg's
+    order); the mask exactly, the image within 1 (uint8 rounding of the resize); 0 / 255 padding."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     import core.data.transforms as T
+    from core.data.gpu_augment import crops_from_regions
 
     g = torch.Generator().manual_seed(1)
-    img = tv_tensors.Image(torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=g))
-    mask = torch.randint(0, 4, (37, 53), dtype=torch.uint8, generator=g)
-    mask[:, :20] = 0
-    mask[5] = 255
-    t = MMSegTrainTransform(40, 30, photometric=False, cat_max_ratio=0.75)
-    for seed in range(12):
-        torch.manual_seed(seed)
-        x, y, valid = t(img, tv_tensors.Mask(mask))
-        torch.manual_seed(seed)  # the old order: resize both whole, crop box on the resized mask, crop, flip
-        nh, nw = T.random_resize_size(37, 53, 30, T._uniform(0.5, 2.0))
-        ri = F.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        rm = F.resize(tv_tensors.Mask(mask), [nh, nw], interpolation=InterpolationMode.NEAREST)
-        assert torch.equal(rm.as_subclass(torch.Tensor), mask[T.nearest_index(37, nh)][:, T.nearest_index(53, nw)])
-        top, left, ch, cw = cat_max_crop_box(rm, (40, 40), 0.75)
-        ri, rm = F.crop(ri, top, left, ch, cw), F.crop(rm, top, left, ch, cw)
-        if torch.rand(()).item() < 0.5:
-            ri, rm = F.horizontal_flip(ri), F.horizontal_flip(rm)
-        assert valid.tolist() == [ch, cw]
-        assert torch.equal(x[:, :ch, :cw], ri.as_subclass(torch.Tensor))
-        assert torch.equal(y[:ch, :cw], rm.as_subclass(torch.Tensor))
+    for (h, w), crop, scale in (((37, 53), 40, 30), ((53, 37), 40, 30), ((20, 21), 24, 30), ((75, 100), 64, 64)):
+        img = tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        mask = torch.randint(0, 4, (h, w), dtype=torch.uint8, generator=g)
+        mask[:, : w // 3] = 0
+        mask[5] = 255
+        t = MMSegTrainTransform(crop, scale, photometric=False, cat_max_ratio=0.75)
+        samples, refs = [], []
+        for seed in range(12):
+            torch.manual_seed(seed)
+            samples.append(t(img, tv_tensors.Mask(mask)))
+            torch.manual_seed(seed)  # the reference order: resize both whole, crop box on the resized mask, crop, flip
+            nh, nw = T.random_resize_size(h, w, scale, T._uniform(0.5, 2.0))
+            ri = F.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=False)
+            rm = F.resize(tv_tensors.Mask(mask), [nh, nw], interpolation=InterpolationMode.NEAREST)
+            assert torch.equal(rm.as_subclass(torch.Tensor), mask[T.nearest_index(h, nh)][:, T.nearest_index(w, nw)])
+            top, left, ch, cw = cat_max_crop_box(rm, (crop, crop), 0.75)
+            ri, rm = F.crop(ri, top, left, ch, cw), F.crop(rm, top, left, ch, cw)
+            if torch.rand(()).item() < 0.5:
+                ri, rm = F.horizontal_flip(ri), F.horizontal_flip(rm)
+            refs.append((ri.as_subclass(torch.Tensor), rm.as_subclass(torch.Tensor), ch, cw))
+        x, y, valid = crops_from_regions(MMSegTrainTransform.collate(samples))
+        assert x.shape == (12, 3, crop, crop) and y.shape == (12, crop, crop) and x.dtype == y.dtype == torch.uint8
+        for i, (ri, rm, ch, cw) in enumerate(refs):
+            assert valid[i].tolist() == [ch, cw]
+            assert (x[i, :, :ch, :cw].int() - ri.int()).abs().max() <= 1, (h, w, i)
+            assert torch.equal(y[i, :ch, :cw], rm), (h, w, i)
+            assert (x[i, :, ch:] == 0).all() and (x[i, :, :, cw:] == 0).all()
+            assert (y[i, ch:] == 255).all() and (y[i, :, cw:] == 255).all()
 
 
-def test_resized_box_equals_crop_of_the_full_resize():
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+def test_bilinear_taps_are_torch_resize():
+    """Float images: the taps' lerp is F.interpolate(bilinear, align_corners=False) to float precision, for
+    up- and downscaling and an unchanged axis; any output window."""
+    from core.data.transforms import bilinear_taps
 
-    from core.data.transforms import resized_box
+    x = torch.rand(3, 37, 53, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for nh, nw in ((74, 106), (20, 29), (37, 80), (50, 53), (19, 27)):
+        full = torch.nn.functional.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        for top in (0, nh // 3):
+            i0, i1, wy = (torch.from_numpy(a) for a in bilinear_taps(37, nh, top, nh - top))
+            j0, j1, wx = (torch.from_numpy(a) for a in bilinear_taps(53, nw, 0, nw))
+            v = x[:, i0] * (1 - wy.double())[:, None] + x[:, i1] * wy.double()[:, None]
+            out = v[..., j0] * (1 - wx.double()) + v[..., j1] * wx.double()
+            assert torch.allclose(out, full[:, top:], atol=1e-5), (nh, nw, top)  # float32 weights
 
-    for h, w in ((37, 53), (53, 37), (20, 21)):
-        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
-        for ratio in (0.5, 0.8, 1.0, 1.3, 2.0):
-            nh, nw = random_resize_size(h, w, 30, ratio)
-            full = F.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
-            ch, cw = min(24, nh), min(24, nw)
-            for top in range(0, nh - ch + 1, 3):
-                for left in range(0, nw - cw + 1, 2):  # includes boxes whose source prefix is as wide as the output
-                    assert torch.equal(resized_box(img, nh, nw, top, left, ch, cw),
-                                       full[:, top:top + ch, left:left + cw]), (h, w, ratio, top, left)
+
+def test_mmseg_regions_are_smaller_than_crops_and_cross_workers(voc_root):
+    """Upscaled crops hand over their source region (fewer bytes than the crop); the batch packed in a worker
+    (shared memory) is the batch packed in the main process."""
+    from torch.utils.data import DataLoader
+
+    from core.data.voc import VOCSegmentation
+
+    t = MMSegTrainTransform(48, 48, photometric=False, ratio_range=(2.0, 2.0))
+    img, mask = _sample()
+    r, m, taps, mtaps, valid = t(img, mask)
+    assert r.numel() < 3 * 48 * 48 / 2 and m.numel() < 48 * 48 / 2 and taps.shape == (6, 48) and mtaps.shape == (2, 48)
+    # crop 256 > the 32 px resize: every box is the whole image, no flip: the same samples in any process
+    ds = VOCSegmentation(voc_root, "train", transform=MMSegTrainTransform(256, 32, photometric=False,
+                                                                          ratio_range=(1.0, 1.0), hflip=0.0))
+    batches = []
+    for workers in (0, 1):
+        g = torch.Generator().manual_seed(0)
+        dl = DataLoader(ds, batch_size=3, shuffle=True, generator=g, num_workers=workers, collate_fn=t.collate)
+        batches.append(next(iter(dl)))
+    a, b = batches
+    assert a.keys() == b.keys() and [tuple(s) for s in a["region_shapes"]] == [tuple(s) for s in b["region_shapes"]]
+    for k in ("region_image", "region_mask", "taps", "mask_taps", "valid"):
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_box_label_counts_equal_the_gathered_box():
+    """cat_max_ratio counts each candidate box from the source mask with row / column weights: equal to the
+    label histogram of the box of the nearest-resized mask (ignore left out), up- and downscaled."""
+    import numpy as np
+
+    import core.data.transforms as T
+
+    g = torch.Generator().manual_seed(2)
+    for h, w in ((37, 53), (60, 45)):
+        mask = torch.randint(0, 5, (h, w), dtype=torch.uint8, generator=g)
+        mask[:, : w // 2] = 3
+        mask[h // 3] = 255
+        for nh, nw in ((2 * h, 2 * w), (h // 2, w // 2), (h + 7, w - 5), (h, w)):
+            rows, cols = T.nearest_index(h, nh).numpy(), T.nearest_index(w, nw).numpy()
+            counts = T._BoxLabelCounts(mask.numpy(), rows, cols, 255)
+            labels = [k for k in range(256) if k != 255 and bool((mask == k).any())]
+            resized = mask.numpy()[rows][:, cols]
+            for top, left, ch, cw in ((0, 0, nh, nw), (1, 2, nh // 2, nw // 3), (nh - 5, nw - 4, 5, 4)):
+                ref = np.bincount(resized[top:top + ch, left:left + cw].reshape(-1), minlength=256)[labels]
+                assert np.array_equal(counts(top, left, ch, cw).numpy().astype(np.int64), ref), (h, w, nh, nw, top)

@@ -15,7 +15,9 @@ The loaders hand uint8 batches (crop + flip only on the CPU); `BatchAugment` con
 Segmentation: `SegBatchTransform(photometric)` is the device half of the segmentation train pipelines
 (core/data/transforms.py `seg_batch_transform`): uint8 (B, 3, H, W) -> mmseg's PhotoMetricDistortion per
 sample (`BatchPhotoMetricDistortion`, mmseg pipeline only) -> /255 -> ImageNet normalisation -> pixels beyond
-each sample's valid (h, w) set to 0 (mmseg pads after normalising).
+each sample's valid (h, w) set to 0 (mmseg pads after normalising). Before it, `crops_from_regions` turns
+the mmseg loader's batch of source regions (`core.data.transforms.MMSegTrainTransform.collate`) into the
+resized, cropped, flipped and padded uint8 crops and masks.
 """
 
 from __future__ import annotations
@@ -288,3 +290,48 @@ class SegBatchTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(photometric={self.photometric})"
+
+
+@torch.no_grad()
+def crops_from_regions(batch: dict, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The resize, crop, flip and pad half of the mmseg train pipeline, on the device, for a whole batch of
+    `core.data.transforms.MMSegTrainTransform.collate`: returns ``(images uint8 (B, 3, C, C), masks uint8
+    (B, C, C), valid (B, 2))`` with C the crop size, the image 0 and the mask `ignore_index` beyond each
+    sample's valid (h, w).
+
+    Each sample's source region is placed in a zero-padded batch; the bilinear resize is two gathers and a
+    lerp per axis with the worker's taps (`bilinear_taps`: aten's source indices and weights, so the result is
+    torch's / cv2's resize up to uint8 rounding), then rounded to uint8 as a uint8 resize is; the mask takes
+    its nearest rows and columns (`nearest_index`: exact). The flip is in the column taps. Region shapes come
+    as a list of ints (no device sync)."""
+    taps, mtaps, valid = batch["taps"], batch["mask_taps"], batch["valid"]
+    shapes = [tuple(int(v) for v in s) for s in batch["region_shapes"]]
+    dev = taps.device
+    B, _, C = taps.shape
+    ry, rx = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    my, mx = max(s[2] for s in shapes), max(s[3] for s in shapes)
+    img = torch.zeros((B, 3, ry, rx), dtype=torch.uint8, device=dev)
+    msk = torch.full((B, my, mx), ignore_index, dtype=torch.uint8, device=dev)
+    flat_img, flat_mask = batch["region_image"], batch["region_mask"]
+    o = m = 0
+    for b, (h, w, mh, mw) in enumerate(shapes):
+        img[b, :, :h, :w] = flat_img[o:o + 3 * h * w].view(3, h, w)
+        msk[b, :mh, :mw] = flat_mask[m:m + mh * mw].view(mh, mw)
+        o, m = o + 3 * h * w, m + mh * mw
+    iy0, iy1, wy, ix0, ix1, wx = taps.unbind(1)
+
+    def rows(i: torch.Tensor) -> torch.Tensor:
+        return img.gather(2, i.long()[:, None, :, None].expand(B, 3, C, rx)).float()
+
+    v = torch.lerp(rows(iy0), rows(iy1), wy[:, None, :, None])
+
+    def cols(i: torch.Tensor) -> torch.Tensor:
+        return v.gather(3, i.long()[:, None, None, :].expand(B, 3, C, C))
+
+    x = torch.lerp(cols(ix0), cols(ix1), wx[:, None, None, :]).round_().clamp_(0, 255)
+    y = msk.gather(1, mtaps[:, 0, :, None].expand(B, C, mx)).gather(2, mtaps[:, 1, None, :].expand(B, C, C))
+    ar = torch.arange(C, device=dev)
+    keep = (ar.view(1, C, 1) < valid[:, 0].view(B, 1, 1)) & (ar.view(1, 1, C) < valid[:, 1].view(B, 1, 1))
+    x = (x * keep[:, None].to(x.dtype)).to(torch.uint8)
+    y = torch.where(keep, y, torch.full_like(y, ignore_index))
+    return x, y, valid

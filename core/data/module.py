@@ -14,8 +14,9 @@
   crop_size=None, train_scale=None, cat_max_ratio=0.75, train_split="train")` (train side from a
   SegmentConfig: `seg_train_kwargs(cfg)`) -> `SegLoaders` with
   ``.train`` yielding ``(image (B,3,S,S) uint8, mask (B,S,S) uint8, 255 = ignore)`` (S = image_size), or with
-  the mmseg pipeline ``(image, mask, valid (B,2) int64)`` (S = crop_size; valid = each crop's unpadded h, w):
-  the device half of the pipeline (`core.data.transforms.seg_batch_transform`: [photometric distortion],
+  the mmseg pipeline `MMSegTrainTransform.collate` dicts of each crop's uint8 source region (crops of
+  S = crop_size, made on the device by `core.data.gpu_augment.crops_from_regions`): the device half of the
+  pipeline (`core.data.transforms.seg_batch_transform`: [photometric distortion],
   normalisation, padding 0) runs in `SegmentationMethod` after the host-to-device copy, masks become int64
   there; and
   ``.val`` yielding dicts (`seg_val_collate`) for scoring at the ORIGINAL resolution: ``image``
@@ -398,7 +399,8 @@ def build_seg_loaders(data_cfg, batch_size: int, seed: int = 0, val_batch_size: 
         va = VOCSegmentation(root, "val", val_tf, pol, data_cfg.limit_val)
         num_classes, names = NUM_CLASSES, VOC_CLASSES
     check_val_labelled(va)
-    train = _loader(tr, data_cfg, batch_size, True, len(tr) > int(batch_size), seed)
+    train = _loader(tr, data_cfg, batch_size, True, len(tr) > int(batch_size), seed,
+                    collate_fn=getattr(train_tf, "collate", None))  # mmseg: ragged source regions
     val = _loader(va, data_cfg, val_batch_size or batch_size, False, False, seed, collate_fn=seg_val_collate,
                   sampler=EvalShardSampler(va))
     return SegLoaders(train=train, val=val, num_classes=num_classes, class_names=names, ignore_index=IGNORE_INDEX,

@@ -251,10 +251,13 @@ def load_label_map(path: Path) -> np.ndarray:
 
 
 def check_label_values(mask: np.ndarray, path: Path, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
-    counts = np.bincount(np.asarray(mask, dtype=np.uint8).reshape(-1), minlength=256)  # ~10x np.unique
-    vals = np.flatnonzero(counts)
-    bad = vals[(vals >= num_classes) & (vals != ignore_index)]
-    if bad.size:
+    a = np.asarray(mask)
+    outside = a >= num_classes  # two vector compares: ~0.04 ms on a VOC mask (np.unique ~2.5 ms, bincount 0.26)
+    if a.dtype.kind == "i":
+        outside |= a < 0
+    outside &= a != ignore_index
+    if outside.any():
+        bad = np.unique(a[outside])
         shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if bad.size > 8 else "")
         raise DataError(
             f"mask {path} has values outside the label space {{0..{num_classes - 1}, {ignore_index}}}: {shown}; "

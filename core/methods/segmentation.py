@@ -18,9 +18,10 @@ with the loss of `cfg.loss` (`core.losses.segmentation.build_seg_loss`, void 255
   configs/_base_/schedules/schedule_20k.py: ``PolyLR(eta_min=1e-4, power=0.9, begin=0, end=20000,
   by_epoch=False)`` with SGD lr 0.01), ``lr_t = eta_min + (lr - eta_min) (1 - t / T)^0.9`` per parameter
   group, eta_min = its base lr x ``cfg.min_lr_ratio`` (`poly_factor`), no warmup. The optimizer stays AdamW.
-- training batches arrive as the loaders make them: uint8 images (B, 3, S, S), uint8 masks (255 = void) and,
-  with the mmseg pipeline, each crop's valid (h, w) (`core.data.transforms.MMSegTrainTransform`); on the device
-  `seg_batch_transform(cfg.train_pipeline)` (`core.data.gpu_augment.SegBatchTransform`) does the rest of the
+- training batches arrive as the loaders make them: uint8 images (B, 3, S, S) and uint8 masks (255 = void), or
+  with the mmseg pipeline the uint8 source regions of each crop (`core.data.transforms.MMSegTrainTransform`),
+  resized, cropped, flipped and padded on the device first (`core.data.gpu_augment.crops_from_regions`, which
+  gives each crop's valid (h, w)); then `seg_batch_transform(cfg.train_pipeline)` (`core.data.gpu_augment.SegBatchTransform`) does the rest of the
   pipeline (mmseg: photometric distortion per sample; normalise; padded pixels 0) and the masks become int64
   there. Float batches (already normalised) are used as they are.
 - CNN backbones run channels_last.
@@ -63,7 +64,13 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(images, masks, valid (B, 2) or None) of a training batch: ``(x, y)`` or ``(x, y, valid)`` (mmseg
-    pipeline: each crop's unpadded (h, w)) or a dict with "image", "mask" [, "valid"]."""
+    pipeline: each crop's unpadded (h, w)) or a dict with "image", "mask" [, "valid"], or the mmseg loader's
+    dict of source regions (`MMSegTrainTransform.collate`), turned into crops here on the batch's device
+    (`core.data.gpu_augment.crops_from_regions`)."""
+    if isinstance(batch, dict) and "region_image" in batch:
+        from core.data.gpu_augment import crops_from_regions
+
+        return crops_from_regions(batch)
     if isinstance(batch, dict):
         return batch["image"], batch["mask"], batch.get("valid")
     return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
