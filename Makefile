@@ -10,7 +10,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip uv==0.13.9
-	@$(VENV)/bin/uv pip sync --python $(PY) requirements.lock
+	@# --compile-bytecode: ~25 s once; every later Python process (each grid trial, each test subprocess) then
+	@# imports torch + lightning + timm in ~7 s instead of ~15 s where PYTHONDONTWRITEBYTECODE is set
+	@$(VENV)/bin/uv pip sync --python $(PY) --compile-bytecode requirements.lock
 	@$(VENV)/bin/uv pip install --python $(PY) --no-deps -e .
 	@touch $(STAMP)
 

@@ -430,6 +430,10 @@ class SegmentConfig(ConfigBase):
     """Backbone name (core/models/registry.py)."""
     head: str = "setr_pup"
     """linear | setr_naive | setr_pup | setr_mla | deeplabv3 | segformer."""
+    head_channels: Optional[int] = None
+    """Width (channels) of the segmentation head's convolutions: SETR naive / PUP / MLA (and the SETR-PUP auxiliary
+    heads), SegFormer's embedding; none: the head's reference width (mmseg: 256). Refused for heads without one
+    (linear, deeplabv3: torchvision's fixed 256)."""
     aux_heads: bool = False
     """SETR-PUP deep supervision as mmseg trains it: auxiliary SETR-UP heads on intermediate transformer blocks
     (41.7/62.5/83.3% of the depth: blocks 9, 14, 19 of 24), each CE x 0.4 added to the loss; training only, the
@@ -521,13 +525,14 @@ class SegmentConfig(ConfigBase):
 
     def validate(self) -> None:
         from core.evaluations import EVALUATIONS
-        from core.models.heads import check_head_name
+        from core.models.heads import check_head_channels, check_head_name
         from core.models.registry import check_backbone_name
 
         if self.evaluation is not None:
             check_choice("evaluation", self.evaluation, tuple(EVALUATIONS))
         check_backbone_name("backbone", self.backbone)
         check_head_name("head", self.head)
+        check_head_channels("head_channels", self.head, self.head_channels)
         if not isinstance(self.aux_heads, bool):
             raise ConfigError(f"aux_heads={self.aux_heads!r} must be true or false")
         if self.aux_heads and self.head != "setr_pup":

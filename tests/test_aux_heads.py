@@ -39,6 +39,18 @@ def test_default_builds_no_aux_head():
     assert not any("aux" in n for n, _ in m.named_parameters())
 
 
+def test_head_channels_reach_main_and_aux_heads():
+    """SegmentConfig.head_channels sets the conv width of the PUP stages and of each auxiliary head; none builds the
+    reference 256-wide heads (the same parameter count as the default config)."""
+    m = build_segmenter(cfg(aux_heads=True, head_channels=16), K)
+    heads = [m.head, *m.aux_heads]
+    assert all(st[0].out_channels == 16 and h.classifier.in_channels == 16 for h in heads for st in h.stages)
+    n = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    ref = build_segmenter(cfg(aux_heads=True), K)
+    assert all(st[0].out_channels == 256 for h in [ref.head, *ref.aux_heads] for st in h.stages)
+    assert n(build_segmenter(cfg(aux_heads=True, head_channels=256), K)) == n(ref) > n(m)
+
+
 def test_aux_heads_exist_only_when_asked_and_read_their_blocks():
     m = build_segmenter(cfg(aux_heads=True), K)
     assert len(m.aux_heads) == 3 and all(isinstance(h, SETRUPAuxHead) for h in m.aux_heads)

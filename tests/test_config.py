@@ -36,6 +36,11 @@ def test_defaults_are_valid_and_round_trip():
         (SegmentConfig, {"evaluation": "E9"}, "evaluation='E9' is not allowed"),
         (SegmentConfig, {"slide_crop": 32, "slide_stride": 48}, "slide_stride=48 must be <= slide_crop=32"),
         (SegmentConfig, {"fusion_alpha": 1.5}, "fusion_alpha=1.5 must be between 0.0 and 1.0"),
+        (SegmentConfig, {"head_channels": 0}, "head_channels=0 is not allowed; choose a positive integer"),
+        (SegmentConfig, {"head_channels": "wide"}, "SegmentConfig.head_channels='wide' must be an integer"),
+        (SegmentConfig, {"head": "deeplabv3", "head_channels": 64},
+         "head_channels=64 sets the width of the head's convolutions but head='deeplabv3' has no such width; leave "
+         "head_channels unset (none) or choose head=setr_naive | setr_pup | setr_mla | segformer"),
     ],
 )
 def test_bad_values_give_one_line_naming_field_value_and_choices(cls, d, needle):
@@ -50,6 +55,14 @@ def test_coercion_from_yaml_and_cli_strings():
                                     "compile": "true", "lr": None})
     assert cfg.epochs == 3 and cfg.barlow_twins.lambd == 0.02 and cfg.projector == (256, 128) and cfg.compile is True
     assert cfg.lr is None  # an explicit null selects the optimiser's official recipe
+
+
+def test_head_channels_default_none_coerced_and_recorded():
+    assert SegmentConfig().head_channels is None and SegmentConfig().to_dict()["head_channels"] is None
+    cfg = SegmentConfig.from_dict({"head_channels": "64"})  # CLI / YAML string
+    assert cfg.head_channels == 64 and cfg.to_dict()["head_channels"] == 64  # config.json records it
+    assert SegmentConfig.from_dict(cfg.to_dict()) == cfg
+    assert SegmentConfig(head="segformer", head_channels=32).head_channels == 32
 
 
 def test_ssl_crop_scale_defaults():

@@ -166,6 +166,10 @@ def test_smoke_expansion():
         assert t.config["device"] == "cpu" and t.resources == {"cpu": 1.0, "gpu": 0.0}
     fus = {t.config["evaluation"]: t.config["fusion"] for t in seg}
     assert fus == {"E1": "none", "E2": "none", "E3": "features", "E4": "affinity", "E5": "affinity"}
+    # the SETR-PUP trials (the random-init baseline too) run a narrower head on the CPU; DeepLabV3 (E1) has no width
+    width = {t.id: t.config.get("head_channels") for t in g.stage("segment")}
+    assert {k: v for k, v in width.items() if "-E1-" not in k} == {k: 128 for k in width if "-E1-" not in k}
+    assert [v for k, v in width.items() if "-E1-" in k] == [None]
     dino = g.by_id()["pt-vit_nano_patch8-random-dino-s0"]
     assert dino.config["optimizer"] == "adamw"  # overrides apply
     assert all(t.config["data"]["root"] is None and t.config["data"]["image_size"] == 64 for t in g.trials)

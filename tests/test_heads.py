@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.models.heads import HEADS, check_head_name, create_head, head_refusal
+from core.models.heads import HEADS, check_head_channels, check_head_name, create_head, head_refusal, heads_with_width
 from core.models.heads.fusion import (
     AttentionAffinityFusion,
     AttentionFeatureFusion,
@@ -215,6 +215,61 @@ def test_frozen_backbone_gets_no_grad_and_stays_eval():
     assert all(p.grad is None and not p.requires_grad for p in bb.parameters())
     assert torch.equal(bb.stages[-1].running_mean, before)
     assert _finite_grads(model.head.parameters())
+
+
+# ---------------------------------------------------------------------------------- head width
+def _conv_widths(head) -> set[int]:
+    """Output channels of every conv of `head` but its classifier."""
+    return {m.out_channels for n, m in head.named_modules() if isinstance(m, nn.Conv2d) and "classifier" not in n}
+
+
+def test_head_channels_reach_the_convs():
+    """`channels` (SegmentConfig.head_channels) is the width of every conv of the heads that have one; MLA's
+    streams keep `mla_channels`."""
+    assert set(heads_with_width()) == {"setr_naive", "setr_pup", "setr_mla", "segformer"}
+    for name in heads_with_width():
+        bb = make_backbone("fake_vit")
+        head = create_head(name, bb, NUM_CLASSES, head_channels=24, **({"mla_channels": 16} if name == "setr_mla" else {}))
+        assert _conv_widths(head) == ({24, 16} if name == "setr_mla" else {24}), name
+        out = Segmenter(bb, head, num_classes=NUM_CLASSES)(torch.randn(2, 3, SIZE, SIZE))
+        assert out.shape == (2, NUM_CLASSES, SIZE, SIZE)
+    pup = create_head("setr_pup", make_backbone("vit_nano_patch8"), NUM_CLASSES, head_channels=64)
+    assert len(pup.stages) == 3 and all(st[0].out_channels == 64 and st[1].num_features == 64 for st in pup.stages)
+    assert pup.classifier.in_channels == 64
+
+
+@pytest.mark.parametrize("head_name", list(HEADS))
+def test_default_width_builds_what_the_head_builds_by_itself(head_name):
+    """head_channels none: the very module the head builds without the argument (the reference 256)."""
+    bb = make_backbone("fake_vit")
+    torch.manual_seed(0)
+    ref = HEADS[head_name].from_backbone(bb, NUM_CLASSES)
+    torch.manual_seed(0)
+    got = create_head(head_name, bb, NUM_CLASSES, head_channels=None)
+    assert {k: v.shape for k, v in got.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert sum(p.numel() for p in got.parameters()) == sum(p.numel() for p in ref.parameters())
+    if HEADS[head_name].width_arg is not None:
+        assert 256 in _conv_widths(got)
+        wide = create_head(head_name, bb, NUM_CLASSES, head_channels=256)
+        assert sum(p.numel() for p in wide.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("head_name", [n for n in HEADS if n not in heads_with_width()])
+def test_head_without_width_refuses_channels(head_name):
+    with pytest.raises(ConfigError) as e:
+        create_head(head_name, make_backbone("fake_vit"), NUM_CLASSES, head_channels=64)
+    msg = str(e.value)
+    assert msg.startswith(f"head_channels=64 sets the width of the head's convolutions but head={head_name!r} has no "
+                          f"such width; leave head_channels unset (none) or choose head=setr_naive") and "\n" not in msg
+    check_head_channels("head_channels", head_name, None)  # none is always fine
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.0, "64", True])
+def test_bad_head_channels_give_one_line(bad):
+    with pytest.raises(ConfigError) as e:
+        check_head_channels("head_channels", "setr_pup", bad)
+    assert str(e.value).startswith(f"head_channels={bad!r} is not allowed; choose a positive integer")
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------- refusals

@@ -161,3 +161,17 @@ def test_cli_bad_flags_one_line_exit_2(tmp_path, flags, needle):
     assert needle in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
     assert not out.exists()
+
+
+def test_config_written_before_a_new_field_still_matches(tmp_path):
+    """A run folder whose config.json predates a field (here: SegmentConfig.head_channels) matches a config that
+    leaves that field at its default, and differs from one that sets it."""
+    from core.config import SegmentConfig
+    from core.runs.skeleton import config_differences
+
+    cfg = SegmentConfig(evaluation="E2")
+    old = cfg.to_dict()
+    del old["head_channels"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert config_differences(tmp_path, cfg) == []
+    assert config_differences(tmp_path, SegmentConfig(evaluation="E2", head_channels=64)) == ["head_channels"]

@@ -18,7 +18,8 @@ Frozen mode: backbone parameters have requires_grad=False, the backbone stays in
 (BatchNorm statistics / dropout untouched) whatever `.train()` says, and it runs under no_grad.
 
 `build_segmenter(cfg, num_classes, backbone=None)` builds all three from a `SegmentConfig`
-(weights are loaded by the caller, e.g. `core.weights.load_source`, before or after building).
+(weights are loaded by the caller, e.g. `core.weights.load_source`, before or after building);
+`cfg.head_channels` sets the width of the head's (and the auxiliary heads') convolutions.
 `param_groups(lr, backbone_lr_scale, weight_decay, gate_lr)` gives optimizer groups (no weight decay
 on biases, norm parameters and scalars; fusion 2's mixing logit in its own group at `gate_lr`).
 `whole_inference` / `slide_inference`: evaluation-time prediction over a whole image or with
@@ -182,7 +183,8 @@ def build_segmenter(cfg, num_classes: int, backbone: Optional[nn.Module] = None,
         fusion = AttentionAffinityFusion.from_backbone(backbone, steps=cfg.fusion_steps, alpha=cfg.fusion_alpha)
     else:
         check_fusion(cfg.fusion, backbone)
-    head = create_head(cfg.head, backbone, num_classes, extra_in_channels=extra, **head_kw)
+    channels = getattr(cfg, "head_channels", None)
+    head = create_head(cfg.head, backbone, num_classes, extra_in_channels=extra, head_channels=channels, **head_kw)
     aux = None
     if getattr(cfg, "aux_heads", False):
         from core.models.heads.setr import SETRUPAuxHead, aux_heads_refusal
@@ -190,7 +192,7 @@ def build_segmenter(cfg, num_classes: int, backbone: Optional[nn.Module] = None,
         err = aux_heads_refusal(cfg.head, backbone)
         if err is not None:
             raise err
-        aux = SETRUPAuxHead.for_backbone(backbone, num_classes)
+        aux = SETRUPAuxHead.for_backbone(backbone, num_classes, **SETRUPAuxHead.width_kwargs(channels))
     return Segmenter(backbone, head, fusion, num_classes=num_classes, frozen=(cfg.mode == "frozen"), aux_heads=aux)
 
 

@@ -184,7 +184,9 @@ def _bookkeeping(cfg) -> set[str]:
 
 def config_differences(out_dir: Path, cfg) -> Optional[list[str]]:
     """The dotted config fields in which `out_dir/config.json` differs from `cfg` (bookkeeping fields
-    ignored); None when the folder holds no readable config.json (nothing to compare)."""
+    ignored); None when the folder holds no readable config.json (nothing to compare). A field the folder's
+    config.json lacks (added to the config class since it was written) reads as that field's default, so a
+    run made before a new option existed still matches a config that leaves the option at its default."""
     try:
         old = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
     except (OSError, ValueError):
@@ -192,6 +194,11 @@ def config_differences(out_dir: Path, cfg) -> Optional[list[str]]:
     if not isinstance(old, dict):
         return None
     a, b, skip = _flat(old), _flat(cfg.to_dict()), _bookkeeping(cfg)
+    try:
+        defaults = _flat(type(cfg)().to_dict())
+    except Exception:  # noqa: BLE001 - a config class without a default instance: compare as written
+        defaults = {}
+    a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
     return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k, _MISSING) != b.get(k, _MISSING))
 
 

@@ -12,6 +12,11 @@ A head is an `nn.Module` built from a backbone (`from_backbone`) that maps the b
 - `out_size=None` returns the head's native resolution (the patch grid for most heads, the input
   resolution for SETR-PUP, which upsamples inside); otherwise the logits are bilinearly resized to
   `out_size` (only when the sizes differ, so no op is applied when they already match).
+- `width_arg`: the constructor argument that sets the width of the head's convolutions
+  (`SegmentConfig.head_channels`; e.g. SETR's `channels`, mmseg's 256), or None when the head has no
+  such width (linear, torchvision's DeepLabHead with its fixed 256): `width_kwargs(channels)` turns a
+  width into constructor kwargs and refuses one for such a head. The one declaration of which heads
+  have a width: `create_head` / `build_segmenter` and `SegmentConfig` read it.
 - `extra_in_channels`: channels appended to the head's input by attention fusion 1. Single-level
   heads receive them on the dense map; multi-level heads on their last (deepest) level. Use
   `inject(dense, intermediates, extra)` to place them consistently.
@@ -19,7 +24,7 @@ A head is an `nn.Module` built from a backbone (`from_backbone`) that maps the b
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +59,8 @@ class SegHead(nn.Module):
 
     name: str = "?"
     multi_level: bool = False
+    width_arg: ClassVar[Optional[str]] = None
+    """Constructor argument setting the width of the head's convolutions (None: the head has none)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +82,20 @@ class SegHead(nn.Module):
     @classmethod
     def from_backbone(cls, backbone, num_classes: int, extra_in_channels: int = 0, **kw) -> "SegHead":
         raise NotImplementedError
+
+    @classmethod
+    def width_kwargs(cls, channels: Optional[int], field: str = "head_channels") -> dict:
+        """Constructor kwargs giving the head's convolutions `channels` channels ({} for None: the head's
+        reference width); ConfigError when the head declares no width (`width_arg` None)."""
+        if channels is None:
+            return {}
+        if cls.width_arg is None:
+            from core.models.heads import heads_with_width  # the registry lists the heads that have one
+
+            raise ConfigError(f"{field}={channels!r} sets the width of the head's convolutions but head={cls.name!r} "
+                              f"has no such width; leave {field} unset (none) or choose head="
+                              f"{' | '.join(heads_with_width())}")
+        return {cls.width_arg: int(channels)}
 
     # ------------------------------------------------------------------ inputs
     def inject(self, dense: torch.Tensor, intermediates: Sequence[torch.Tensor], extra: Optional[torch.Tensor]):

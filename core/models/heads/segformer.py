@@ -2,7 +2,8 @@
 
 Xie et al., "SegFormer: Simple and Efficient Design for Semantic Segmentation with Transformers",
 NeurIPS 2021, arXiv:2105.15203 (the seed study names it as the inspiration for its heads).
-Each level -> per-level linear layer (1x1 conv) to a common width -> bilinear upsampling to the
+Each level -> per-level linear layer (1x1 conv) to a common width (`embed_dim`, mmseg's `channels`: 256;
+`SegmentConfig.head_channels`) -> bilinear upsampling to the
 finest grid of the four -> concatenation -> fuse 1x1 conv-BN-ReLU -> dropout -> 1x1 classifier.
 Levels are the four stages of a hierarchical backbone (CNN, Swin) or four evenly spaced blocks of a
 ViT (D//4*(i+1)-1), all on the patch grid.
@@ -19,6 +20,7 @@ from core.models.heads.base import FourLevelHead, conv_bn_relu, resize
 
 class SegFormerHead(FourLevelHead):
     name = "segformer"
+    width_arg = "embed_dim"  # SegmentConfig.head_channels; mmseg SegformerHead's `channels` (256)
 
     def __init__(self, in_channels: list[int], num_classes: int, levels: tuple[int, ...], extra_in_channels: int = 0,
                  embed_dim: int = 256, dropout: float = 0.1):

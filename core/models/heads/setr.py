@@ -21,6 +21,8 @@ Transformers", CVPR 2021, arXiv:2012.15840 (the seed study adapted setr-pytorch)
   `mmseg/models/decode_heads/setr_mla_head.py` (two 3x3 ConvModules per level, concat, `cls_seg`).
   The x4 upsampling of each stream is left to the segmenter's final resize (the streams share one
   grid here).
+- Width: `channels` (mmseg's 256) is the width of the naive/PUP convs, of MLA's `proj` / `fuse` and of the
+  auxiliary heads' convs (`width_arg`, set by `SegmentConfig.head_channels`); MLA's `mla_channels` stays 128.
 - `SETRUPAuxHead` / `aux_blocks` / `aux_heads_refusal`: SETR-PUP's auxiliary heads (deep supervision,
   `SegmentConfig.aux_heads`), as mmsegmentation trains them: `configs/_base_/models/setr_pup.py` (ViT-L,
   24 blocks, ``out_indices=(9, 14, 19, 23)``, the decode head on ``in_index=3`` = block 23) and
@@ -53,6 +55,7 @@ from core.models.heads.base import FourLevelHead, SegHead, conv_bn_relu, resize
 
 class SETRNaiveHead(SegHead):
     name = "setr_naive"
+    width_arg = "channels"  # SegmentConfig.head_channels (mmseg: 256)
 
     def __init__(self, in_channels: int, num_classes: int, extra_in_channels: int = 0, channels: int = 256):
         super().__init__()
@@ -71,6 +74,7 @@ class SETRNaiveHead(SegHead):
 
 class SETRPUPHead(SegHead):
     name = "setr_pup"
+    width_arg = "channels"  # SegmentConfig.head_channels (mmseg: 256)
 
     def __init__(self, in_channels: int, num_classes: int, stride: int, extra_in_channels: int = 0,
                  channels: int = 256):
@@ -111,6 +115,7 @@ class SETRPUPHead(SegHead):
 
 class SETRMLAHead(FourLevelHead):
     name = "setr_mla"
+    width_arg = "channels"  # SegmentConfig.head_channels (mmseg: 256)
 
     def __init__(self, in_channels: list[int], num_classes: int, levels: tuple[int, ...], extra_in_channels: int = 0,
                  channels: int = 256, mla_channels: int = 128):
@@ -192,6 +197,7 @@ class SETRUPAuxHead(SegHead):
     bilinear upsampling] stages, 1x1 classifier. Reads `intermediates[0]` (the block in `needs_intermediates`)."""
 
     name = "setr_pup_aux"
+    width_arg = "channels"  # SegmentConfig.head_channels, as the main head (mmseg: 256)
 
     def __init__(self, in_channels: int, num_classes: int, block: int, stride: int, channels: int = 256):
         super().__init__()
