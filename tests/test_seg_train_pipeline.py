@@ -410,8 +410,10 @@ def test_mmseg_regions_are_smaller_than_crops_and_cross_workers(voc_root):
 
     t = MMSegTrainTransform(48, 48, photometric=False, ratio_range=(2.0, 2.0))
     img, mask = _sample()
-    r, m, taps, mtaps, valid = t(img, mask)
-    assert r.numel() < 3 * 48 * 48 / 2 and m.numel() < 48 * 48 / 2 and taps.shape == (6, 48) and mtaps.shape == (2, 48)
+    r, m, taps, weights, valid = t(img, mask)
+    assert r.numel() < 3 * 48 * 48 / 2 and m.numel() < 48 * 48 / 2
+    assert taps.shape == (6, 48) and taps.dtype == torch.int32 and weights.shape == (2, 48)
+    assert weights.dtype == torch.float32 and valid.tolist() == [48, 48]
     # crop 256 > the 32 px resize: every box is the whole image, no flip: the same samples in any process
     ds = VOCSegmentation(voc_root, "train", transform=MMSegTrainTransform(256, 32, photometric=False,
                                                                           ratio_range=(1.0, 1.0), hflip=0.0))
@@ -422,7 +424,7 @@ def test_mmseg_regions_are_smaller_than_crops_and_cross_workers(voc_root):
         batches.append(next(iter(dl)))
     a, b = batches
     assert a.keys() == b.keys() and [tuple(s) for s in a["region_shapes"]] == [tuple(s) for s in b["region_shapes"]]
-    for k in ("region_image", "region_mask", "taps", "mask_taps", "valid"):
+    for k in ("region_image", "region_mask", "taps", "weights", "valid"):
         assert torch.equal(a[k], b[k]), k
 
 

@@ -300,11 +300,11 @@ def crops_from_regions(batch: dict, ignore_index: int = 255) -> tuple[torch.Tens
     sample's valid (h, w).
 
     Each sample's source region is placed in a zero-padded batch; the bilinear resize is two gathers and a
-    lerp per axis with the worker's taps (`bilinear_taps`: aten's source indices and weights, so the result is
-    torch's / cv2's resize up to uint8 rounding), then rounded to uint8 as a uint8 resize is; the mask takes
-    its nearest rows and columns (`nearest_index`: exact). The flip is in the column taps. Region shapes come
-    as a list of ints (no device sync)."""
-    taps, mtaps, valid = batch["taps"], batch["mask_taps"], batch["valid"]
+    lerp per axis with the worker's int32 taps and float32 weights (`bilinear_taps`: aten's indices and
+    weights, so it is torch's / cv2's resize up to uint8 rounding), then rounded to uint8 as a uint8 resize
+    is; the mask takes its nearest rows and columns (`nearest_index`: exact). The flip is in the column taps.
+    Region shapes come as a list of ints (no device sync)."""
+    taps, weights, valid = batch["taps"].long(), batch["weights"], batch["valid"]
     shapes = [tuple(int(v) for v in s) for s in batch["region_shapes"]]
     dev = taps.device
     B, _, C = taps.shape
@@ -318,18 +318,19 @@ def crops_from_regions(batch: dict, ignore_index: int = 255) -> tuple[torch.Tens
         img[b, :, :h, :w] = flat_img[o:o + 3 * h * w].view(3, h, w)
         msk[b, :mh, :mw] = flat_mask[m:m + mh * mw].view(mh, mw)
         o, m = o + 3 * h * w, m + mh * mw
-    iy0, iy1, wy, ix0, ix1, wx = taps.unbind(1)
+    iy0, iy1, my_, ix0, ix1, mx_ = taps.unbind(1)
+    wy, wx = weights.float().unbind(1)
 
     def rows(i: torch.Tensor) -> torch.Tensor:
-        return img.gather(2, i.long()[:, None, :, None].expand(B, 3, C, rx)).float()
+        return img.gather(2, i[:, None, :, None].expand(B, 3, C, rx)).float()
 
     v = torch.lerp(rows(iy0), rows(iy1), wy[:, None, :, None])
 
     def cols(i: torch.Tensor) -> torch.Tensor:
-        return v.gather(3, i.long()[:, None, None, :].expand(B, 3, C, C))
+        return v.gather(3, i[:, None, None, :].expand(B, 3, C, C))
 
     x = torch.lerp(cols(ix0), cols(ix1), wx[:, None, None, :]).round_().clamp_(0, 255)
-    y = msk.gather(1, mtaps[:, 0, :, None].expand(B, C, mx)).gather(2, mtaps[:, 1, None, :].expand(B, C, C))
+    y = msk.gather(1, my_[:, :, None].expand(B, C, mx)).gather(2, mx_[:, None, :].expand(B, C, C))
     ar = torch.arange(C, device=dev)
     keep = (ar.view(1, C, 1) < valid[:, 0].view(B, 1, 1)) & (ar.view(1, 1, C) < valid[:, 1].view(B, 1, 1))
     x = (x * keep[:, None].to(x.dtype)).to(torch.uint8)

@@ -62,7 +62,7 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[0], batch[1]
 
 
-def _train_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def _train_batch(batch: Any, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(images, masks, valid (B, 2) or None) of a training batch: ``(x, y)`` or ``(x, y, valid)`` (mmseg
     pipeline: each crop's unpadded (h, w)) or a dict with "image", "mask" [, "valid"], or the mmseg loader's
     dict of source regions (`MMSegTrainTransform.collate`), turned into crops here on the batch's device
@@ -70,7 +70,7 @@ def _train_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch
     if isinstance(batch, dict) and "region_image" in batch:
         from core.data.gpu_augment import crops_from_regions
 
-        return crops_from_regions(batch)
+        return crops_from_regions(batch, ignore_index)
     if isinstance(batch, dict):
         return batch["image"], batch["mask"], batch.get("valid")
     return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
@@ -250,7 +250,7 @@ class SegmentationMethod(pl.LightningModule):
     def train_inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised float images, int64 masks) on the device from a training batch (`_train_batch`): uint8
         images go through `batch_transform` here, after the host-to-device copy."""
-        x, y, valid = _train_batch(batch)
+        x, y, valid = _train_batch(batch, self.ignore_index)
         if x.dtype == torch.uint8:
             x = self.batch_transform(x, valid)
         return x, y.long()
