@@ -11,7 +11,8 @@
 batch 256, bf16, projector 8192-8192-8192, each with a synthetic-batch row (``model``) and a real-pipeline row
 (``pipeline``: DataLoader with workers over generated JPEGs of VOC's size), DINO ViT-S/16 (2 x 224 + 6 x 96
 crops), the E1 (DeepLabV3 on the dilated ResNet-50) and E2 (SETR-PUP / linear on ViT-S/16) steps at 512 px,
-and with 2 GPUs a 2-process DDP Barlow Twins check (`ddp_check`); it replaces its table in BENCHMARKS.md
+the E2 step fed by paper.yaml's mmseg loader (``--seg-pipeline mmseg``: worker regions, crops made on the
+device), and with 2 GPUs a 2-process DDP Barlow Twins check (`ddp_check`); it replaces its table in BENCHMARKS.md
 (machine, date, command; `update_benchmarks`). Without a GPU the same rows run tiny on the CPU (resnet_tiny /
 vit_nano_patch8, 64 px, one step, DDP on gloo) and go to a separate ``cpu-fallback`` block.
 Every row, in every suite, carries ``GFLOP/img`` (forward + backward FLOPs of one image with all its views,
@@ -125,6 +126,7 @@ class BenchSettings:
     dino_out_dim: int = 1024
     dino_local_crops: int = 2
     seg_head: str = "auto"
+    seg_pipeline: str = "simple"  # segmentation train pipeline of the `pipeline` mode: simple | mmseg (paper.yaml)
     lightly: bool = True
     data_root: Optional[str] = None
     seed: int = 0
@@ -140,6 +142,11 @@ class BenchSettings:
             check_backbone_name("--backbone", b)
         if self.seg_head != "auto":
             check_head_name("--seg-head", self.seg_head)
+        from core.data.transforms import SEG_TRAIN_PIPELINES
+
+        if self.seg_pipeline not in SEG_TRAIN_PIPELINES:
+            raise ConfigError(f"--seg-pipeline {self.seg_pipeline!r} is not known; choose from: "
+                              f"{', '.join(SEG_TRAIN_PIPELINES)}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA GPU is visible; use --device auto or cpu")
 
@@ -385,7 +392,12 @@ class Runner:
 
 
 def first_images(batch: Any, n: int) -> Any:
-    """`batch` cut to its first `n` images (every tensor's leading dim)."""
+    """`batch` cut to its first `n` images (every tensor's leading dim; the mmseg loader's packed regions by
+    `MMSegTrainTransform.first`)."""
+    if isinstance(batch, dict) and "region_image" in batch:
+        from core.data.transforms import MMSegTrainTransform
+
+        return MMSegTrainTransform.first(batch, n)
     if isinstance(batch, torch.Tensor):
         return batch[:n]
     if isinstance(batch, (list, tuple)):
@@ -642,8 +654,10 @@ def build_seg_runner(s: BenchSettings, name: str, mode: str, device: torch.devic
     from core.runs.segment import backbone_options
 
     head = seg_head_for(_new_backbone(s, name), s.seg_head)
+    mmseg = {"train_pipeline": "mmseg", "crop_size": s.image_size, "train_scale": s.image_size} \
+        if s.seg_pipeline == "mmseg" else {}  # paper.yaml: crop 512 of RandomResize 512 x 0.5-2.0
     cfg = SegmentConfig(backbone=name, head=head, mode="finetune", batch_size=s.batch_size, compile=s.compile,
-                        data=data_config(s))
+                        data=data_config(s), **mmseg)
     bb = _new_backbone(s, name, **backbone_options(cfg))  # as the run builds it (E1: dilated, stride 8)
     method = SegmentationMethod(cfg, NUM_CLASSES, VOC_CLASSES, backbone=bb)
     if not s.channels_last and not bb.is_transformer:
@@ -655,9 +669,9 @@ def build_seg_runner(s: BenchSettings, name: str, mode: str, device: torch.devic
                             detail=f"head {head}, output stride {bb.stride}, CE, AdamW")
     r.task = "segment"
     if mode == "pipeline":
-        from core.data.module import build_seg_loaders
+        from core.data.module import build_seg_loaders, seg_train_kwargs
 
-        r.set_loader(build_seg_loaders(data_config(s), s.batch_size, seed=s.seed).train)
+        r.set_loader(build_seg_loaders(data_config(s), s.batch_size, seed=s.seed, **seg_train_kwargs(cfg)).train)
     else:
         g = torch.Generator().manual_seed(s.seed)
         x = torch.randn(s.batch_size, 3, s.image_size, s.image_size, generator=g)
@@ -816,6 +830,7 @@ SUITE_ITEMS = (
     ("e1-deeplabv3-r50", "E1: DeepLabV3 on a dilated ResNet-50 (output stride 8), crop 512"),
     ("e2-setr-vits16", "E2: SETR-PUP on ViT-S/16, crop 512"),
     ("e2-linear-vits16", "linear head on ViT-S/16, crop 512"),
+    ("e2-setr-vits16-mmseg", "E2 with paper.yaml's mmseg loader (pipeline mode: worker regions, device crops), crop 512"),
 )
 SUITE_BEGIN = "<!-- bench-suite {kind} -->"
 SUITE_END = "<!-- /bench-suite {kind} -->"
@@ -865,6 +880,8 @@ def suite_plan(gpu: bool, workers: int, data_root: Optional[str] = None, seed: i
         ("e1-deeplabv3-r50", BenchSettings(backbones=(r50,), seg_head="deeplabv3", **seg)),
         ("e2-setr-vits16", BenchSettings(backbones=(vit,), seg_head="setr_pup", **seg)),
         ("e2-linear-vits16", BenchSettings(backbones=(vit,), seg_head="linear", **seg)),
+        ("e2-setr-vits16-mmseg", BenchSettings(backbones=(vit,), seg_head="setr_pup", seg_pipeline="mmseg",
+                                               **{**seg, "modes": ("pipeline",), "data_root": data_root})),
     ]
 
 
@@ -886,7 +903,9 @@ def run_suite(gpu: bool, workers: int, command: str, data_root: Optional[str] = 
     """Every `suite_plan` row (or those named in `rows`), then the 2-process DDP check when 2 GPUs are
     visible (or `ddp=True`; `rows` without "ddp-2" skips it), in one report."""
     say = log or (lambda m: None)
-    pipeline = rows is None or any(k.startswith("bt-") for k in rows)  # only the bt rows read JPEGs
+    reads = {k for k, v in suite_plan(gpu, workers, "-", seed, compile_, threads, generate=False)
+             if "pipeline" in v.modes}  # the rows that read JPEGs
+    pipeline = rows is None or any(k in reads for k in rows)
     plan = [(k, v) for k, v in suite_plan(gpu, workers, data_root, seed, compile_, threads, generate=pipeline)
             if rows is None or k in rows]
     if rows is not None and "ddp-2" not in rows:
@@ -1160,6 +1179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dino-out-dim", type=int, default=1024)
     p.add_argument("--dino-local-crops", type=int, default=2)
     p.add_argument("--seg-head", default="auto", help="auto (setr_pup for ViT/Swin, deeplabv3 for CNN) or a head name")
+    p.add_argument("--seg-pipeline", default="simple",
+                   help="segmentation train pipeline of the pipeline mode: simple or mmseg (paper.yaml's 512 px "
+                        "recipe; crop and resize scale = --image-size)")
     p.add_argument("--lightly", action=argparse.BooleanOptionalAction, default=True,
                    help="run lightly's Barlow Twins side by side (default on)")
     p.add_argument("--data-root", default=None, help="VOC root for pipeline mode (default: generated dataset)")
@@ -1194,7 +1216,8 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
         batch_size=a.batch_size, precision=str(a.precision), device=str(a.device), channels_last=a.channels_last,
         compile=a.compile, warmup=a.warmup, iters=a.iters, repeats=a.repeats, workers=workers,
         projector=_int_list(a.projector), dino_out_dim=a.dino_out_dim, dino_local_crops=a.dino_local_crops,
-        seg_head=str(a.seg_head), lightly=a.lightly, data_root=a.data_root, seed=a.seed, threads=a.threads,
+        seg_head=str(a.seg_head), seg_pipeline=str(a.seg_pipeline), lightly=a.lightly, data_root=a.data_root,
+        seed=a.seed, threads=a.threads,
     )
 
 

@@ -91,6 +91,7 @@ BAD_FLAGS = {  # name: (flags, a word the one-line message must contain)
     "unknown_suite": (["--suite", "nope"], "--suite"),
     "unknown_suite_row": (["--suite", "gpu", "--rows", "bt-r50,nope"], "nope"),
     "loader_suite_bad_recipe": (["--suite", "loader", "--recipes", "nope"], "--recipes"),
+    "unknown_seg_pipeline": (["--seg-pipeline", "fancy"], "--seg-pipeline"),
 }
 
 
@@ -148,18 +149,21 @@ def test_gpu_suite_plan_is_the_paper_sizes():
     assert plan["dino-vits16"].tasks == ("dino",) and plan["dino-vits16"].dino_local_crops == 6
     assert (plan["e1-deeplabv3-r50"].seg_head, plan["e1-deeplabv3-r50"].image_size) == ("deeplabv3", 512)
     assert plan["e2-setr-vits16"].seg_head == "setr_pup" and plan["e2-linear-vits16"].seg_head == "linear"
+    mm = plan["e2-setr-vits16-mmseg"]  # the paper's segmentation data path: worker regions, device crops
+    assert (mm.seg_pipeline, mm.modes, mm.image_size, mm.data_root) == ("mmseg", ("pipeline",), 512, "/data/voc")
 
 
 def test_gpu_suite_cpu_fallback_updates_benchmarks(tmp_path):
     """Without a GPU, --suite gpu runs the tiny CPU version of the same rows and writes its own block."""
     md, js = tmp_path / "BENCHMARKS.md", tmp_path / "suite.json"
     md.write_text("# twinseg benchmarks\n\nintro\n")
-    rc = bench.main(["--suite", "gpu", "--device", "cpu", "--rows", "bt-vits16,e2-linear-vits16", "--threads", "1",
-                     "--benchmarks", str(md), "--json", str(js)])
+    rc = bench.main(["--suite", "gpu", "--device", "cpu", "--rows", "bt-vits16,e2-linear-vits16,e2-setr-vits16-mmseg",
+                     "--threads", "1", "--benchmarks", str(md), "--json", str(js)])
     assert rc == 0
     data = json.loads(js.read_text())
-    assert [r["suite_item"] for r in data["rows"]] == ["bt-vits16", "bt-vits16", "e2-linear-vits16"]
-    assert [r["mode"] for r in data["rows"]] == ["model", "pipeline", "model"]
+    assert [r["suite_item"] for r in data["rows"]] == ["bt-vits16", "bt-vits16", "e2-linear-vits16",
+                                                      "e2-setr-vits16-mmseg"]
+    assert [r["mode"] for r in data["rows"]] == ["model", "pipeline", "model", "pipeline"]
     assert all(r["flops_per_image"] > 0 and r["mfu"] is None for r in data["rows"])
     text = md.read_text()
     assert text.startswith("# twinseg benchmarks\n\nintro\n") and "| bt-vits16 | barlow_twins | pipeline |" in text

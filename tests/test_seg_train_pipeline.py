@@ -448,3 +448,14 @@ def test_box_label_counts_equal_the_gathered_box():
             for top, left, ch, cw in ((0, 0, nh, nw), (1, 2, nh // 2, nw // 3), (nh - 5, nw - 4, 5, 4)):
                 ref = np.bincount(resized[top:top + ch, left:left + cw].reshape(-1), minlength=256)[labels]
                 assert np.array_equal(counts(top, left, ch, cw).numpy().astype(np.int64), ref), (h, w, nh, nw, top)
+
+
+def test_first_samples_of_a_region_batch():
+    """`MMSegTrainTransform.first(batch, n)` = the batch collated from the first n samples."""
+    t = MMSegTrainTransform(40, 30, photometric=False)
+    torch.manual_seed(0)
+    samples = [t(*_sample(h, w, seed=i)) for i, (h, w) in enumerate(((48, 64), (30, 70), (64, 40)))]
+    head, ref = MMSegTrainTransform.first(t.collate(samples), 2), t.collate(samples[:2])
+    assert [tuple(s) for s in head["region_shapes"]] == [tuple(s) for s in ref["region_shapes"]]
+    for k in ("region_image", "region_mask", "taps", "weights", "valid"):
+        assert torch.equal(head[k], ref[k]), k

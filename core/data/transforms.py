@@ -578,6 +578,15 @@ class MMSegTrainTransform:
                                   for s in samples],
                 **default_collate([{"taps": s[2], "weights": s[3], "valid": s[4]} for s in samples])}
 
+    @staticmethod
+    def first(batch: dict, n: int) -> dict:
+        """The first `n` samples of a `collate` batch (any device): the packed regions cut at their offsets."""
+        shapes = [tuple(int(v) for v in s) for s in batch["region_shapes"]][:n]
+        ni, nm = sum(3 * s[0] * s[1] for s in shapes), sum(s[2] * s[3] for s in shapes)
+        return {"region_image": batch["region_image"][:ni], "region_mask": batch["region_mask"][:nm],
+                "region_shapes": shapes, "taps": batch["taps"][:n], "weights": batch["weights"][:n],
+                "valid": batch["valid"][:n]}
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
                 f"cat_max_ratio={self.cat_max_ratio}, hflip={self.hflip}, photometric={self.photometric})")
