@@ -318,7 +318,7 @@ def crops_from_regions(batch: dict, ignore_index: int = 255) -> tuple[torch.Tens
         img[b, :, :h, :w] = flat_img[o:o + 3 * h * w].view(3, h, w)
         msk[b, :mh, :mw] = flat_mask[m:m + mh * mw].view(mh, mw)
         o, m = o + 3 * h * w, m + mh * mw
-    iy0, iy1, my_, ix0, ix1, mx_ = taps.unbind(1)
+    iy0, iy1, mrow, ix0, ix1, mcol = taps.unbind(1)  # image row taps, mask rows, image column taps, mask columns
     wy, wx = weights.float().unbind(1)
 
     def rows(i: torch.Tensor) -> torch.Tensor:
@@ -330,7 +330,7 @@ def crops_from_regions(batch: dict, ignore_index: int = 255) -> tuple[torch.Tens
         return v.gather(3, i[:, None, None, :].expand(B, 3, C, C))
 
     x = torch.lerp(cols(ix0), cols(ix1), wx[:, None, None, :]).round_().clamp_(0, 255)
-    y = msk.gather(1, my_[:, :, None].expand(B, C, mx)).gather(2, mx_[:, None, :].expand(B, C, C))
+    y = msk.gather(1, mrow[:, :, None].expand(B, C, mx)).gather(2, mcol[:, None, :].expand(B, C, C))
     ar = torch.arange(C, device=dev)
     keep = (ar.view(1, C, 1) < valid[:, 0].view(B, 1, 1)) & (ar.view(1, 1, C) < valid[:, 1].view(B, 1, 1))
     x = (x * keep[:, None].to(x.dtype)).to(torch.uint8)

@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -379,9 +378,9 @@ class _BoxLabelCounts:
     downscale skips it), and the count of label k is ``w_rows @ onehot[..., k] @ w_cols``: two matrix-vector
     products over the box's source rows (torch's, which keep to the DataLoader worker's one thread; numpy's
     BLAS would start its own). Every partial sum is an integer below 2**24 (<= crop h x crop w), so float32
-    gives the exact counts. ~0.12 ms a box on a 500 x 375 VOC mask vs ~0.36 ms for gathering and bincounting
-    the 512 x 512 box; mmseg's 10 retries fail on most VOC images (one class over 75% of the crop), so the
-    gathers were ~2/3 of the mmseg pipeline's CPU time."""
+    gives the exact counts. ~0.06 ms a box (+ ~0.6 ms once) on a 500 x 375 VOC-size mask vs ~0.36 ms for
+    gathering and bincounting the 512 x 512 box; mmseg's 10 retries fail on most of these images (one class
+    over 75% of the crop), so the gathers were about half of the mmseg pipeline's CPU time."""
 
     def __init__(self, m: np.ndarray, rows: np.ndarray, cols: np.ndarray, ignore_index: int):
         counts = torch.bincount(torch.from_numpy(m).reshape(-1), minlength=256).numpy()  # 2x numpy's on uint8
@@ -457,12 +456,8 @@ def bilinear_taps(size_in: int, size_out: int, start: int, count: int) -> tuple[
     return i0, i1, w1
 
 
-REGION_KEYS = ("region_image", "region_mask", "region_shapes", "taps", "weights", "valid")
-"""The keys of a training batch of `MMSegTrainTransform.collate` (see `core.data.gpu_augment.crops_from_regions`)."""
-
-
 def _axis_taps(size_in: int, size_out: int, start: int, count: int, crop: int, flip: bool,
-               nearest: np.ndarray) -> tuple[int, int, np.ndarray, int, int, np.ndarray]:
+               nearest: np.ndarray) -> tuple[int, int, int, int, np.ndarray, np.ndarray]:
     """One axis of a crop ``start .. start + count - 1`` of the resize `size_in` -> `size_out`, padded to
     `crop` and mirrored when `flip`: the image's source span ``[lo, hi)``, the mask's ``[mlo, mhi)``, the
     indices (3, crop) int32 = (bilinear i0, i1 relative to lo, nearest index relative to mlo) and the bilinear
@@ -569,7 +564,8 @@ class MMSegTrainTransform:
 
     @staticmethod
     def collate(samples: list) -> dict:
-        """A batch of `__call__` outputs as one dict (keys `REGION_KEYS`): the regions packed flat (shared
+        """A batch of `__call__` outputs as one dict (region_image, region_mask, region_shapes, taps, weights,
+        valid; read by `core.data.gpu_augment.crops_from_regions`): the regions packed flat (shared
         memory in a worker), ``region_shapes`` a list of (ry, rx, my, mx) ints, the rest stacked."""
         from torch.utils.data import default_collate
 
