@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from core.io import atomic_write, atomic_write_text
+from core.io import atomic_save_figure, atomic_write, atomic_write_text
 
 write_text = atomic_write_text
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG atomically (the temporary name keeps the .png suffix)."""
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"), ".png")
+    """Save a matplotlib figure as PNG atomically (`core.io.atomic_save_figure`, at the report's 120 dpi)."""
+    return atomic_save_figure(fig, path, dpi=dpi)
 
 
 def write_file(path: Path, write: Callable[[str], None], suffix: str = "") -> Path:

@@ -21,9 +21,11 @@ import numpy as np  # noqa: E402
 from analysis import atomic  # noqa: E402
 from analysis.history import knn_column, loss_column, miou_column, read_history, series, find_column  # noqa: E402
 from analysis.results import Results, Trial, Variant, axis_header, finite, method_order, pretrain_variant  # noqa: E402
+from analysis.intervals import MeanInterval, errorbar, mean_interval  # noqa: E402
 from analysis.tables import (  # noqa: E402
-    EMERGING_COLS, PreGroup, Stat, _eval_order, emerging_points, pretrain_groups, segment_groups,
+    SWEEP_AXIS, PreGroup, _eval_order, emerging_cols, emerging_points, pretrain_groups, segment_groups,
 )
+from core.stages import PRETRAIN, SEGMENT  # noqa: E402
 
 LINESTYLES = ["-", "--", ":", "-."]
 # The report's look, applied only inside the plotting functions below (never to the global rcParams:
@@ -54,11 +56,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _yerr(stds) -> Optional[list]:
-    """Error bars from per-point stds: none at all when no point has one (a single seed has no std:
-    a zero-height bar would read as zero spread), 0 for the points without one otherwise."""
-    stds = list(stds)
-    return None if all(v is None for v in stds) else [0.0 if v is None else v for v in stds]
+def _yerr(halves) -> Optional[list]:
+    """Error bars from per-point interval half-widths (analysis/intervals.py `errorbar`): none at all when no
+    point has one (a single seed has no interval: a zero-height bar would read as zero spread), 0 for the
+    points without one otherwise."""
+    halves = list(halves)
+    return None if all(v is None for v in halves) else [0.0 if v is None else v for v in halves]
 
 
 def _seed_style(t: Trial, seeds: list) -> str:
@@ -67,9 +70,6 @@ def _seed_style(t: Trial, seeds: list) -> str:
 
 
 # ----------------------------------------------------------------------------- lambda sweep
-SWEEP_AXIS = "lambd"  # the label the sweep figure plots against (any method whose trials carry it)
-
-
 def _sweep_value(v: Optional[Variant]) -> Optional[float]:
     if v is None or SWEEP_AXIS not in v or isinstance(v[SWEEP_AXIS], bool):
         return None
@@ -86,11 +86,11 @@ def sweep_lines(res: Results) -> dict[Variant, list[PreGroup]]:
     return {k: sorted(gs, key=lambda g: _sweep_value(g.variant)) for k, gs in lines.items()}
 
 
-def sweep_segmentation(res: Results) -> tuple[Optional[str], dict[Variant, list[tuple[float, Stat]]]]:
-    """(evaluation, line -> [(value, mIoU stat)]): segmentation mIoU against the swept axis, for the
+def sweep_segmentation(res: Results) -> tuple[Optional[str], dict[Variant, list[tuple[float, MeanInterval]]]]:
+    """(evaluation, line -> [(value, mIoU mean and 95% t interval)]): segmentation mIoU against the swept axis, for the
     evaluation whose finished trials cover the most values of it (ties: the declared order)."""
     per_ev: dict[str, dict[Variant, dict[float, list[float]]]] = {}
-    for t in res.stage("segment"):
+    for t in res.stage(SEGMENT):
         x, y = _sweep_value(t.variant), finite(t.metrics.get("mIoU"))
         if x is None or y is None:
             continue
@@ -99,7 +99,8 @@ def sweep_segmentation(res: Results) -> tuple[Optional[str], dict[Variant, list[
     if not per_ev:
         return None, {}
     ev = min(per_ev, key=lambda e: (-len({x for pts in per_ev[e].values() for x in pts}), _eval_order(e)))
-    return ev, {line: sorted((x, Stat.of(v)) for x, v in pts.items()) for line, pts in per_ev[ev].items()}
+    return ev, {line: sorted(((x, mean_interval(v)) for x, v in pts.items()), key=lambda p: p[0])
+                for line, pts in per_ev[ev].items()}
 
 
 @_styled
@@ -119,14 +120,14 @@ def lambda_sweep(res: Results, path: Path) -> Optional[Path]:
         col, label = colors[key], key.label
         gs = lines.get(key, [])
         lam = [_sweep_value(g.variant) for g in gs]
-        st = [g.stat("knn_acc") for g in gs]
-        ok = [i for i, s in enumerate(st) if s.mean is not None]
+        ebs = [errorbar(g.values("knn_acc")) for g in gs]
+        ok = [i for i, eb in enumerate(ebs) if eb is not None]
         if ok:
-            axes[0, 0].errorbar([lam[i] for i in ok], [st[i].mean for i in ok], yerr=_yerr(st[i].std for i in ok),
+            axes[0, 0].errorbar([lam[i] for i in ok], [ebs[i][0] for i in ok], yerr=_yerr(ebs[i][1] for i in ok),
                                 marker="o", capsize=3, color=col, label=label)
         pts = seg.get(key)
         if pts:
-            axes[0, 1].errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=_yerr(p[1].std for p in pts),
+            axes[0, 1].errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=_yerr(p[1].half_width for p in pts),
                                 marker="s", capsize=3, color=col, label=label)
     sym = axis_header(SWEEP_AXIS)
     methods = ", ".join(dict.fromkeys(k.method_label for k in lines))
@@ -149,40 +150,55 @@ def lambda_sweep(res: Results, path: Path) -> Optional[Path]:
         ax.set_title(titles[i])
         if ax.get_legend_handles_labels()[0]:
             ax.legend(title="pretraining variant", loc="best")
-    fig.suptitle("Error bars: std over seeds", fontsize=8, y=0.01, va="bottom", color="0.4")
+    fig.suptitle("Error bars: 95% t interval over seeds (none: one seed)", fontsize=8, y=0.01, va="bottom", color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- evaluation bars
+def _bar_label(g, multi: bool) -> str:
+    return (f"{g.dataset or 'unknown'} · " if multi else "") + f"{g.label} · {g.head}/{g.fusion}"
+
+
+def bar_points(res: Results, key: str) -> list[tuple[str, str, float, Optional[float]]]:
+    """(evaluation, bar label, mean, 95% t half-width or None for one seed) of every segmentation row with a
+    finite `key`: what `evaluation_bars` draws (labels name the dataset when there are several)."""
+    groups = segment_groups(res)
+    multi = len({g.dataset for g in groups}) > 1
+    out = []
+    for g in groups:
+        eb = errorbar(t.metrics.get(key) for t in g.trials)
+        if eb is not None:
+            out.append((g.evaluation, _bar_label(g, multi), *eb))
+    return out
+
+
 @_styled
 def evaluation_bars(res: Results, path: Path) -> Optional[Path]:
+    """mIoU and aAcc per evaluation, one bar per row (mean over seeds) with its 95% t interval (`bar_points`)."""
     groups = segment_groups(res)
     if not groups:
         return None
     evals = sorted({g.evaluation for g in groups}, key=_eval_order)
-    labels = sorted({f"{g.variant} · {g.head}/{g.fusion}" for g in groups})
+    labels = sorted({lab for key in ("mIoU", "aAcc") for _, lab, _, _ in bar_points(res, key)})
     colors = dict(zip(labels, _colors(len(labels))))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key in zip(axes, ("mIoU", "aAcc")):
+        points = bar_points(res, key)
         for xi, ev in enumerate(evals):
-            gs = [g for g in groups if g.evaluation == ev]
-            width = 0.8 / len(gs)
-            for j, g in enumerate(gs):
-                s = g.stat(key)
-                if s.mean is None:
-                    continue
-                lab = f"{g.variant} · {g.head}/{g.fusion}"
+            gs = [p for p in points if p[0] == ev]
+            width = 0.8 / max(len(gs), 1)
+            for j, (_, lab, mean, half) in enumerate(gs):
                 x = xi - 0.4 + width * (j + 0.5)
-                ax.bar(x, s.mean, width * 0.9, yerr=s.std, capsize=3, color=colors[lab], edgecolor="0.2",
+                ax.bar(x, mean, width * 0.9, yerr=half, capsize=3, color=colors[lab], edgecolor="0.2",
                        linewidth=0.5, label=lab)
-                ax.annotate(f"{s.mean:.1f}", (x, s.mean + (s.std or 0)), ha="center", va="bottom", fontsize=7,
+                ax.annotate(f"{mean:.1f}", (x, mean + (half or 0)), ha="center", va="bottom", fontsize=7,
                             xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(evals)))
         ax.set_xticklabels(evals)
         ax.set_xlabel("evaluation")
         ax.set_ylabel(f"{key} (%)")
-        ax.set_title(f"Segmentation {key} per evaluation (mean ± std over seeds)")
+        ax.set_title(f"Segmentation {key} per evaluation (mean, 95% t interval over seeds)")
         ax.set_ylim(0, max(ax.get_ylim()[1], 1) * 1.08)
         ax.grid(axis="x", visible=False)
     handles, labs = axes[0].get_legend_handles_labels()
@@ -229,7 +245,7 @@ def _plot_curves(panels: list[tuple[str, str, list]], title: str, path: Path) ->
 
 
 def pretrain_curves(res: Results, path: Path) -> Optional[Path]:
-    trials = [t for t in res.trials if t.stage == "pretrain" and t.history_path]
+    trials = [t for t in res.stage(PRETRAIN, ok_only=False) if t.history_path]
     if not trials:
         return None
     rank = method_order(res)
@@ -263,7 +279,7 @@ def pretrain_curves(res: Results, path: Path) -> Optional[Path]:
 
 
 def segment_curves(res: Results, path: Path) -> Optional[Path]:
-    trials = [t for t in res.trials if t.stage == "segment" and t.history_path]
+    trials = [t for t in res.stage(SEGMENT, ok_only=False) if t.history_path]
     if not trials:
         return None
     from analysis.results import segment_variant
@@ -305,11 +321,11 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
 
 @_styled
 def emerging_properties(res: Results, path: Path) -> Optional[Path]:
-    """One panel per measure of a pretraining (analysis/tables.py EMERGING_COLS) that some finished
+    """One panel per measure of a pretraining (the registry's "emerging" columns) that some finished
     segmentation trial can be paired with: the measure of the pretraining trial (x) against the mIoU of
     each segmentation trial built on it (y), one colour per evaluation, the Spearman rank correlation
     per evaluation in the legend (3 points or more); a pretraining that collapsed is drawn as an x."""
-    panels = [(key, header, emerging_points(res, key)) for key, header, _ in EMERGING_COLS]
+    panels = [(key, header, emerging_points(res, key)) for key, header, _, _ in emerging_cols()]
     panels = [p for p in panels if p[2]]
     if not panels:
         return None

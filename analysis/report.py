@@ -32,7 +32,8 @@ from core.cli import guard  # noqa: E402
 from core.errors import TwinsegError  # noqa: E402
 
 from analysis import atomic  # noqa: E402
-from analysis.results import Results, Trial, load_results, pretrain_variant  # noqa: E402
+from analysis.results import Results, Trial, load_results  # noqa: E402
+from core.stages import PRETRAIN, SEGMENT, stages  # noqa: E402
 
 # pandas / matplotlib are imported only once the folder is known to be a results folder, so a bad
 # RESULTS_DIR fails in a fraction of a second: analysis.tables (T) and analysis.figures (F).
@@ -47,11 +48,11 @@ def _heavy_imports() -> None:
 
         T, F = _T, _F
 
-GALLERIES = (  # (figure prefix in trials/*/figures, title, output name, stages)
-    ("crosscorr_", "Cross-correlation matrices (last snapshot of each pretraining trial)", "gallery_crosscorr.png", ("pretrain",)),
-    ("attention_", "Attention maps (last snapshot of each trial)", "gallery_attention.png", ("pretrain", "segment")),
-    ("erf_", "Effective receptive fields", "gallery_erf.png", ("pretrain", "segment")),
-    ("predictions_", "Prediction overlays (image | truth | prediction)", "gallery_predictions.png", ("segment",)),
+GALLERIES = (  # (figure prefix in trials/*/figures, title, output name, stage names)
+    ("crosscorr_", "Cross-correlation matrices (last snapshot of each pretraining trial)", "gallery_crosscorr.png", (PRETRAIN.name,)),
+    ("attention_", "Attention maps (last snapshot of each trial)", "gallery_attention.png", tuple(stages())),
+    ("erf_", "Effective receptive fields", "gallery_erf.png", tuple(stages())),
+    ("predictions_", "Prediction overlays (image | truth | prediction)", "gallery_predictions.png", (SEGMENT.name,)),
 )
 
 
@@ -61,9 +62,7 @@ def _link(target: Path, base: Path) -> str:
 
 
 def _trial_caption(t: Trial) -> str:
-    if t.stage == "pretrain":
-        return f"{t.id}\n{pretrain_variant(t).label} s{t.get('seed', '?')}"
-    return f"{t.id}\n{t.get('evaluation') or ''} {t.get('backbone', '')} {t.get('head', '')}"
+    return f"{t.id}\n{T.describe_trial(t)} s{t.get('seed', '?')}"
 
 
 def _missing_line(t: Trial) -> str:
@@ -101,17 +100,17 @@ def status_section(res: Results) -> list[str]:
     return lines
 
 
-KEY_VALUES = {"pretrain": ("knn_acc", "final_loss"), "segment": ("mIoU", "aAcc", "mAcc")}
-"""The headline values of a finished trial; one that is null / NaN / inf is named in a note (its
-table cells stay blank: "n/a")."""
-
-
 def missing_value_notes(res: Results) -> list[str]:
-    """One note per (stage, key) naming the finished trials whose value is missing or non-finite."""
+    """One note per (stage, headline metric: core/metrics/registry.py `headline` / `required`) naming the
+    finished trials whose value is null or non-finite (absent too, for a `required` one); their table cells
+    stay blank ("n/a")."""
+    from core.metrics.registry import headline
+
     out = []
-    for stage, keys in KEY_VALUES.items():
-        for key in keys:
-            bad = [t for t in res.stage(stage) if key in t.metrics or stage == "segment" and key == "mIoU"]
+    for stage in stages():
+        for spec in headline(stage):
+            key = spec.key
+            bad = [t for t in res.stage(stage) if key in t.metrics or spec.required]
             bad = [t for t in bad if not _is_finite(t.metrics.get(key))]
             if bad:
                 kinds = sorted({"missing" if t.metrics.get(key) is None else "non-finite" for t in bad})
@@ -147,6 +146,21 @@ def _figure_block(path: Optional[Path], alt: str, out: Path, caption: str = "") 
     return lines
 
 
+def differences_line() -> str:
+    """The caption of the segmentation differences tables: what is compared (the baselines as declared in
+    core/evaluations.py) and how the intervals are computed."""
+    from analysis.results import axis_header
+    from core.evaluations import EVALUATIONS
+
+    base = [f"{ev} against {spec['baseline']} ({spec.get('baseline_reason') or 'declared baseline'})"
+            for ev, spec in EVALUATIONS.items() if spec.get("baseline")]
+    sym = axis_header(T.SWEEP_AXIS)
+    return ("The differences table gives each row against the control beside it, each " + sym + " against its "
+            "method's default" + ("".join(f", {b}" for b in base)) + ": the mean difference over seeds with its "
+            "95% interval, paired by seed where both rows share two or more seeds, else Welch's; 'excludes 0' marks "
+            "a difference the seeds resolve; one seed: no interval.")
+
+
 SKIPPED_FIGURES: list[str] = []  # "<figure>: <why>" of the figures the current report could not draw
 
 
@@ -168,7 +182,7 @@ def protocol_lines(res) -> list[str]:
     (one line per distinct protocol); runs written before these keys existed are counted as unknown."""
     seen: dict[str, list[int]] = {}
     unknown = 0
-    for t in res.stage("segment"):
+    for t in res.stage(SEGMENT):
         p = t.metrics.get("eval_protocol")
         if not isinstance(p, dict):
             unknown += 1
@@ -202,14 +216,13 @@ def _build(res: Results, out: Path) -> Path:
     tables_dir, figs_dir = out / "tables", out / "figures"
 
     # ---------------------------------------------------------------- tables
-    seg_tables = T.segmentation_tables(res)
-    seg = {t.name: t for t in seg_tables}
-    per_class = T.per_class_table(res)
+    sections = [(ds, tabs, T.per_class_table(res, ds)) for ds, tabs in T.segmentation_sections(res)]
+    seg_tables = [t for _, tabs, pc in sections for t in [*tabs, pc] if t]
     pre_table = T.pretraining_table(res)
     cmp_table = T.method_comparison_table(res)
     emerging_table = T.emerging_table(res)
     trials_table = T.trials_table(res)
-    all_tables = [t for t in [*seg_tables, per_class, pre_table, cmp_table, emerging_table, trials_table] if t]
+    all_tables = [t for t in [*seg_tables, pre_table, cmp_table, emerging_table, trials_table] if t]
     for t in all_tables:
         t.write(tables_dir)
 
@@ -247,20 +260,27 @@ def _build(res: Results, out: Path) -> Path:
     if seg_tables:
         L.append("The study's evaluations: " + "; ".join(f"{k} = {T.eval_short(k)}" for k in T.eval_order())
                  + ". Values are percent, mean ± std over seeds (std blank for one seed); the pretraining variant is "
-                   "the stage-1 run whose checkpoint the trial used.")
+                   "the stage-1 run whose checkpoint the trial used; a control (a trial that used no stage-1 run: "
+                   "random init, ImageNet or published weights) sits after the rows it controls.")
+        L.append("")
+        L.append(differences_line())
         L.append("")
         L += [f"Protocol: {line}" for line in protocol_lines(res)] + [""]
-        L += _table_block(seg.get("segmentation_miou"), out, tables_dir)
-        L += _table_block(seg.get("segmentation_aacc"), out, tables_dir)
-        L += _table_block(seg.get("segmentation_runs"), out, tables_dir)
-        L += _table_block(per_class, out, tables_dir)
+        for ds, tabs, per_class in sections:
+            seg = {t.name.removesuffix(f"_{ds or 'unknown'}") if len(sections) > 1 else t.name: t for t in tabs}
+            if len(sections) > 1:
+                L += [f"### Dataset: {ds or 'unknown'}", ""]
+            for name in ("segmentation_miou", "segmentation_aacc", "segmentation_differences", "segmentation_runs"):
+                L += _table_block(seg.get(name), out, tables_dir)
+            L += _table_block(per_class, out, tables_dir)
         present = {g.evaluation for g in T.segment_groups(res)}
         absent = [e for e in T.eval_order() if e not in present]
         if absent:
             L += [f"_No finished trial for: {', '.join(absent)}._", ""]
     else:
         L += ["_No finished segmentation trial yet._", ""]
-    L += _figure_block(fig_bars, "Evaluations: mIoU and aAcc", out, "Bars: mean over seeds; error bars: std over seeds.")
+    L += _figure_block(fig_bars, "Evaluations: mIoU and aAcc", out,
+                       "Bars: mean over seeds; error bars: 95% t interval over seeds (none for a single seed).")
     L += _figure_block(fig_sc, "Segmentation training curves", out)
 
     L += ["## Pretraining (stage 1)", ""]
@@ -280,7 +300,8 @@ def _build(res: Results, out: Path) -> Path:
         L += ["_No finished pretraining trial yet._", ""]
     L += _figure_block(fig_sweep, "Lambda sweep", out, "k-NN accuracy (and the segmentation mIoU of the evaluation "
                        "that covers the most λ values, when present) against the λ label of the variants that "
-                       "have one, one line per method, backbone and init; error bars: std over seeds.")
+                       "have one, one line per method, backbone and init; error bars: 95% t interval over seeds (none for a "
+                       "single seed).")
     L += _figure_block(fig_pc, "Pretraining training curves", out)
     if emerging_table:
         L += ["### Emerging properties", ""]
@@ -318,7 +339,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("results_dir", metavar="RESULTS_DIR", help="a grid results folder (results/<grid>-<timestamp>/)")
     ap.add_argument("--out", metavar="DIR", default=None, help="write report.md, tables/, figures/ here (default: RESULTS_DIR)")
     args = ap.parse_args(argv)
-    path = build_report(args.results_dir, args.out)
+    if "://" in args.results_dir and args.out is None:  # an object store: built in a local copy, uploaded
+        from core.storage import Storage, build_on_storage
+
+        path = build_on_storage(Storage(args.results_dir), build_report)
+    else:
+        path = build_report(args.results_dir, args.out)
     print(f"report: {path}")
     return 0
 

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from core.errors import TwinsegError
+from core.stages import StageSpec, stages
+
+UNKNOWN = "unknown"  # the stage of a trial whose folder says nothing recognisable
 
 STATUSES = ("done", "failed", "skipped", "pending")
 
@@ -38,7 +41,7 @@ LEGACY_AXES = {"lambd": "cc_offdiag_rms"}
 @dataclass
 class Trial:
     id: str
-    stage: str  # "pretrain" | "segment" | "unknown"
+    stage: str  # a stage name (core/stages.py) or UNKNOWN
     status: str  # done | failed | skipped | pending | incomplete (no metrics.json)
     reason: str = ""
     depends_on: list[str] = field(default_factory=list)
@@ -92,8 +95,10 @@ class Results:
     def by_id(self) -> dict[str, Trial]:
         return {t.id: t for t in self.trials}
 
-    def stage(self, stage: str, ok_only: bool = True) -> list[Trial]:
-        return [t for t in self.trials if t.stage == stage and (t.ok or not ok_only)]
+    def stage(self, stage: "str | StageSpec", ok_only: bool = True) -> list[Trial]:
+        """The (finished, unless not `ok_only`) trials of `stage` (a StageSpec or its name)."""
+        name = getattr(stage, "name", stage)
+        return [t for t in self.trials if t.stage == name and (t.ok or not ok_only)]
 
 
 def natural_key(p: Path | str) -> list:
@@ -126,14 +131,15 @@ def _as_list(x: Any) -> list[str]:
 
 
 def _infer_stage(config: dict, metrics: dict) -> str:
+    """The trial's recorded stage, else the stage whose `markers` its config or metrics carry (later stages
+    first: a segmentation config may name the method of the pretraining it used), else UNKNOWN."""
     stage = metrics.get("stage") or config.get("stage")
-    if stage in ("pretrain", "segment"):
+    if stage in stages():
         return stage
-    if "evaluation" in config or "head" in config or "mIoU" in metrics:
-        return "segment"
-    if "method" in config or "knn_acc" in metrics:
-        return "pretrain"
-    return "unknown"
+    for spec in sorted(stages().values(), key=lambda s: -s.order):
+        if any(k in config or k in metrics for k in spec.markers):
+            return spec.name
+    return UNKNOWN
 
 
 def _resolve_dir(root: Path, tid: str, d: Any) -> Optional[Path]:
@@ -219,7 +225,7 @@ def load_results(results_dir: str | Path) -> Results:
             status = str(entry.get("status") or "pending")
             t = Trial(
                 id=tid,
-                stage=str(entry.get("stage") or "unknown"),
+                stage=str(entry.get("stage") or UNKNOWN),
                 status=status if status in STATUSES else status,
                 reason=str(entry.get("reason") or ""),
                 depends_on=_as_list(entry.get("depends_on")),
@@ -231,7 +237,7 @@ def load_results(results_dir: str | Path) -> Results:
             _load_trial_files(t, notes)
             if t.status == "done" and not t.metrics:
                 t.status, t.reason = "incomplete", t.reason or "no metrics.json"
-            if t.stage not in ("pretrain", "segment"):
+            if t.stage not in stages():
                 t.stage = _infer_stage(t.config, t.metrics)
             trials.append(t)
         # Trial folders that the summary does not know (e.g. summary written before they started).
@@ -254,7 +260,7 @@ def load_results(results_dir: str | Path) -> Results:
 
 
 def _scan_trial(d: Path, notes: list[str]) -> Trial:
-    t = Trial(id=d.name, stage="unknown", status="done", dir=d)
+    t = Trial(id=d.name, stage=UNKNOWN, status="done", dir=d)
     _load_trial_files(t, notes)
     if not t.metrics:
         t.status = "incomplete"
@@ -263,11 +269,29 @@ def _scan_trial(d: Path, notes: list[str]) -> Trial:
     return t
 
 
+def stage_of(t: Trial) -> "StageSpec | None":
+    """The StageSpec of a trial (None for UNKNOWN)."""
+    return stages().get(t.stage)
+
+
+def variant_stage() -> StageSpec:
+    """The stage whose trials define the pretraining variants (stage 1: the one depending on no other)."""
+    return next(s for s in stages().values() if s.depends_on_stage is None)
+
+
+def _sources(res: Results, t: Trial) -> "dict[str, Trial] | None":
+    """The trials of the stage `t`'s stage starts from (by id); None when it depends on no stage."""
+    spec = stage_of(t)
+    if spec is None or spec.depends_on_stage is None:
+        return None
+    return {p.id: p for p in res.trials if p.stage == spec.depends_on_stage}
+
+
 def link_trials(res: Results) -> None:
-    """Find, for each segment trial, the pretraining trial whose checkpoint it used."""
-    pre = {t.id: t for t in res.trials if t.stage == "pretrain"}
+    """Find, for each trial of a dependent stage (segmentation), the trial whose checkpoint it used."""
     for t in res.trials:
-        if t.stage != "segment":
+        pre = _sources(res, t)
+        if pre is None:
             continue
         src_id = t.labels.get("from")
         if isinstance(src_id, str) and src_id in pre:  # the grid's record of the stage-1 trial it consumed
@@ -433,21 +457,22 @@ def method_order(res: Results) -> dict[str, int]:
 def assign_variants(res: Results) -> None:
     """Set `variant` of every pretraining trial (and of each segmentation trial: the variant it used)."""
     legacy: dict[str, set] = {}
+    first = variant_stage().name
     for t in res.trials:
-        if t.stage == "pretrain" and not t.labels:
+        if t.stage == first and not t.labels:
             for name, evidence in LEGACY_AXES.items():
                 if t.metrics.get(evidence) is not None:
                     legacy.setdefault(name, set()).add(str(t.get(METHOD)))
     labels = method_labels(res)
     for t in res.trials:
-        if t.stage != "pretrain":
+        if t.stage != first:
             continue
         axes = _stage1_labels(t.labels) if t.labels else _fallback_axes(t, legacy)
         m = axes.get(METHOD)
         t.variant = Variant(axes, t.metrics.get("method_label") or labels.get(str(m), ""))
-    pre = {t.id: t for t in res.trials if t.stage == "pretrain"}
     for t in res.trials:
-        if t.stage != "segment":
+        pre = _sources(res, t)
+        if pre is None:
             continue
         p = pre.get(t.pretrain_id) if t.pretrain_id else None
         if p is not None:

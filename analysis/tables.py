@@ -8,16 +8,19 @@ jinja2 / Styler is needed).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from analysis import atomic
 from analysis.history import knn_at_fraction
+from analysis.intervals import NO_INTERVAL, Difference, difference
 from analysis.results import (
     Results,
     Trial,
@@ -30,6 +33,8 @@ from analysis.results import (
     segment_variant,
 )
 from core.evaluations import EVALUATIONS  # the one declaration of the evaluations (order, labels)
+from core.metrics import registry  # the one declaration of the metrics (report columns included)
+from core.stages import PRETRAIN, SEGMENT, stages
 
 DASH = "—"
 
@@ -187,14 +192,25 @@ def latex_escape(s: str) -> str:
 
 
 # ----------------------------------------------------------------------------- trials table
+def describe_trial(t: Trial) -> str:
+    """How the report names a trial: the values of its stage's `describe_keys` (`name=value` for a key
+    written `name=`; "-" when unset), or its pretraining variant's label when the stage declares none;
+    empty for a trial of an unknown stage."""
+    spec = stages().get(t.stage)
+    if spec is None:
+        return ""
+    if not spec.describe_keys:
+        return pretrain_variant(t).label
+    return " ".join(f"{k}{t.get(k[:-1]) or '-'}" if k.endswith("=") else str(t.get(k) or "-")
+                    for k in spec.describe_keys)
+
+
 def trials_table(res: Results) -> Table:
     rows, recs = [], []
     for t in res.trials:
-        what = ""
-        if t.stage == "pretrain":
-            what = pretrain_variant(t).label + f" seed={t.get('seed', '?')}"
-        elif t.stage == "segment":
-            what = f"{t.get('evaluation') or '-'} {t.get('backbone', '?')} {t.get('head', '?')} fusion={t.get('fusion', '?')} seed={t.get('seed', '?')}"
+        what = describe_trial(t)
+        if what:
+            what += f" seed={t.get('seed', '?')}"
         rows.append([t.id, t.stage, t.status, what, t.reason])
         recs.append({"id": t.id, "stage": t.stage, "status": t.status, "description": what, "reason": t.reason,
                      "depends_on": ";".join(t.depends_on), "dir": str(t.dir.relative_to(res.root)) if t.dir else ""})
@@ -202,7 +218,71 @@ def trials_table(res: Results) -> Table:
                  pd.DataFrame(recs, columns=["id", "stage", "status", "description", "reason", "depends_on", "dir"]))
 
 
+# ----------------------------------------------------------------------------- comparisons over seeds
+DIFF_NOTE = ("Differences: mean a − b over seeds with its 95% t interval, paired by seed over the seeds both rows "
+             "share (two or more), else Welch's unpaired interval; 'excludes 0': the interval lies on one side of "
+             f"zero; {NO_INTERVAL} where a row has a single seed.")
+SWEEP_AXIS = "lambd"  # the stage-1 axis swept against its method's default (the λ sweep; any method that has it)
+
+
+def seed_values(trials: Iterable[Trial], value) -> dict:
+    """{seed: value(t)} of a row's trials (analysis/intervals.py `difference` pairs rows by these keys); a
+    trial without a seed, or repeating a seed already taken, is keyed by its id, so it is never paired."""
+    out: dict = {}
+    for t in trials:
+        s = t.get("seed")
+        key = s if s is not None and str(s) not in {str(k) for k in out} else f"id:{t.id}"
+        out[key] = value(t)
+    return out
+
+
+def diff_record(prefix: str, d: Difference) -> dict:
+    """The CSV columns of one difference (machine-readable: mean, bounds, seeds, pairing, dof)."""
+    return {f"{prefix}_diff": d.mean, f"{prefix}_low": d.low, f"{prefix}_high": d.high, f"{prefix}_n": d.n,
+            f"{prefix}_paired": d.paired, f"{prefix}_dof": d.dof, f"{prefix}_excludes_zero": d.excludes_zero}
+
+
+def axis_default(method: str, axis: str) -> Any:
+    """The declared default of a method option swept as a stage-1 axis (its options dataclass field,
+    core/methods/registry.py), or None when the method or the option is not declared."""
+    from core.methods.registry import ssl_methods
+
+    spec = ssl_methods().get(str(method))
+    if spec is None or not dataclasses.is_dataclass(spec.options):
+        return None
+    for f in dataclasses.fields(spec.options):
+        if f.name == axis and f.default is not dataclasses.MISSING:
+            return f.default
+    return None
+
+
+def is_default(v: Optional[Variant], axis: str = SWEEP_AXIS) -> Optional[bool]:
+    """Whether a variant's swept `axis` holds its method's default (None: the variant has no such axis)."""
+    if v is None or axis not in v:
+        return None
+    dflt = axis_default(v.method, axis)
+    a, b = finite(v[axis]), finite(dflt)
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
+
+
 # ----------------------------------------------------------------------------- segmentation
+def trial_dataset(t: Trial) -> str:
+    """The stage-2 dataset of a segmentation trial: its metrics.json `dataset`, else its summary label, else its
+    config's `data.dataset`; "" when none says."""
+    data = t.config.get("data")
+    v = t.metrics.get("dataset") or t.labels.get("dataset") or (data.get("dataset") if isinstance(data, dict) else None)
+    return str(v) if v else ""
+
+
+def is_control(t: Trial) -> bool:
+    """A segmentation trial that used no stage-1 trial (the grid's `from: none` entries: random init, ImageNet
+    or another published checkpoint such as official DINO / Barlow Twins weights): a control of the rows
+    of its evaluation built on the grid's pretraining."""
+    if t.variant is not None or t.pretrain_id:
+        return False
+    return not str(t.get("source") or "").startswith("checkpoint:")
+
+
 @dataclass
 class SegGroup:
     evaluation: str
@@ -212,9 +292,33 @@ class SegGroup:
     fusion: str
     mode: str
     trials: list[Trial]
+    dataset: str = ""
+    control: bool = False
 
     def stat(self, key: str) -> Stat:
         return Stat.of(t.metrics.get(key) for t in self.trials)
+
+    def values(self, key: str) -> dict:
+        """{seed: value of metric `key`} (seed_values)."""
+        return seed_values(self.trials, lambda t: t.metrics.get(key))
+
+    @property
+    def label(self) -> str:
+        """The row's name: the pretraining variant, marked when the row is a control."""
+        return f"{self.variant} (control)" if self.control else self.variant
+
+    @property
+    def source(self) -> str:
+        return str(self.trials[0].get("source") or "") if self.trials else ""
+
+    @property
+    def pre_variant(self) -> Optional[Variant]:
+        return self.trials[0].variant if self.trials else None
+
+    @property
+    def setup(self) -> tuple:
+        """What a comparison holds fixed besides the pretraining: dataset, backbone, head, fusion, mode."""
+        return (self.dataset, self.backbone, self.head, self.fusion, self.mode)
 
     @property
     def seeds(self) -> list:
@@ -226,43 +330,125 @@ def _eval_order(e: str) -> tuple:
     return (order.index(e) if e in order else len(order), e)
 
 
-def segment_groups(res: Results) -> list[SegGroup]:
+def seg_datasets(res: Results) -> list[str]:
+    """The datasets of the finished segmentation trials, in the order the results list them."""
+    return list(dict.fromkeys(trial_dataset(t) for t in res.stage(SEGMENT)))
+
+
+def segment_groups(res: Results, dataset: Optional[str] = None) -> list[SegGroup]:
+    """Finished segmentation trials grouped by (dataset, evaluation, pretraining, backbone, head, fusion, mode),
+    seeds pooled; `dataset` given: that dataset's only. Sorted by dataset, evaluation, then the rows built on
+    the grid's pretraining before the controls of the same evaluation (beside the rows they control)."""
     groups: dict[tuple, SegGroup] = {}
-    for t in res.stage("segment"):
+    for t in res.stage(SEGMENT):
+        ds = trial_dataset(t)
+        if dataset is not None and ds != dataset:
+            continue
         ev = str(t.get("evaluation") or "custom")
         key = (ev, segment_variant(t), str(t.get("backbone", "?")), str(t.get("head", "?")),
                str(t.get("fusion", "?")), str(t.get("mode", "?")))
-        groups.setdefault(key, SegGroup(*key, trials=[])).trials.append(t)
-    return sorted(groups.values(), key=lambda g: (_eval_order(g.evaluation), g.variant, g.head, g.fusion, g.mode))
+        g = groups.setdefault((ds, *key), SegGroup(*key, trials=[], dataset=ds, control=is_control(t)))
+        g.trials.append(t)
+    order = {d: i for i, d in enumerate(seg_datasets(res))}
+    return sorted(groups.values(), key=lambda g: (order.get(g.dataset, 0), _eval_order(g.evaluation), g.control,
+                                                 g.variant, g.head, g.fusion, g.mode))
 
 
-def segmentation_tables(res: Results) -> list[Table]:
-    groups = segment_groups(res)
+def _controlled(c: SegGroup, groups: Sequence[SegGroup]) -> list[SegGroup]:
+    """The rows control `c` is read against: the non-control rows of its evaluation and setup; those whose
+    pretraining started from the control's own weights when there are any (an ImageNet control beside the
+    runs initialised from ImageNet), else all of them (random init; a published checkpoint of a method)."""
+    rows = [g for g in groups if not g.control and g.evaluation == c.evaluation and g.setup == c.setup]
+    same = [g for g in rows if g.pre_variant is not None and g.pre_variant.source == c.source]
+    return same or rows
+
+
+def seg_comparisons(groups: Sequence[SegGroup]) -> list[tuple[str, SegGroup, SegGroup]]:
+    """(label, a, b) of every difference a − b the report gives for one dataset's segmentation rows: each row
+    built on the grid's pretraining against each control beside it; each swept-axis value (λ) against its
+    method's default; each evaluation against its declared `baseline` (core/evaluations.py: E3 / E4 against
+    E2 on the same checkpoints, E5 against E4)."""
+    out: list[tuple[str, SegGroup, SegGroup]] = []
+    for c in (g for g in groups if g.control):
+        out += [(f"{g.label} − {c.label}", g, c) for g in _controlled(c, groups)]
+    sym = axis_header(SWEEP_AXIS)
+    for g in groups:
+        v = g.pre_variant
+        if g.control or is_default(v) is not False:
+            continue
+        refs = [h for h in groups if not h.control and h.evaluation == g.evaluation and h.setup == g.setup
+                and is_default(h.pre_variant) and h.pre_variant.without(SWEEP_AXIS) == v.without(SWEEP_AXIS)]
+        out += [(f"{sym}={fmt_value(v[SWEEP_AXIS])} − {sym}={fmt_value(h.pre_variant[SWEEP_AXIS])}: "
+                 f"{v.without(SWEEP_AXIS).label}", g, h) for h in refs]
+    for ev, spec in EVALUATIONS.items():
+        base = spec.get("baseline")
+        if not base:
+            continue
+        for g in (g for g in groups if g.evaluation == ev):
+            cands = [h for h in groups if h.evaluation == base and h.dataset == g.dataset
+                     and h.backbone == g.backbone and h.mode == g.mode]
+            same = [h for h in cands if h.variant == g.variant and h.control == g.control]
+            pairs = same or [h for h in cands if not h.control]
+            out += [(f"{ev} − {base}: {g.label}" if h.variant == g.variant else f"{ev} {g.label} − {base} {h.label}",
+                     g, h) for h in pairs]
+    return out
+
+
+def _seg_name(name: str, dataset: str, multi: bool) -> str:
+    return f"{name}_{dataset or 'unknown'}" if multi else name
+
+
+def _seg_title(title: str, dataset: str, multi: bool) -> str:
+    return f"{dataset or 'unknown dataset'}: {title}" if multi else title
+
+
+def segmentation_tables(res: Results, dataset: Optional[str] = None) -> list[Table]:
+    """The segmentation tables of one dataset (`dataset`; None: the only one, or the first): every row
+    (segmentation_runs), one matrix per `matrix` metric (segmentation_miou, ...) and the differences
+    (segmentation_differences). With several datasets each table's name ends in `_<dataset>` and its
+    title names the dataset."""
+    datasets = seg_datasets(res)
+    if not datasets:
+        return []
+    ds = datasets[0] if dataset is None else dataset
+    multi = len(datasets) > 1
+    groups = segment_groups(res, ds)
     if not groups:
         return []
+    name = functools.partial(_seg_name, dataset=ds, multi=multi)
+    title_of = functools.partial(_seg_title, dataset=ds, multi=multi)
     tables = []
+    cols = registry.columns("segmentation", SEGMENT)  # (spec, column): mIoU, aAcc, mAcc, ...
     # long form: one row per (evaluation, pretraining variant, head, fusion, mode)
+    fixed = ["Eval", "Pretraining", "Backbone", "Head", "Fusion", "Mode", "Seeds"]
     rows, recs = [], []
     for g in groups:
-        m, a, c = g.stat("mIoU"), g.stat("aAcc"), g.stat("mAcc")
-        rows.append([g.evaluation, g.variant, g.backbone, g.head, g.fusion, g.mode, str(m.n),
-                     fmt_stat(m), fmt_stat(a), fmt_stat(c)])
-        recs.append({"evaluation": g.evaluation, "pretraining": g.variant, "backbone": g.backbone, "head": g.head,
-                     "fusion": g.fusion, "mode": g.mode, "n_seeds": m.n, "seeds": ";".join(map(str, g.seeds)),
-                     "mIoU_mean": m.mean, "mIoU_std": m.std, "aAcc_mean": a.mean, "aAcc_std": a.std,
-                     "mAcc_mean": c.mean, "mAcc_std": c.std,
-                     "trials": ";".join(t.id for t in g.trials)})
-    long = Table("segmentation_runs", "Segmentation: every evaluation x pretraining variant (mean ± std over seeds; best per evaluation in bold)",
-                 ["Eval", "Pretraining", "Backbone", "Head", "Fusion", "Mode", "Seeds", "mIoU", "aAcc", "mAcc"],
-                 rows, pd.DataFrame(recs))
+        stats = [g.stat(spec.key) for spec, _ in cols]
+        n = stats[0].n if stats else len(g.trials)
+        rows.append([g.evaluation, g.label, g.backbone, g.head, g.fusion, g.mode, str(n),
+                     *(fmt_stat(st, c.digits) for st, (_, c) in zip(stats, cols))])
+        rec = {"dataset": g.dataset, "evaluation": g.evaluation, "pretraining": g.label, "control": g.control,
+               "backbone": g.backbone, "head": g.head, "fusion": g.fusion, "mode": g.mode, "n_seeds": n,
+               "seeds": ";".join(map(str, g.seeds))}
+        for st, (spec, c) in zip(stats, cols):
+            rec[f"{c.name or spec.key}_mean"], rec[f"{c.name or spec.key}_std"] = st.mean, st.std
+        rec["trials"] = ";".join(t.id for t in g.trials)
+        recs.append(rec)
+    long = Table(name("segmentation_runs"), title_of("Segmentation: every evaluation x pretraining variant (mean ± std "
+                                                    "over seeds; best per evaluation in bold; controls after the "
+                                                    "rows they control)"),
+                 fixed + [c.header for _, c in cols], rows, pd.DataFrame(recs))
     # best per evaluation, per metric column
-    for col, key in ((7, "mIoU"), (8, "aAcc"), (9, "mAcc")):
+    for col, (spec, c) in enumerate(cols, start=len(fixed)):
+        if not c.best:
+            continue
+        key, pick = spec.key, (max if c.best > 0 else min)
         for ev in {g.evaluation for g in groups}:
             idx = [i for i, g in enumerate(groups) if g.evaluation == ev]
             vals = [groups[i].stat(key).mean for i in idx]
             best = [v for v in vals if v is not None]
             if len(best) >= 2:
-                top = max(best)
+                top = pick(best)
                 for i, v in zip(idx, vals):
                     if v is not None and math.isclose(v, top):
                         long.bold.add((i, col))
@@ -270,37 +456,80 @@ def segmentation_tables(res: Results) -> list[Table]:
 
     # matrices: rows = pretraining variant, columns = evaluations
     evals = sorted({g.evaluation for g in groups}, key=_eval_order)
-    row_key = lambda g: g.variant  # noqa: E731
-    dup = len({(g.variant, g.evaluation) for g in groups}) < len(groups)
+    row_key = lambda g: g.label  # noqa: E731
+    dup = len({(g.label, g.evaluation) for g in groups}) < len(groups)
     if dup:  # the same variant under one evaluation with several heads/fusions: spell them out
-        row_key = lambda g: f"{g.variant} · {g.head}/{g.fusion}/{g.mode}"  # noqa: E731
-    row_labels = sorted({row_key(g) for g in groups})
+        row_key = lambda g: f"{g.label} · {g.head}/{g.fusion}/{g.mode}"  # noqa: E731
+    # a control row right after the rows of the same backbone it controls
+    order = {}
+    for g in groups:
+        order.setdefault(row_key(g), (g.backbone, g.control, row_key(g)))
+    row_labels = sorted(order, key=order.get)
     cell = {(row_key(g), g.evaluation): g for g in groups}
-    for key, title in (("mIoU", "mIoU (%)"), ("aAcc", "aAcc (%)")):
+    for spec, c in (sc for sc in cols if sc[1].matrix):
+        key, title = spec.key, f"{c.header} (%)"
         rows, recs, colvals = [], [], {ev: [] for ev in evals}
         for lab in row_labels:
             row, rec = [lab], {"pretraining": lab}
             for ev in evals:
                 g = cell.get((lab, ev))
                 s = g.stat(key) if g else Stat(None, None, 0)
-                row.append(fmt_stat(s))
+                row.append(fmt_stat(s, c.digits))
                 colvals[ev].append(s.mean)
                 rec.update({f"{ev}_mean": s.mean, f"{ev}_std": s.std, f"{ev}_n": s.n})
             rows.append(row)
             recs.append(rec)
-        t = Table(f"segmentation_{key.lower()}",
-                  f"Segmentation {title}: evaluation x pretraining variant (mean ± std over seeds; best per column in bold)",
+        t = Table(name(f"segmentation_{(c.name or key).lower()}"),
+                  title_of(f"Segmentation {title}: evaluation x pretraining variant (mean ± std over seeds; best per "
+                           "column in bold)"),
                   ["Pretraining"] + [f"{ev}" for ev in evals], rows, pd.DataFrame(recs))
-        for c, ev in enumerate(evals, start=1):
-            t.mark_best(c, colvals[ev], higher=True)
+        for i, ev in enumerate(evals, start=1):
+            if c.best:
+                t.mark_best(i, colvals[ev], higher=c.best > 0)
         tables.append(t)
+    diffs = differences_table(groups, name("segmentation_differences"),
+                              title_of("Segmentation differences a − b (mean over seeds [95% interval])"))
+    if diffs:
+        tables.append(diffs)
     return tables
 
 
-def best_runs(res: Results) -> dict[str, Trial]:
-    """The single best segment trial (by mIoU) of each evaluation."""
+def differences_table(groups: Sequence[SegGroup], name: str, title: str) -> Optional[Table]:
+    """One row per comparison of `seg_comparisons`, one column per `matrix` metric: the `difference` cell
+    (analysis/intervals.py); CSV: the numbers (`diff_record`) per metric."""
+    comps = seg_comparisons(groups)
+    cols = [(spec, c) for spec, c in registry.columns("segmentation", SEGMENT) if c.matrix]
+    if not comps or not cols:
+        return None
+    rows, recs = [], []
+    for label, a, b in comps:
+        row = [label, a.evaluation if a.evaluation == b.evaluation else f"{a.evaluation} − {b.evaluation}", a.backbone]
+        rec = {"comparison": label, "dataset": a.dataset, "evaluation_a": a.evaluation, "pretraining_a": a.label,
+               "evaluation_b": b.evaluation, "pretraining_b": b.label, "backbone": a.backbone}
+        for spec, c in cols:
+            d = difference(a.values(spec.key), b.values(spec.key), digits=c.digits)
+            row.append(d.text)
+            rec.update(diff_record(c.name or spec.key, d))
+        rows.append(row)
+        recs.append(rec)
+    t = Table(name, title, ["Comparison", "Eval", "Backbone", *(c.header for _, c in cols)], rows, pd.DataFrame(recs),
+              align=["l"] * (3 + len(cols)))
+    t.note = DIFF_NOTE
+    return t
+
+
+def segmentation_sections(res: Results) -> list[tuple[str, list[Table]]]:
+    """(dataset, its segmentation tables) per dataset of the finished segmentation trials (one table set per
+    dataset; a single dataset keeps the plain table names)."""
+    return [(ds, segmentation_tables(res, ds)) for ds in seg_datasets(res)]
+
+
+def best_runs(res: Results, dataset: Optional[str] = None) -> dict[str, Trial]:
+    """The single best segment trial (by mIoU) of each evaluation (of `dataset` when given)."""
     best: dict[str, Trial] = {}
-    for t in res.stage("segment"):
+    for t in res.stage(SEGMENT):
+        if dataset is not None and trial_dataset(t) != dataset:
+            continue
         ev = str(t.get("evaluation") or "custom")
         v = finite(t.metrics.get("mIoU"))
         if v is None:
@@ -310,8 +539,13 @@ def best_runs(res: Results) -> dict[str, Trial]:
     return dict(sorted(best.items(), key=lambda kv: _eval_order(kv[0])))
 
 
-def per_class_table(res: Results) -> Optional[Table]:
-    best = {ev: t for ev, t in best_runs(res).items() if isinstance(t.metrics.get("IoU"), list)}
+def per_class_table(res: Results, dataset: Optional[str] = None) -> Optional[Table]:
+    """Per-class IoU of the best run of each evaluation, of `dataset` (None: the first one; with several
+    datasets the name ends in `_<dataset>`, as the other segmentation tables)."""
+    datasets = seg_datasets(res)
+    ds = dataset if dataset is not None else (datasets[0] if datasets else None)
+    multi = len(datasets) > 1
+    best = {ev: t for ev, t in best_runs(res, ds).items() if isinstance(t.metrics.get("IoU"), list)}
     if not best:
         return None
     classes: list[str] = []
@@ -334,7 +568,8 @@ def per_class_table(res: Results) -> Optional[Table]:
         recs.append({"class": n, **{ev: per[ev].get(n) for ev in evs}})
     rows.append(["mIoU"] + [fmt_num(finite(best[ev].metrics.get("mIoU"))) for ev in evs])
     recs.append({"class": "mIoU", **{ev: finite(best[ev].metrics.get("mIoU")) for ev in evs}})
-    t = Table("per_class_iou", "Per-class IoU (%) of the best run (by mIoU) of each evaluation; best per class in bold",
+    t = Table(_seg_name("per_class_iou", ds, multi),
+              _seg_title("Per-class IoU (%) of the best run (by mIoU) of each evaluation; best per class in bold", ds, multi),
               ["Class"] + [f"{ev} ({best[ev].id})" for ev in evs], rows, pd.DataFrame(recs))
     for r, n in enumerate(classes):
         vals = [per[ev].get(n) for ev in evs]
@@ -348,22 +583,18 @@ def per_class_table(res: Results) -> Optional[Table]:
 
 
 # ----------------------------------------------------------------------------- pretraining
-PRETRAIN_COLS = [  # (metric key, header, digits, best: +1 higher / -1 lower / 0 none)
-    ("knn_acc", "k-NN acc", 2, +1),
-    ("knn_acc_init", "k-NN at init", 2, 0),
-    ("linear_probe_acc", "Linear probe", 2, +1),
-    ("dense_rank", "Dense eff. rank", 1, 0),
-    ("dense_local_var", "Dense local var.", 2, 0),
-    ("final_loss", "Final loss", 3, 0),
-    ("cc_diag_mean", "C diag mean", 3, 0),
-    ("cc_offdiag_rms", "C off-diag RMS", 4, 0),
-    ("wall_time_s", "Wall time (s)", 1, 0),
-    ("device_hours", "Device-hours", 4, -1),
-    ("images_per_s", "Img/s", 1, +1),
-    ("gflop_per_image", "GFLOP/img", 3, 0),  # metrics.json flops_per_image / 1e9 (core/flops.py)
-    ("mfu_pct", "MFU (%)", 1, 0),  # metrics.json mfu x 100; blank on the CPU / an unknown GPU
-    ("peak_mem_mb", "Peak mem (MB)", 1, 0),
-]
+def pretrain_cols() -> list[tuple[str, str, int, int]]:
+    """(column name, header, digits, best: +1 higher / -1 lower / 0 none) of the pretraining table, from the
+    metric registry's "pretraining" columns (core/metrics/registry.py)."""
+    return [(c.name or s.key, c.header, c.digits, c.best) for s, c in registry.columns("pretraining", PRETRAIN)]
+
+
+def _derived(name: str) -> Optional[tuple]:
+    """(spec, column) of a pretraining column shown in other units than its metrics.json key (device_hours)."""
+    for spec, col in registry.columns("pretraining", PRETRAIN):
+        if (col.name or spec.key) == name and col.transform is not None:
+            return spec, col
+    return None
 
 
 @dataclass
@@ -372,14 +603,11 @@ class PreGroup:
     trials: list[Trial]
 
     def values(self, key: str) -> list:
-        if key == "device_hours":
-            return [finite(t.metrics.get("device_seconds")) / 3600 if finite(t.metrics.get("device_seconds")) is not None else None
-                    for t in self.trials]
-        scaled = {"gflop_per_image": ("flops_per_image", 1e-9), "mfu_pct": ("mfu", 100.0)}
-        if key in scaled:  # derived display units of the compute keys
-            src, factor = scaled[key]
-            return [finite(t.metrics.get(src)) * factor if finite(t.metrics.get(src)) is not None else None
-                    for t in self.trials]
+        """Each trial's value of metric `key`, or of a registry column shown in derived units (e.g.
+        device_hours from device_seconds)."""
+        derived = _derived(key)
+        if derived is not None:
+            return [registry.column_value(*derived, t.metrics) for t in self.trials]
         return [t.metrics.get(key) for t in self.trials]
 
     def stat(self, key: str) -> Stat:
@@ -394,7 +622,7 @@ def pretrain_groups(res: Results) -> list[PreGroup]:
     """Finished pretraining trials grouped by variant (seeds pooled), sorted by backbone, init,
     method (in the results' order), then the other axes."""
     groups: dict[Variant, PreGroup] = {}
-    for t in res.stage("pretrain"):
+    for t in res.stage(PRETRAIN):
         v = pretrain_variant(t)
         groups.setdefault(v, PreGroup(v, [])).trials.append(t)
     rank = method_order(res)
@@ -427,7 +655,8 @@ def pretraining_table(res: Results) -> Optional[Table]:
         return None
     axes = extra_axes(groups)
     fixed = ["Method", "Backbone", "Init", *[axis_header(a) for a in axes], "Seeds", "Epochs"]
-    headers = fixed + [h for _, h, _, _ in PRETRAIN_COLS] + ["Collapsed", "Device"]
+    cols = pretrain_cols()
+    headers = fixed + [h for _, h, _, _ in cols] + ["Collapsed", "Device"]
     rows, recs = [], []
     for g in groups:
         v = g.variant
@@ -436,7 +665,7 @@ def pretraining_table(res: Results) -> Optional[Table]:
         row = [v.method_label, v.backbone, v.source, *cells, str(len(g.trials)), "/".join(epochs)]
         rec = {"method": v.method, "method_label": v.method_label, "backbone": v.backbone, "source": v.source,
                **axis_rec, "variant": v.label, "n_seeds": len(g.trials), "epochs": "/".join(epochs)}
-        for key, _, digits, _ in PRETRAIN_COLS:
+        for key, _, digits, _ in cols:
             s = g.stat(key)
             row.append(fmt_stat(s, digits))
             rec[f"{key}_mean"], rec[f"{key}_std"] = s.mean, s.std
@@ -449,7 +678,7 @@ def pretraining_table(res: Results) -> Optional[Table]:
         recs.append(rec)
     t = Table("pretraining", "Pretraining per variant (mean ± std over seeds; best k-NN / probe / cost in bold)",
               headers, rows, pd.DataFrame(recs))
-    for c, (key, _, _, best) in enumerate(PRETRAIN_COLS, start=len(fixed)):
+    for c, (key, _, _, best) in enumerate(cols, start=len(fixed)):
         if best:
             t.mark_best(c, [g.stat(key).mean for g in groups], higher=best > 0)
     t.note = collapse_note(groups)
@@ -487,13 +716,10 @@ def collapse_note(groups: Sequence[PreGroup]) -> str:
 
 
 # ----------------------------------------------------------------------------- emerging properties
-EMERGING_COLS = [  # (metric key, header, digits): the measures of a pretraining that may predict segmentation
-    ("knn_acc", "k-NN acc", 2),
-    ("linear_probe_acc", "Linear probe", 2),
-    ("attn_jaccard", "Attn Jaccard (%)", 2),
-    ("dense_probe_miou", "Dense probe mIoU", 2),
-    ("dense_rank", "Dense eff. rank", 1),
-]
+def emerging_cols() -> list[tuple[str, str, int, int]]:
+    """(metric key, header, digits, best) of the measures of a pretraining that may predict segmentation: the
+    metric registry's "emerging" columns (core/metrics/registry.py)."""
+    return [(c.name or s.key, c.header, c.digits, c.best) for s, c in registry.columns("emerging", PRETRAIN)]
 
 
 def emerging_table(res: Results) -> Optional[Table]:
@@ -505,7 +731,8 @@ def emerging_table(res: Results) -> Optional[Table]:
         return None
     axes = extra_axes(groups)
     fixed = ["Method", "Backbone", "Init", *[axis_header(a) for a in axes], "Seeds"]
-    headers = fixed + [h for _, h, _ in EMERGING_COLS] + ["Collapsed"]
+    cols = emerging_cols()
+    headers = fixed + [h for _, h, _, _ in cols] + ["Collapsed"]
     rows, recs = [], []
     for g in groups:
         v = g.variant
@@ -513,7 +740,7 @@ def emerging_table(res: Results) -> Optional[Table]:
         row = [v.method_label, v.backbone, v.source, *cells, str(len(g.trials))]
         rec = {"method": v.method, "method_label": v.method_label, "backbone": v.backbone, "source": v.source,
                **axis_rec, "variant": v.label, "n_seeds": len(g.trials)}
-        for key, _, digits in EMERGING_COLS:
+        for key, _, digits, _ in cols:
             s = g.stat(key)
             row.append(fmt_stat(s, digits) or DASH)
             rec[f"{key}_mean"], rec[f"{key}_std"], rec[f"{key}_n"] = s.mean, s.std, s.n
@@ -525,9 +752,9 @@ def emerging_table(res: Results) -> Optional[Table]:
     t = Table("emerging_properties",
               "Emerging properties per pretraining variant (mean ± std over seeds; — not measured)",
               headers, rows, pd.DataFrame(recs))
-    for c, (key, _, _) in enumerate(EMERGING_COLS, start=len(fixed)):
-        if key != "dense_rank":  # a higher rank is not better in itself
-            t.mark_best(c, [g.stat(key).mean for g in groups], higher=True)
+    for c, (key, _, _, best) in enumerate(cols, start=len(fixed)):
+        if best:  # e.g. a higher dense rank is not better in itself
+            t.mark_best(c, [g.stat(key).mean for g in groups], higher=best > 0)
     t.note = collapse_note(groups)
     return t
 
@@ -536,9 +763,9 @@ def emerging_points(res: Results, key: str) -> list[tuple[str, float, float, boo
     """(evaluation, measure of the pretraining trial, mIoU of the segmentation trial, pretraining collapsed)
     for every finished segmentation trial built on a finished pretraining trial (stage 2's `from` link,
     analysis/results.py link_trials) whose `key` and mIoU are both numbers."""
-    pre = {t.id: t for t in res.stage("pretrain")}
+    pre = {t.id: t for t in res.stage(PRETRAIN)}
     out = []
-    for t in res.stage("segment"):
+    for t in res.stage(SEGMENT):
         p = pre.get(t.pretrain_id) if t.pretrain_id else None
         if p is None:
             continue

@@ -37,10 +37,12 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from lightning.pytorch import Callback
+
+from core.data.batch import batch_size
 
 ACCOUNTING_FILE = "accounting.json"
 PERSIST_EVERY_S = 30.0
@@ -53,16 +55,6 @@ def _cpu_time() -> float:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
-
-
-def _batch_size(batch: Any) -> int:
-    """Number of images in a batch: the first tensor's leading dim (views share it); of a dict, its
-    "valid" sizes (one row per image; the mmseg loader's regions are packed flat) or its first value."""
-    while isinstance(batch, (list, tuple)) and batch:
-        batch = batch[0]
-    if isinstance(batch, dict):
-        batch = batch["valid"] if "valid" in batch else next(iter(batch.values()))
-    return int(batch.shape[0]) if hasattr(batch, "shape") else 0
 
 
 def read_accounting(out_dir) -> Optional[dict]:
@@ -169,11 +161,11 @@ class AccountingCallback(Callback):
         """Write accounting.json (rank 0 only, atomically)."""
         if self.out_dir is None or not self._writer or not self.out_dir.is_dir():
             return
-        from core.io import atomic_write_text
+        from core.io import atomic_write_json
 
         data = {"n_devices": self._n_devices, "device": self._device,
                 "finished_fit": finished_fit, **self._live()}
-        atomic_write_text(self.out_dir / ACCOUNTING_FILE, json.dumps(data, indent=2) + "\n")
+        atomic_write_json(self.out_dir / ACCOUNTING_FILE, data)
         self._last_persist = time.perf_counter()
 
     @staticmethod
@@ -196,7 +188,7 @@ class AccountingCallback(Callback):
         self._persist()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.state["images"] += _batch_size(batch) * self._n_devices
+        self.state["images"] += batch_size(batch) * self._n_devices
         if self._writer and time.perf_counter() - self._last_persist >= self.persist_every_s:
             self._update_peak(pl_module)
             self._persist()

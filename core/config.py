@@ -12,6 +12,9 @@ as code: names are looked up in registries.
   is reused whatever its value (core/runs/skeleton.py `config_differences`).
 - A field whose type is a ConfigBase dataclass is a section (`data`, and one per SSL method):
   nested in config.json and grid files, `--<section>-<field>` on the CLI.
+- Settings both stages share (backbone, source, epochs, batch_size, precision, device, seed, wandb, data...)
+  are declared once in `RunSettings`; `PretrainSettings` and `SegmentConfig` derive from it and place each
+  with `name = shared()` (a per-stage default: `shared(default=...)`), keeping their own field order.
 - `PretrainConfig` is `PretrainSettings` plus one section per registered SSL method
   (core/methods/registry.py), built on first use: adding a method adds its options here.
 """
@@ -32,6 +35,7 @@ OPTIMIZERS = ("lars", "adamw")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("voc", "coco_stuff", "imagefolder")
+SEG_DATASETS = ("voc", "coco_stuff")  # the DATASETS with masks: what segmentation trains and scores on
 SSL_SPLITS = ("train", "trainaug", "all_but_val")
 COCO_LABELS = ("fine", "coarse")
 CORRUPT_POLICIES = ("stop", "skip")
@@ -43,6 +47,7 @@ SEG_TRAIN_PIPELINES = ("simple", "mmseg")  # == core.data.transforms.SEG_TRAIN_P
 SEG_TRAIN_SPLITS = ("train", "trainaug")
 SEG_SCHEDULES = ("cosine", "poly")
 WANDB_MODES = ("offline", "online", "disabled")
+#: THE list of weight source names (core/weights.py: `SOURCES`, and its WEIGHT_SPECS hold files for these)
 BASE_SOURCES = ("random", "imagenet", "barlowtwins-imagenet", "dino", "coco-deeplab")
 
 
@@ -66,6 +71,28 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 def check_range(name: str, value: float, lo: float, hi: float) -> None:
     if not (lo <= value <= hi):
         raise ConfigError(f"{name}={_fmt(value)} must be between {lo} and {hi}")
+
+
+#: bounds of the numeric run settings: beyond them a value is a typo or an overflow, not a setting (numpy seeds
+#: are 32-bit; a float learning rate above LR_MAX overflows the schedules and the optimiser's update)
+SEED_MAX = 2**32 - 1
+EPOCHS_MAX = 100_000
+BATCH_SIZE_MAX = 65_536
+MAX_ITERS_MAX = 100_000_000
+LR_MAX = 1e6
+WEIGHT_DECAY_MAX = 100.0
+
+
+def check_bounds(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    """`value` must lie in [lo, hi] ((lo, hi] with `lo_open`): one line naming the field, the value and the
+    bounds."""
+    ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        def num(x: float) -> str:
+            return str(x) if isinstance(x, int) else f"{x:g}"
+
+        low = f"> {num(lo)}" if lo_open else f">= {num(lo)}"
+        raise ConfigError(f"{name}={_fmt(value)} is out of range: it must be {low} and <= {num(hi)}")
 
 
 def check_source(name: str, value: str) -> None:
@@ -255,6 +282,7 @@ class DataConfig(ConfigBase):
                 check_positive(f"data.{n}", v)
         check_positive("data.synthetic_n_train", self.synthetic_n_train)
         check_positive("data.synthetic_n_val", self.synthetic_n_val)
+        check_bounds("data.synthetic_seed", self.synthetic_seed, 0, SEED_MAX)
 
     def ssl_crop_scale(self) -> tuple[float, float]:
         if self.crop_scale_min is not None:
@@ -273,18 +301,133 @@ class DataConfig(ConfigBase):
         return any((d / MARKER).is_file() for d in (r, r / "VOCdevkit", r.parent))
 
 
-# --------------------------------------------------------------------------- stage 1
+# --------------------------------------------------------------------------- shared run settings
+@dataclass(frozen=True, kw_only=True)
+class RunSettings(ConfigBase):
+    """The settings every run stage shares, each declared ONCE here (type, default, doc). A stage config places
+    them among its own fields with `shared()` (its --help / config.json order) and gives a field without a
+    default here its own with `shared(default=...)`: the ones whose meaning is the same in both stages but
+    whose sensible CPU default is not (epochs, batch_size, weight_decay). `lr` is NOT here: stage 1's is a
+    base rate scaled by the batch (none: the optimiser's recipe), stage 2's the head's AdamW rate."""
+
+    backbone: str = "vit_nano_patch8"
+    """Backbone name (core/models/registry.py)."""
+    source: str = "random"
+    """Initial backbone weights: random | imagenet | barlowtwins-imagenet | dino | coco-deeplab | checkpoint:PATH."""
+    weight_decay: float
+    """Weight decay of the optimiser (pretraining: LARS or AdamW; segmentation: AdamW), biases and norms excluded."""
+    epochs: int
+    """Training epochs."""
+    batch_size: int
+    """Images per batch per device (the global batch under DDP is devices x batch_size)."""
+    precision: str = "32"
+    """32 | bf16-mixed | 16-mixed (mixed precision falls back to 32 on the CPU)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    devices: int = 1
+    """GPUs for this run (DDP when > 1)."""
+    compile: bool = False
+    """torch.compile the trained network (pretraining: the backbone; segmentation: the whole model)."""
+    seed: int = 0
+    """Random seed."""
+    diagnostics_every: int = 0
+    """Epochs between diagnostic figures (0: only at the end)."""
+    wandb: str = field(default="offline", metadata={"bookkeeping": True})
+    """offline | online | disabled (a CSV log is always written)."""
+    keep_checkpoints: bool = field(default=False, metadata={"bookkeeping": True})
+    """Keep checkpoints/last.ckpt once the run has finished (default: deleted on success; the run folder keeps
+    its exported weights, metrics, history, figures and config)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data settings."""
+
+    def check_shared(self, *names: str) -> None:
+        """Validate the named shared fields (a stage's `validate` calls this where it checks them, so the first
+        error of a config with several bad values stays the same)."""
+        for name in names:
+            value = getattr(self, name)
+            if name == "backbone":
+                from core.models.registry import check_backbone_name  # late import: the registry is heavy
+
+                check_backbone_name(name, value)
+            elif name == "source":
+                check_source(name, value)
+            elif name == "weight_decay":
+                check_bounds(name, value, 0.0, WEIGHT_DECAY_MAX)
+            elif name == "epochs":
+                check_bounds(name, value, 1, EPOCHS_MAX)
+            elif name == "batch_size":
+                check_bounds(name, value, 1, BATCH_SIZE_MAX)
+            elif name == "seed":
+                check_bounds(name, value, 0, SEED_MAX)
+            elif name == "devices":
+                check_positive(name, value)
+            elif name == "diagnostics_every":
+                check_positive(name, value, allow_zero=True)
+            else:
+                check_choice(name, value, {"precision": PRECISIONS, "device": DEVICES, "wandb": WANDB_MODES}[name])
+
+
 @dataclass(frozen=True)
-class PretrainSettings(ConfigBase):
+class _Shared:
+    default: Any = dataclasses.MISSING
+
+
+def shared(default: Any = dataclasses.MISSING) -> Any:
+    """In a `stage_config` class body: the RunSettings field of this name goes here (`default`: this stage's
+    default, for a field RunSettings declares without one)."""
+    return _Shared(default)
+
+
+def _set_field_order(cls: type, names: Sequence[str]) -> None:
+    """Order the dataclass fields of `cls` (dataclasses.fields, asdict -> config.json, the CLI's --help) as
+    `names`; a subclass would otherwise list every inherited field first."""
+    fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    if sorted(names) != sorted(fields):
+        raise TypeError(f"{cls.__name__}: field order {list(names)} does not match its fields {list(fields)}")
+    cls.__dataclass_fields__ = {n: fields[n] for n in names}  # type: ignore[attr-defined]
+
+
+def stage_config(cls: type) -> type:
+    """`@dataclass(frozen=True)` for a stage config deriving from `RunSettings`: every shared field is placed
+    with `name = shared()` (or `shared(default=...)`) among the stage's own fields, in the order of the class
+    body; a shared field left unplaced, or a placeholder naming no shared field, is a TypeError."""
+    base = {f.name: f for f in dataclasses.fields(RunSettings)}
+    ann = dict(cls.__dict__.get("__annotations__", {}))
+    order: list[str] = []
+    for name, value in list(cls.__dict__.items()):
+        if isinstance(value, _Shared):
+            f = base.get(name)
+            if f is None:
+                raise TypeError(f"{cls.__name__}.{name} = shared(): RunSettings has no field {name!r}")
+            delattr(cls, name)
+            if value.default is not dataclasses.MISSING:
+                ann[name] = f.type
+                setattr(cls, name, field(default=value.default, metadata=f.metadata))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise TypeError(f"{cls.__name__}.{name}: RunSettings declares no default; use shared(default=...)")
+            order.append(name)
+        elif name in ann:
+            order.append(name)
+    order += [n for n in ann if n not in order]  # own fields without a default
+    unplaced = [n for n in base if n not in order]
+    if unplaced:
+        raise TypeError(f"{cls.__name__}: place the shared field(s) {', '.join(unplaced)} with name = shared()")
+    cls.__annotations__ = ann
+    cls = dataclass(frozen=True)(cls)
+    _set_field_order(cls, order)
+    return cls
+
+
+# --------------------------------------------------------------------------- stage 1
+@stage_config
+class PretrainSettings(RunSettings):
     """Stage 1, the settings every self-supervised method shares. `PretrainConfig` adds one section per
     method (its options); use `PretrainConfig`."""
 
     method: str = "barlow_twins"
     """Self-supervised method (core/methods/registry.py): barlow_twins | dino | ..."""
-    backbone: str = "vit_nano_patch8"
-    """Backbone name (core/models/registry.py)."""
-    source: str = "random"
-    """Initial weights: random | imagenet | barlowtwins-imagenet | dino | coco-deeplab | checkpoint:PATH."""
+    backbone = shared()
+    source = shared()
     projector: tuple[int, ...] = (512, 512)
     """Projector (expander) widths, e.g. 8192-8192-8192 (the official Barlow Twins size); DINO's head hidden width is
     their maximum (capped at 2048)."""
@@ -297,69 +440,56 @@ class PretrainSettings(ConfigBase):
     min_lr: Optional[float] = None
     """Learning rate at the end of the cosine decay, the same for every parameter group (official DINO 1e-6);
     none: 0.001 x each group's base lr (official Barlow Twins)."""
-    weight_decay: float = 1.5e-6
-    """Weight decay (LARS and AdamW exclude biases and norms)."""
+    weight_decay = shared(default=1.5e-6)
     weight_decay_end: Optional[float] = None
     """Final weight decay: a per-step cosine from weight_decay to this over training, on the decayed (weights)
     group only (official DINO 0.04 -> 0.4); none: constant weight decay."""
     drop_path: float = 0.0
     """Stochastic depth rate of the trained backbone (timm ViT / Swin only; DINO: the student, never the teacher;
     official DINO ViT-S 0.1)."""
-    epochs: int = 20
-    """Training epochs."""
+    epochs = shared(default=20)
     warmup_epochs: float = 1.0
     """Linear learning-rate warmup before the cosine decay, in epochs (per-step schedule)."""
-    batch_size: int = 32
-    """Images per batch per device (the global batch under DDP is devices x batch_size)."""
-    precision: str = "32"
-    """32 | bf16-mixed | 16-mixed (mixed precision falls back to 32 on the CPU)."""
-    device: str = "auto"
-    """auto | cpu | cuda."""
-    devices: int = 1
-    """GPUs for this run (DDP when > 1)."""
-    compile: bool = False
-    """torch.compile the backbone."""
+    batch_size = shared(default=32)
+    precision = shared()
+    device = shared()
+    devices = shared()
+    compile = shared()
     gpu_augment: bool = True
     """Colour / blur / solarize on whole batches on the GPU (the CPU pipeline does them per image otherwise)."""
-    seed: int = 0
-    """Random seed."""
+    seed = shared()
     knn_k: int = 20
     """Neighbours of the k-NN monitor."""
     dense_probe_steps: int = 50
     """L-BFGS iterations of the frozen dense linear probe run before and after pretraining
     (core/metrics/dense_probe.py; metrics.json dense_probe_miou); 0: no probe (null)."""
-    diagnostics_every: int = 0
-    """Epochs between diagnostic figures (0: only at the end)."""
-    wandb: str = field(default="offline", metadata={"bookkeeping": True})
-    """offline | online | disabled (a CSV log is always written)."""
-    keep_checkpoints: bool = field(default=False, metadata={"bookkeeping": True})
-    """Keep checkpoints/last.ckpt once the run has finished (default: deleted on success; the run folder keeps
-    its exported weights, metrics, history, figures and config)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Data settings."""
+    diagnostics_every = shared()
+    wandb = shared()
+    keep_checkpoints = shared()
+    data = shared()
 
     def validate(self) -> None:
         from core.methods.registry import ssl_methods
-        from core.models.registry import check_backbone_name, check_drop_path  # late import: registry is heavy
+        from core.models.registry import check_drop_path  # late import: registry is heavy
 
         check_choice("method", self.method, tuple(ssl_methods()))
-        check_backbone_name("backbone", self.backbone)
-        check_source("source", self.source)
+        self.check_shared("backbone", "source")
         if not self.projector:
             raise ConfigError("projector=() must list at least one layer width, e.g. 8192-8192-8192")
         for w in self.projector:
             check_positive("projector (layer width)", w)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.lr is not None:
-            check_positive("lr", self.lr)
-        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+            check_bounds("lr", self.lr, 0.0, LR_MAX, lo_open=True)
+        self.check_shared("weight_decay")
         if self.weight_decay_end is not None:
-            check_positive("weight_decay_end", self.weight_decay_end, allow_zero=True)
+            check_bounds("weight_decay_end", self.weight_decay_end, 0.0, WEIGHT_DECAY_MAX)
         check_drop_path("drop_path", self.drop_path, self.backbone)
-        check_positive("epochs", self.epochs)
+        self.check_shared("epochs")
         check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
         if self.batch_size < 2:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 2 (the SSL losses normalise over the batch)")
+        self.check_shared("batch_size")
         if self.min_lr is not None:
             from core.methods.optim import recipe_lrs
 
@@ -370,13 +500,10 @@ class PretrainSettings(ConfigBase):
                     f"min_lr={self.min_lr!r} must be <= the smallest base learning rate {base:.3g} (optimizer="
                     f"{self.optimizer}, lr={self.lr}, global batch {self.batch_size * max(self.devices, 1)})"
                 )
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("device", self.device, DEVICES)
-        check_positive("devices", self.devices)
+        self.check_shared("precision", "device", "devices")
         check_positive("knn_k", self.knn_k)
         check_positive("dense_probe_steps", self.dense_probe_steps, allow_zero=True)
-        check_positive("diagnostics_every", self.diagnostics_every, allow_zero=True)
-        check_choice("wandb", self.wandb, WANDB_MODES)
+        self.check_shared("diagnostics_every", "wandb", "seed")
 
     @property
     def options(self) -> Any:
@@ -405,6 +532,7 @@ def _pretrain_config() -> type:
                                            metadata={"help": f"{spec.label} options ({spec.paper})."}))
                 for name, spec in ssl_methods().items()]
     cls = dataclasses.make_dataclass("PretrainConfig", sections, bases=(PretrainSettings,), frozen=True)
+    _set_field_order(cls, [f.name for f in dataclasses.fields(PretrainSettings)] + [n for n, _, _ in sections])
     cls.__module__ = __name__
     cls.__doc__ = "Stage 1: self-supervised pretraining; one section per SSL method (`cfg.barlow_twins`, ...)."
     return cls
@@ -420,14 +548,13 @@ def __getattr__(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- stage 2
-@dataclass(frozen=True)
-class SegmentConfig(ConfigBase):
+@stage_config
+class SegmentConfig(RunSettings):
     """Stage 2: semantic segmentation on top of a (pretrained) backbone."""
 
     evaluation: Optional[str] = None
     """Preset E1..E5 (core/evaluations.py); fields set explicitly override it."""
-    backbone: str = "vit_nano_patch8"
-    """Backbone name (core/models/registry.py)."""
+    backbone = shared()
     head: str = "setr_pup"
     """linear | setr_naive | setr_pup | setr_mla | deeplabv3 | segformer."""
     head_channels: Optional[int] = None
@@ -438,6 +565,10 @@ class SegmentConfig(ConfigBase):
     """SETR-PUP deep supervision as mmseg trains it: auxiliary SETR-UP heads on intermediate transformer blocks
     (41.7/62.5/83.3% of the depth: blocks 9, 14, 19 of 24), each CE x 0.4 added to the loss; training only, the
     predictions use the main head. head=setr_pup on a transformer backbone only (core/models/heads/setr.py)."""
+    head_input_norm: bool = False
+    """SETR-PUP's input as mmseg builds it: the head normalises the last block's raw output with its own LayerNorm
+    (SETRUPHead.norm) and the backbone's final norm is frozen, unused (mmseg final_norm=False); false: the head reads
+    the backbone's final-normed tokens. head=setr_pup only (core/models/heads/setr.py)."""
     fusion: str = "none"
     """Attention fusion: none | features (fusion 1) | affinity (fusion 2); transformers only."""
     fusion_blocks: int = 1
@@ -450,30 +581,22 @@ class SegmentConfig(ConfigBase):
     fusion_alpha_lr: float = 0.05
     """Fusion 2: learning rate of a's logit; a scalar gate needs larger steps than the weights to move in a
     short fine-tune."""
-    source: str = "random"
-    """Backbone weights: random | imagenet | barlowtwins-imagenet | dino | coco-deeplab | checkpoint:PATH."""
+    source = shared()
     mode: str = "finetune"
     """frozen (head only) | finetune (backbone too, at lr x backbone_lr_scale)."""
     loss: str = "ce"
     """ce | dice | focal (255 ignored)."""
-    epochs: int = 8
-    """Training epochs."""
+    epochs = shared(default=8)
     lr: float = 1e-3
     """Learning rate of the head (AdamW)."""
     backbone_lr_scale: float = 0.1
     """Fine-tuning: the backbone's lr is lr x this."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay (biases and norms excluded)."""
-    batch_size: int = 16
-    """Images per batch per device."""
-    precision: str = "32"
-    """32 | bf16-mixed | 16-mixed (mixed precision falls back to 32 on the CPU)."""
-    device: str = "auto"
-    """auto | cpu | cuda."""
-    devices: int = 1
-    """GPUs for this run (DDP when > 1)."""
-    compile: bool = False
-    """torch.compile the model."""
+    weight_decay = shared(default=1e-4)
+    batch_size = shared(default=16)
+    precision = shared()
+    device = shared()
+    devices = shared()
+    compile = shared()
     train_pipeline: str = "simple"
     """Training augmentation: simple (random resized crop at data.image_size, scale 0.25-1, flip) | mmseg (mmseg's VOC
     pipeline: RandomResize ratio 0.5-2.0 of train_scale, RandomCrop crop_size with cat_max_ratio, flip,
@@ -511,26 +634,19 @@ class SegmentConfig(ConfigBase):
     to the backbone's patch multiple (mmseg: crop 512 at scale 512)."""
     slide_stride: Optional[int] = None
     """Sliding-window stride in pixels (<= slide_crop); none: 2/3 of the crop (mmseg: 341 for 512)."""
-    seed: int = 0
-    """Random seed."""
-    diagnostics_every: int = 0
-    """Epochs between diagnostic figures (0: only at the end)."""
-    wandb: str = field(default="offline", metadata={"bookkeeping": True})
-    """offline | online | disabled (a CSV log is always written)."""
-    keep_checkpoints: bool = field(default=False, metadata={"bookkeeping": True})
-    """Keep checkpoints/last.ckpt once the run has finished (default: deleted on success; the run folder keeps
-    its exported weights, metrics, history, figures and config)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Data settings."""
+    seed = shared()
+    diagnostics_every = shared()
+    wandb = shared()
+    keep_checkpoints = shared()
+    data = shared()
 
     def validate(self) -> None:
         from core.evaluations import EVALUATIONS
         from core.models.heads import check_head_channels, check_head_name
-        from core.models.registry import check_backbone_name
 
         if self.evaluation is not None:
             check_choice("evaluation", self.evaluation, tuple(EVALUATIONS))
-        check_backbone_name("backbone", self.backbone)
+        self.check_shared("backbone")
         check_head_name("head", self.head)
         check_head_channels("head_channels", self.head, self.head_channels)
         if not isinstance(self.aux_heads, bool):
@@ -538,22 +654,23 @@ class SegmentConfig(ConfigBase):
         if self.aux_heads and self.head != "setr_pup":
             raise ConfigError(f"aux_heads=true is SETR-PUP's deep supervision and needs head=setr_pup, not "
                               f"head={self.head!r}; set aux_heads=false or head=setr_pup")
+        if not isinstance(self.head_input_norm, bool):
+            raise ConfigError(f"head_input_norm={self.head_input_norm!r} must be true or false")
+        if self.head_input_norm and self.head != "setr_pup":
+            raise ConfigError(f"head_input_norm=true is SETR-PUP's input LayerNorm and needs head=setr_pup, not "
+                              f"head={self.head!r}; set head_input_norm=false or head=setr_pup")
         check_choice("fusion", self.fusion, FUSIONS)
         check_positive("fusion_blocks", self.fusion_blocks)
         check_positive("fusion_steps", self.fusion_steps)
         check_range("fusion_alpha", self.fusion_alpha, 0.0, 1.0)
         check_positive("fusion_alpha_lr", self.fusion_alpha_lr, allow_zero=True)
-        check_source("source", self.source)
+        self.check_shared("source")
         check_choice("mode", self.mode, SEG_MODES)
         check_choice("loss", self.loss, SEG_LOSSES)
-        check_positive("epochs", self.epochs)
-        check_positive("lr", self.lr)
+        self.check_shared("epochs")
+        check_bounds("lr", self.lr, 0.0, LR_MAX, lo_open=True)
         check_positive("backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
-        check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        check_positive("batch_size", self.batch_size)
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("device", self.device, DEVICES)
-        check_positive("devices", self.devices)
+        self.check_shared("weight_decay", "batch_size", "precision", "device", "devices")
         check_choice("train_pipeline", self.train_pipeline, SEG_TRAIN_PIPELINES)
         if self.crop_size is not None:
             check_range("crop_size", self.crop_size, 16, 4096)
@@ -574,7 +691,7 @@ class SegmentConfig(ConfigBase):
         if not 0.0 <= self.min_lr_ratio < 1.0:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio!r} must be >= 0 and < 1")
         if self.max_iters is not None:
-            check_positive("max_iters", self.max_iters)
+            check_bounds("max_iters", self.max_iters, 1, MAX_ITERS_MAX)
         if self.eval_scale is not None:
             check_range("eval_scale", self.eval_scale, 16, 4096)
         if self.eval_max_long is not None:
@@ -596,8 +713,7 @@ class SegmentConfig(ConfigBase):
                     f"slide_stride={self.slide_stride} must be <= the sliding-window crop {self.eval_short_side()} "
                     f"(slide_crop none: the evaluation short side); lower slide_stride or set slide_crop"
                 )
-        check_positive("diagnostics_every", self.diagnostics_every, allow_zero=True)
-        check_choice("wandb", self.wandb, WANDB_MODES)
+        self.check_shared("diagnostics_every", "wandb", "seed")
 
     def eval_short_side(self) -> int:
         """The evaluation short side in pixels: eval_scale, or data.image_size when none."""

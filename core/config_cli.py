@@ -364,4 +364,29 @@ def config_dict_from_args(namespace: argparse.Namespace, cls: type, *, exclude: 
         for name in spec.path[:-1]:
             d = d.setdefault(name, {})
         d[spec.path[-1]] = value
+    return resolve_paths(out)
+
+
+def resolve_paths(d: dict, base=None) -> dict:
+    """`d` (a config dict) with its relative paths made absolute against `base` (default: the current
+    folder) when it is read: a `checkpoint:PATH` source, data.root, data.ssl_root. A run then names the same
+    files wherever it is resumed from, and a result's identity (core/runs/identity.py) holds absolute paths."""
+    from pathlib import Path
+
+    base = Path.cwd() if base is None else Path(base)
+
+    def absolute(p: str) -> str:
+        q = Path(p.strip()).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    out = dict(d)
+    src = out.get("source")
+    if isinstance(src, str) and src.startswith("checkpoint:") and src[len("checkpoint:"):].strip():
+        out["source"] = "checkpoint:" + absolute(src[len("checkpoint:"):])
+    if isinstance(out.get("data"), dict):
+        data = dict(out["data"])
+        for k in ("root", "ssl_root"):
+            if isinstance(data.get(k), str) and data[k].strip():
+                data[k] = absolute(data[k])
+        out["data"] = data
     return out

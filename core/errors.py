@@ -39,7 +39,9 @@ class NonFiniteError(TwinsegError):
 
 
 class StorageError(TwinsegError):
-    """The output folder cannot be written: read-only, a file, or the disk is full."""
+    """The output folder cannot be written: read-only, a file, or the disk is full; or the results
+    storage (core/storage.py: a shared path or an object store) is unreachable, lacks credentials or its
+    bucket, refuses the key, or was claimed by another attempt."""
 
 
 class InterruptedRun(TwinsegError):

@@ -4,7 +4,10 @@ The one declaration of the evaluations: the config (`SegmentConfig.evaluation`),
 and the report read their names, labels and settings from here.
 
 Each preset: `short` (the report's label), `description` (one line), `pretrain_method` (the stage-1 method whose backbone it
-evaluates: the grid feeds it that run's checkpoint), and `config` (SegmentConfig fields).
+evaluates: the grid feeds it that run's checkpoint), `config` (SegmentConfig fields), and optionally
+`baseline` (the evaluation it is compared with: the report gives the mean difference of each of its rows
+against the baseline's row of the same pretraining, with a 95% interval over seeds) with `baseline_reason`
+(what that difference isolates).
 `apply_evaluation(cfg_dict, evaluation)` puts a preset UNDER the user's explicit values (anything
 the user set wins) and records `evaluation` in the result.
 """
@@ -35,6 +38,8 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
                        "attention each token receives, as channels)",
         "pretrain_method": "barlow_twins",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "features"},
+        "baseline": "E2",
+        "baseline_reason": "fusion 1 vs no attention: same checkpoint, backbone and head",
     },
     "E4": {
         "short": "BT transformer + fusion 2 (attention as affinity)",
@@ -42,12 +47,16 @@ EVALUATIONS: dict[str, dict[str, Any]] = {
                        "on Swin within the last stage's windows)",
         "pretrain_method": "barlow_twins",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "affinity"},
+        "baseline": "E2",
+        "baseline_reason": "fusion 2 vs no attention: same checkpoint, backbone and head",
     },
     "E5": {
         "short": "DINO weights + fusion 2",
         "description": "DINO ViT weights + SETR-PUP with attention as affinity (fusion 2)",
         "pretrain_method": "dino",
         "config": {"backbone": "vit_small_patch16", "head": "setr_pup", "fusion": "affinity", "source": "dino"},
+        "baseline": "E4",
+        "baseline_reason": "DINO vs Barlow Twins pretraining: same backbone, head and fusion 2",
     },
 }
 

@@ -14,6 +14,10 @@ raised as `core.errors.FolderBusyError` (a TwinsegError: one line, exit 2) at on
 Re-entrant within one process: a nested `folder_lock` on a folder this process already holds (e.g. a
 grid trial that locks its folder, then calls `run_pretrain`, which locks it again) passes through.
 
+The `.lock` file is the one file here NOT written through `core.io`'s atomic writer, on purpose: the lock
+lives on the file's inode, so the holder's line is written in place on the locked descriptor (a rename would
+put an unlocked inode under the name); it is never a result, only the text of the busy message.
+
 On a filesystem without flock support (some network mounts) the lock degrades to a no-op with one
 warning: the run goes on, unprotected.
 """

@@ -33,16 +33,17 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from core.errors import ConfigError, WeightsError
+from core.config import BASE_SOURCES
+from core.errors import ConfigError, StorageError, WeightsError
+from core.io import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("random", "imagenet", "barlowtwins-imagenet", "dino", "coco-deeplab", "checkpoint:PATH")
+SOURCES = BASE_SOURCES + ("checkpoint:PATH",)  # the names are declared once, in core.config (no torch import)
 
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
 _BT_URL = ("https://dl.fbaipublicfiles.com/barlowtwins/ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/"
@@ -172,6 +173,9 @@ def read_weights_file(path: str | os.PathLike, *, trusted: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower() and _is_plain_pickle(path):
+            raise WeightsError(f"{path} is a plain Python pickle, not a torch weights file (torch.save); re-save "
+                               "its state dict with torch.save(state_dict, path) or as .safetensors") from e
         if "global" not in str(e).lower():  # garbage bytes, not a disallowed class / function
             raise WeightsError(f"cannot read {path} as a torch weights file (not a pickle/zip "
                                f"checkpoint); re-download or re-save it") from e
@@ -184,6 +188,16 @@ def read_weights_file(path: str | os.PathLike, *, trusted: bool = False):
         raise WeightsError(f"cannot read {path} as a torch weights file ({type(e).__name__}: "
                            f"{str(e)[:120]}); re-download or re-save it") from e
     return torch.load(path, map_location="cpu", weights_only=False)  # explicit trusted=True only
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """A file written by pickle.dump (protocol >= 2 starts with the PROTO opcode), not by torch.save."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _tensor_dict(obj, path) -> dict[str, torch.Tensor]:
@@ -351,29 +365,23 @@ def fetch(spec: WeightSpec, weights_dir=None, *, progress: bool = True) -> Path:
     dst = local_path(spec, weights_dir)
     if dst.is_file():
         return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".part", dir=dst.parent)
-    os.close(fd)
-    try:
+
+    def download(tmp: str) -> None:  # into core.io's temp file, checked before it is renamed into place
         if spec.url:
             torch.hub.download_url_to_file(spec.url, tmp, progress=progress)
         else:
             from huggingface_hub import hf_hub_download
             got = hf_hub_download(spec.hf_repo, spec.hf_file)
             shutil.copyfile(got, tmp)
-        tmp_final = Path(tmp).with_suffix(dst.suffix)  # keep the suffix for the safetensors check
-        os.replace(tmp, tmp_final)
-        tmp = str(tmp_final)
-        read_weights_file(tmp)
-        os.replace(tmp, dst)
-    except WeightsError:
+        read_weights_file(tmp)  # the temp name keeps the suffix for the safetensors check
+
+    try:
+        atomic_write(dst, download, dst.suffix, what=f"the {spec.source} weights of {spec.backbone}")
+    except (WeightsError, StorageError):
         raise
     except Exception as e:  # noqa: BLE001 - network / hub failures -> one line
         raise WeightsError(f"could not download {spec.where} to {dst} ({type(e).__name__}: "
                            f"{str(e)[:120]}); check the network or copy the file there by hand") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dst
 
 
@@ -389,6 +397,44 @@ def _resolve(spec: WeightSpec, weights_dir, online) -> Path:
         f"--backbone {spec.backbone}` on an online machine and copy its weights/ folder here "
         f"(or set TWINSEG_ONLINE=1)"
     )
+
+
+def source_files(source: str, backbone_name: str, weights_dir=None) -> list[Path]:
+    """The weight files a run starting from `source` reads (resolved; none for random): part of a result's
+    identity (core/runs/identity.py). A named source's file may not be there yet (it is fetched when online)."""
+    if source == "random":
+        return []
+    if source.startswith("checkpoint:"):
+        return [Path(source[len("checkpoint:"):].strip()).expanduser().resolve()]
+    spec = WEIGHT_SPECS.get((source, backbone_name))
+    return [] if spec is None else [local_path(spec, weights_dir).resolve()]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """sha256 of a file's content (None: no such file); remembered per (path, size, mtime) in this process."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not path.is_file():
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            return None
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def load_source(backbone, source: str, weights_dir=None, online: bool | None = None, *,
@@ -438,8 +484,6 @@ def export_backbone(backbone, path: str | os.PathLike, *, plain: bool = False,
     sd = {k: v.detach().cpu().clone() for k, v in backbone.library_model.state_dict().items()}
     obj = sd if plain else {"arch": backbone.name, "library_arch": backbone.library_arch,
                             "state_dict": sd, **(extra or {})}
-    from core.io import atomic_write
-
     atomic_write(path, lambda tmp: torch.save(obj, tmp))  # temp file + fsync + rename in the same folder
     return path
 

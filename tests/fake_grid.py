@@ -3,13 +3,13 @@
     python tests/fake_grid.py [--real] [--sleep S] [--fail-once ID]... [--fail-always ID]...
                               [--fail-at-epoch ID:E]... [--actors FILE] -- <experiments/grid.py arguments>
 
---real          the real run functions (experiments.trial.run_stage) instead of tests/fakes.py FakeRun;
+--real          the real run functions (experiments.engine.runner.run_stage) instead of tests/fakes.py FakeRun;
 --sleep S       fake runs take S seconds;
 --fail-once / --fail-always / --fail-at-epoch   faults injected by trial id (tests/fakes.py WithFaults);
 --actors FILE   just before the grid stops Ray, write the cluster's actors (ray.util.state.list_actors,
                 detail: class_name, repr_name, state) to FILE as JSON (needs the dashboard: its state API).
 
-The grid itself (`experiments.grid.main(argv, run=...)`) is the production code path, unchanged.
+The grid itself (`experiments.engine.cli.main(argv, run=...)`) is the production code path, unchanged.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def main(argv: list[str]) -> int:
     opts, grid_argv = parse(argv)
     import ray.cloudpickle
 
-    from experiments import grid
-    from experiments.trial import run_stage
+    from experiments.engine import cli
+    from experiments.engine.runner import run_stage
 
     ray.cloudpickle.register_pickle_by_value(fakes)  # Ray's workers cannot import tests/fakes.py
     run = run_stage if opts.real else fakes.FakeRun(opts.sleep)
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
         run = fakes.WithFaults(run, once=opts.fail_once, always=opts.fail_always, at_epoch=at_epoch)
     if opts.actors:
         record_actors_before_shutdown(Path(opts.actors))
-    return grid.main(grid_argv, run=run)
+    return cli.main(grid_argv, run=run)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Test doubles for the grid's run functions (`experiments.trial.RunFunction`), used through
+"""Test doubles for the grid's run functions (`experiments.engine.runner.RunFunction`), used through
 tests/fake_grid.py by tests/test_grid.py and tests/test_ray_ddp.py. Production code has no switch for
-them: experiments/grid.py `main(argv, run=...)` takes the run function of every trial.
+them: experiments.engine.cli `main(argv, run=...)` takes the run function of every trial.
 
 * `FakeRun(sleep)`: a fast stand-in for run_pretrain / run_segment (no torch, no Lightning, no data):
   same run folder files, metrics.json written last and atomically; appends `start` / `resume` to
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from core.io import atomic_write_text
+from core.stages import PRETRAIN, SEGMENT, get_stage
 
 
 class FakeRun:
@@ -40,7 +41,7 @@ class FakeRun:
         with open(out / "calls.log", "a") as f:
             f.write(("resume" if ckpt.exists() else "start") + "\n")
         d = dict(config)
-        if stage == "segment" and str(d.get("source", "")).startswith("checkpoint:"):
+        if get_stage(stage).depends_on_stage and str(d.get("source", "")).startswith("checkpoint:"):
             src = Path(str(d["source"])[len("checkpoint:"):])
             if not src.is_file():
                 raise FileNotFoundError(f"source checkpoint {src} does not exist")
@@ -56,20 +57,31 @@ class FakeRun:
             if report is not None:
                 report(e + 1, {"loss": 1.0 / (e + 1)})
         atomic_write_text(out / "history.csv", "\n".join(rows) + "\n")
-        if stage == "pretrain":
-            atomic_write_text(out / "backbone.pt", json.dumps({"arch": d["backbone"]}))
-            lambd = d["lambd"] if "lambd" in d else (d.get(d["method"]) or {}).get("lambd", 0.0)  # flat or per method
-            m = {"stage": "pretrain", "method": d["method"], "backbone": d["backbone"], "source": d["source"],
-                 "lambd": lambd, "seed": d["seed"], "knn_acc": 50.0 + 100 * lambd, "knn_acc_init": 20.0,
-                 "final_loss": 1.0 / epochs, "epochs": epochs, "wall_time_s": self.sleep, "device": "cpu",
-                 "backbone_path": str(out / "backbone.pt")}
-        else:
-            m = {"stage": "segment", "evaluation": d.get("evaluation"), "backbone": d["backbone"],
-                 "head": d["head"], "fusion": d["fusion"], "source": d["source"], "mode": d["mode"],
-                 "seed": d["seed"], "mIoU": 30.0, "aAcc": 80.0, "mAcc": 40.0, "IoU": [30.0] * 21,
-                 "wall_time_s": self.sleep, "device": "cpu"}
+        m = FAKE_METRICS[stage](self, d, out, epochs)
         atomic_write_text(out / "metrics.json", json.dumps(m, indent=2))
         return m
+
+
+def _pretrain_metrics(run: FakeRun, d: dict, out: Path, epochs: int) -> dict:
+    """backbone.pt (the artifact stage 2 consumes) and a pretraining metrics.json."""
+    atomic_write_text(out / PRETRAIN.artifact, json.dumps({"arch": d["backbone"]}))
+    lambd = d["lambd"] if "lambd" in d else (d.get(d["method"]) or {}).get("lambd", 0.0)  # flat or per method
+    return {"stage": PRETRAIN.name, "method": d["method"], "backbone": d["backbone"], "source": d["source"],
+            "lambd": lambd, "seed": d["seed"], "knn_acc": 50.0 + 100 * lambd, "knn_acc_init": 20.0,
+            "final_loss": 1.0 / epochs, "epochs": epochs, "wall_time_s": run.sleep, "device": "cpu",
+            "backbone_path": str(out / PRETRAIN.artifact)}
+
+
+def _segment_metrics(run: FakeRun, d: dict, out: Path, epochs: int) -> dict:
+    """A segmentation metrics.json (no model.pt: nothing consumes it)."""
+    return {"stage": SEGMENT.name, "evaluation": d.get("evaluation"), "backbone": d["backbone"],
+            "head": d["head"], "fusion": d["fusion"], "source": d["source"], "mode": d["mode"],
+            "seed": d["seed"], "mIoU": 30.0, "aAcc": 80.0, "mAcc": 40.0, "IoU": [30.0] * 21,
+            "wall_time_s": run.sleep, "device": "cpu"}
+
+
+FAKE_METRICS = {PRETRAIN.name: _pretrain_metrics, SEGMENT.name: _segment_metrics}
+"""The fake run's files of each stage, by stage name."""
 
 
 class WithFaults:

@@ -34,6 +34,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from core.stages import PRETRAIN, SEGMENT, get_stage
+
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -120,7 +122,7 @@ def pretrain_metrics(method: str, backbone: str, lambd: float, seed: int, epochs
         knn = 50.0 + 1.0 * seed
         secs = 180.0 + 8.0 * seed
         loss = 22.0 - 0.5 * seed
-    m = {"stage": "pretrain", "method": method}
+    m = {"stage": PRETRAIN.name, "method": method}
     if legacy:
         m["lambd"] = lambd
     else:
@@ -182,7 +184,7 @@ def segment_metrics(evaluation: str, backbone: str, head: str, fusion: str, sour
     iou = [round(base + ((7 * i + 3 * seed) % 11) - 5.0, 4) for i in range(len(VOC_CLASSES))]
     miou = float(np.mean(iou))
     return {
-        "stage": "segment", "evaluation": evaluation, "backbone": backbone, "head": head, "fusion": fusion,
+        "stage": SEGMENT.name, "evaluation": evaluation, "backbone": backbone, "head": head, "fusion": fusion,
         "source": source, "mode": "finetune", "seed": seed, "mIoU": miou, "aAcc": 70.0 + miou / 4,
         "mAcc": miou + 5.0, "IoU": iou, "class_names": list(VOC_CLASSES),
         "wall_time_s": 50.0 + seed, "device_seconds": 45.0 + seed, "device": "cpu", "images_per_s": 80.0,
@@ -257,8 +259,7 @@ def build_results(
             write_png(d / "figures" / name, seed=len(entries) * 10 + i)
         if status == "done":
             (d / "checkpoints" / "last.ckpt").write_bytes(b"fake")
-            if stage == "pretrain":
-                (d / "backbone.pt").write_bytes(b"fake")
+            (d / get_stage(stage).artifact).write_bytes(b"fake")
             if write_metrics and metrics is not None:
                 (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
         entry = {"id": tid, "stage": stage, "status": status, "reason": reason or None,
@@ -295,7 +296,7 @@ def build_results(
             status, reason = "done", ""
             if partial and method == "dino" and s == seeds[-1]:
                 status, reason = "failed", "CUDA out of memory at epoch 2 (RuntimeError)"
-            add(tid, "pretrain", cfg, m, _pretrain_history(m) if status == "done" else _pretrain_history(m)[:3],
+            add(tid, PRETRAIN.name, cfg, m, _pretrain_history(m) if status == "done" else _pretrain_history(m)[:3],
                 figs if status == "done" else [], status, reason, labels=pre_labels[tid])
             pre_ids[(method, backbone, lam, s)] = tid
 
@@ -322,7 +323,7 @@ def build_results(
                     elif ev == "E3":
                         write_metrics = False
                 figs = ["predictions_epoch002.png"] + (["attention_epoch002.png"] if fusion != "none" else [])
-                add(tid, "segment", cfg, m, _segment_history(m, epochs) if status == "done" else [],
+                add(tid, SEGMENT.name, cfg, m, _segment_history(m, epochs) if status == "done" else [],
                     figs if status == "done" else [], status, reason, [pid], write_metrics,
                     labels={"evaluation": ev, **pre_labels[pid], "from": pid})
 

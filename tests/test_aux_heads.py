@@ -81,6 +81,23 @@ def test_aux_heads_exist_only_when_asked_and_read_their_blocks():
     assert all(id(p) in head_params for p in m.aux_heads.parameters())
 
 
+def test_aux_heads_upsample_by_their_own_blocks_stride():
+    """Each auxiliary head's two upsampling stages multiply to its block's stride: the patch size on a ViT (every
+    block; mmseg's 4 x 4 at /16), 4, 8 and 16 on Swin's first three stages, so its native output is the input size
+    (no oversized maps at Swin's shallow, fine stages)."""
+    from core.models.heads.setr import block_stride
+
+    for name, size, strides in (("vit_nano_patch8", 32, (8, 8, 8)), ("swin_nano", 64, (4, 8, 16))):
+        m = build_segmenter(cfg(backbone=name, aux_heads=True, head_channels=8, data={"image_size": size}), K).eval()
+        assert tuple(block_stride(m.backbone, b) for b in m.aux_blocks) == strides
+        assert tuple(h.scales[0] * h.scales[1] for h in m.aux_heads) == strides
+        x = torch.randn(1, 3, size, size)
+        feats = m.backbone.forward_all(x, intermediates=m.aux_blocks)
+        with torch.no_grad():
+            for h, f in zip(m.aux_heads, feats.intermediates):
+                assert h(None, [f]).shape[-2:] == (size, size), name  # native resolution = the input's
+
+
 def test_gradients_reach_each_aux_head_and_backbone():
     m = build_segmenter(cfg(aux_heads=True), K).train()
     _, aux = m(torch.randn(2, 3, 32, 32), with_aux=True)

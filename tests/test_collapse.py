@@ -89,6 +89,62 @@ def test_dino_entropy_monitors_flag_uniform_and_one_hot_teachers():
     assert method.collapse_reason({**st, "embedding_std": 0.0, "embedding_rank": 1.0}).startswith("complete")
 
 
+def test_dino_kl_rule_flags_both_collapses_and_spares_a_learning_student():
+    """KL(teacher || student) -> 0 in both collapses (DINO paper, section 5.3): a student that reproduces a uniform
+    or a one-hot teacher has KL ~0 and is flagged by the KL rule alone (entropies withheld, or just inside the
+    entropy thresholds); a sharp, image-specific teacher with a student still learning has KL well above KL_MIN."""
+    from core.methods.dino import KL_MIN, UNIFORM_ENTROPY_FRACTION
+
+    K, B, crops = 64, 8, 4
+    method = _dino_method(K)
+    ln_k = math.log(K)
+    loss_fn = DINOLoss(K, teacher_temp=0.04, warmup_teacher_temp=0.04, n_epochs=1, student_temp=0.1).eval()
+    g = torch.Generator().manual_seed(0)
+
+    # uniform collapse: constant outputs for teacher and student alike
+    const = torch.randn(1, K, generator=g) * 1e-4
+    loss_fn(const.expand(crops * B, K), const.expand(2 * B, K), 0)
+    st = _stats(loss_fn)
+    assert st["teacher_entropy"] == pytest.approx(ln_k, abs=1e-3)
+    assert 0.0 <= st["teacher_student_kl"] < 1e-3
+    kl = st["teacher_student_kl"]
+    assert method.collapse_reason({"teacher_student_kl": kl}).startswith("collapse: teacher_student_kl")
+    # a uniform collapse on its way: entropy just under the uniform threshold, the student already matching
+    near = {"teacher_entropy": 0.85 * ln_k, "teacher_batch_entropy": ln_k, "teacher_student_kl": kl}
+    assert 0.85 < UNIFORM_ENTROPY_FRACTION and "0.85 ln K" in method.collapse_reason(near)
+
+    # one-hot collapse: every image's teacher AND student on dimension 5 (the student's logits are larger: its
+    # temperature is 0.1, the teacher's 0.04)
+    teacher = torch.full((2 * B, K), -1.0)
+    teacher[:, 5] = 1.0
+    student = torch.full((crops * B, K), -10.0)
+    student[:, 5] = 10.0
+    loss_fn(student, teacher, 0)
+    st = _stats(loss_fn)
+    assert st["teacher_entropy"] < 1e-6 and st["teacher_batch_entropy"] < 1e-6
+    assert 0.0 <= st["teacher_student_kl"] < 1e-6
+    assert method.collapse_reason({"teacher_student_kl": st["teacher_student_kl"]}).startswith("collapse")
+    assert method.collapse_reason(st).startswith("one-hot collapse")  # the entropy rule names the mode first
+
+    # healthy: a sharp teacher, a different dimension per image, and a student that does not reproduce it yet
+    sharp = torch.full((2 * B, K), -1.0)
+    sharp[torch.arange(2 * B), torch.arange(2 * B)] = 1.0
+    loss_fn(torch.randn(crops * B, K, generator=g), sharp, 0)
+    st = _stats(loss_fn)
+    assert st["teacher_student_kl"] > 10 * KL_MIN
+    out = method.collapse_metrics({**st, "teacher_entropy_uniform": ln_k})
+    assert out["collapsed"] is False and out["collapse_reason"] is None
+    # the threshold itself: just above is healthy, just below collapsed
+    assert method.collapse_reason({"teacher_student_kl": 1.01 * KL_MIN}) is None
+    assert method.collapse_reason({"teacher_student_kl": 0.99 * KL_MIN}) is not None
+    # a measured uniform collapse (vit_nano_patch8, K 1024; core/methods/dino.py) on its epochs 2-3, entropy withheld,
+    # and the lowest value a learning run ended at: the threshold separates them
+    assert all(method.collapse_reason({"teacher_student_kl": kl}) for kl in (0.054, 0.050))
+    assert method.collapse_reason({"teacher_student_kl": 0.74}) is None
+    # KL alone is a measured monitor: the flag is false (not null) when it is the only one
+    assert method.collapse_metrics({"teacher_student_kl": 0.8})["collapsed"] is False
+
+
 def test_collapse_metrics_null_when_nothing_measured():
     method = _dino_method(16)
     out = method.collapse_metrics({})

@@ -117,3 +117,124 @@ def test_every_field_has_a_doc():
         for name, tp in typing.get_type_hints(cls).items():
             if dataclasses.is_dataclass(tp):
                 walk(tp)
+
+
+# --------------------------------------------------------------------------- shared run settings
+def _shared_names():
+    import dataclasses
+
+    from core.config import RunSettings
+
+    return [f.name for f in dataclasses.fields(RunSettings)]
+
+
+def test_shared_run_settings_are_declared_once():
+    """Every RunSettings field is a field of both stages with RunSettings' type, metadata and doc; the ones
+    RunSettings gives a default keep it in both stages (one default), and no stage class declares a shared
+    field itself (its source holds a `shared()` placeholder, not a second annotation)."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from core.config import PretrainSettings, RunSettings
+    from core.config_cli import field_docs
+
+    base = {f.name: f for f in dataclasses.fields(RunSettings)}
+    assert {"backbone", "source", "epochs", "batch_size", "weight_decay", "precision", "device", "devices",
+            "compile", "seed", "diagnostics_every", "wandb", "keep_checkpoints", "data"} <= set(base)
+    for cls in (PretrainConfig, SegmentConfig):
+        assert issubclass(cls, RunSettings)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, b in base.items():
+            f = fields[name]
+            assert f.type == b.type and dict(f.metadata) == dict(b.metadata), (cls.__name__, name)
+            if b.default is not dataclasses.MISSING:
+                assert f.default == b.default, (cls.__name__, name)
+            assert field_docs(cls)[name] == field_docs(RunSettings)[name]
+    for cls in (PretrainSettings, SegmentConfig):
+        tree = ast.parse(inspect.getsource(cls).lstrip())
+        own = {n.target.id for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        assert not own & set(base), f"{cls.__name__} redeclares {sorted(own & set(base))}; use name = shared()"
+
+
+def test_stage_defaults_of_shared_fields():
+    """Fields whose sensible default differs between the stages have one default per stage, none in the base."""
+    import dataclasses
+
+    from core.config import RunSettings
+
+    nodefault = {f.name for f in dataclasses.fields(RunSettings)
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    assert nodefault == {"epochs", "batch_size", "weight_decay"}
+    p, s = PretrainConfig(), SegmentConfig()
+    assert (p.epochs, p.batch_size, p.weight_decay) == (20, 32, 1.5e-6)
+    assert (s.epochs, s.batch_size, s.weight_decay) == (8, 16, 1e-4)
+    with pytest.raises(TypeError):
+        RunSettings()  # not a run: a stage gives the missing defaults
+
+
+def test_field_order_keeps_the_stage_layout():
+    """Shared fields sit among each stage's own fields (config.json and --help order), not first."""
+    import dataclasses
+
+    seg = [f.name for f in dataclasses.fields(SegmentConfig)]
+    pre = [f.name for f in dataclasses.fields(PretrainConfig)]
+    assert seg[:3] == ["evaluation", "backbone", "head"] and seg[-1] == "data"
+    assert pre[:4] == ["method", "backbone", "source", "projector"]
+    assert pre.index("data") + 1 == pre.index("barlow_twins")  # the method sections after the settings
+    assert list(SegmentConfig().to_dict()) == seg and list(PretrainConfig().to_dict()) == pre
+    assert seg.index("epochs") < seg.index("lr") < seg.index("weight_decay") < seg.index("batch_size")
+
+
+def test_stage_config_refuses_a_misplaced_shared_field():
+    from core.config import RunSettings, shared, stage_config
+
+    with pytest.raises(TypeError, match="RunSettings has no field 'nope'"):
+        @stage_config
+        class Bad(RunSettings):
+            nope = shared()
+
+    with pytest.raises(TypeError, match="place the shared field"):
+        @stage_config
+        class Missing(RunSettings):
+            epochs = shared(default=1)
+
+    with pytest.raises(TypeError, match="declares no default"):
+        names = {n: shared() for n in _shared_names()}
+        stage_config(type("NoDefault", (RunSettings,), dict(names)))
+
+
+@pytest.mark.parametrize("cls,d,needle", [
+    (PretrainConfig, {"precision": "64"}, "precision='64' is not allowed; choose one of: 32, bf16-mixed, 16-mixed"),
+    (SegmentConfig, {"precision": "64"}, "precision='64' is not allowed; choose one of: 32, bf16-mixed, 16-mixed"),
+    (SegmentConfig, {"device": "tpu"}, "device='tpu' is not allowed; choose one of: auto, cpu, cuda"),
+    (PretrainConfig, {"wandb": "cloud"}, "wandb='cloud' is not allowed; choose one of: offline, online, disabled"),
+    (SegmentConfig, {"devices": 0}, "devices=0 must be > 0"),
+    (SegmentConfig, {"weight_decay": -1}, "weight_decay=-1.0 must be >= 0"),
+    (PretrainConfig, {"diagnostics_every": -1}, "diagnostics_every=-1 must be >= 0"),
+    (SegmentConfig, {"batch_size": 0}, "batch_size=0 must be > 0"),
+])
+def test_shared_fields_are_validated_in_both_stages(cls, d, needle):
+    with pytest.raises(ConfigError) as e:
+        cls.from_dict(d)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("script", ["experiments/pretrain.py", "experiments/segment.py"])
+def test_help_lists_the_shared_fields_with_their_stage_default(script):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, script, "--help"], cwd=repo, capture_output=True, text=True,
+                         timeout=120).stdout
+    text = " ".join(out.split())
+    defaults = {"experiments/pretrain.py": {"epochs": 20, "batch-size": 32}, "experiments/segment.py":
+                {"epochs": 8, "batch-size": 16}}[script]
+    for name in ("backbone", "source", "precision", "device", "devices", "seed", "diagnostics-every", "wandb",
+                 "keep-checkpoints", "data-image-size"):
+        assert f"--{name} " in text, name
+    assert f"--epochs INT Training epochs. (default: {defaults['epochs']})" in text
+    assert (f"--batch-size INT Images per batch per device (the global batch under DDP is devices x batch_size). "
+            f"(default: {defaults['batch-size']})") in text

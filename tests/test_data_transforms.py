@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -279,3 +280,24 @@ def test_batch_photometric_equals_per_image_mmseg_steps(monkeypatch):
     # drawn parameters: every sample its own, the result stays on the 0-255 integer grid
     y = bp(x, torch.Generator().manual_seed(0))
     assert torch.equal(y, y.floor()) and float(y.min()) >= 0 and float(y.max()) <= 255
+
+
+def test_batch_layout_is_read_one_way():
+    """core.data.batch: the tuple and dict layouts give the same (images, targets, valid), SSL views come out of
+    every accepted wrapping, and the normalisation constants are the ones the transforms use."""
+    from core.data import batch as B
+    from core.data import gpu_augment, transforms
+
+    x, y, v = torch.zeros(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.long), torch.tensor([[4, 4], [3, 2]])
+    for b in ((x, y, v), {B.IMAGE: x, B.MASK: y, B.VALID: v}):
+        got = (*B.images_targets(b), B.valid_sizes(b))
+        assert got[0] is x and got[1] is y and got[2] is v and B.batch_size(b) == 2
+    assert B.valid_sizes((x, y)) is None and B.valid_sizes({B.IMAGE: x, B.MASK: y}) is None
+    assert B.images_targets({B.IMAGE: x, B.LABEL: y[:, 0, 0]})[1].shape == (2,)
+    v1, v2 = torch.zeros(3, 3, 4, 4), torch.ones(3, 3, 4, 4)
+    for b in ([v1, v2], ([v1, v2], None), {B.VIEWS: [v1, v2]}):
+        assert [t is s for t, s in zip(B.views(b), (v1, v2))] == [True, True] and B.batch_size(b) == 3
+    with pytest.raises(TypeError, match="several views"):
+        B.views(v1)
+    assert B.is_regions({B.REGION_IMAGE: x}) and not B.is_regions((x, y))
+    assert transforms.MEAN is gpu_augment.MEAN is B.MEAN and transforms.STD is gpu_augment.STD is B.STD

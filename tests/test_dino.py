@@ -118,6 +118,50 @@ def test_dino_freezes_last_layer_in_first_epoch_and_clips():
     assert lin.weight.grad.norm().item() == pytest.approx(3.0, rel=1e-4)
 
 
+def test_norm_last_layer_option_frees_the_last_layer_magnitude():
+    """dino.norm_last_layer (main_dino.py --norm_last_layer): true (default) keeps the weight-norm magnitude g of
+    the student head's last layer at 1 and out of the optimiser; false trains it (in the weight-decayed group, as
+    main_dino.py's get_params_groups: g is 2-D), it is frozen with the rest of the last layer in epoch 0, and the
+    teacher follows it by EMA. The default builds the same head, parameter for parameter, as before the option."""
+    from core.methods.dino import DINOMethod
+    from core.methods.optim import split_decay_groups
+
+    def build(**dino):
+        torch.manual_seed(0)
+        return DINOMethod(_tiny_cfg(dino={"out_dim": 16, **dino}), num_train_batches=2)
+
+    on, off = build(), build(norm_last_layer=False)
+    assert on.cfg.dino.norm_last_layer is True and off.cfg.dino.norm_last_layer is False
+    g_on = on.head.last_layer.parametrizations.weight.original0
+    g_off = off.head.last_layer.parametrizations.weight.original0
+    assert on.head.norm_last_layer and not g_on.requires_grad
+    assert not off.head.norm_last_layer and g_off.requires_grad and g_off.ndim == 2
+    assert not off.teacher_head.last_layer.parametrizations.weight.original0.requires_grad
+    # same initial weights either way (the option changes what trains, not the initialisation / RNG use)
+    for (n, a), (_, b) in zip(on.named_parameters(), off.named_parameters()):
+        assert torch.equal(a, b), n
+    weights, _ = split_decay_groups(off.optimized_module())
+    assert any(p is g_off for p in weights)
+    assert not any(p is g_on for group in split_decay_groups(on.optimized_module()) for p in group)
+
+    views = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    off.training_step(views, 0).backward()
+    assert g_off.grad is not None and g_off.grad.abs().sum() > 0
+    off.on_before_optimizer_step(None)  # epoch 0: the whole last layer frozen (official freeze_last_layer 1)
+    assert g_off.grad is None
+    with torch.no_grad():
+        g_off.mul_(2.0)  # as an optimiser step would move it
+    off.ema_update(0.5)
+    g_teacher = off.teacher_head.last_layer.parametrizations.weight.original0
+    torch.testing.assert_close(g_teacher, 1.5 * torch.ones_like(g_off))
+    # the option is a CLI flag / config field with a one-line refusal of a non-boolean
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _tiny_cfg(dino={"norm_last_layer": "maybe"})
+    assert "norm_last_layer" in str(e.value) and "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------- official recipe fields
 def test_drop_path_in_the_student_only():
     """Official main_dino.py builds the student with drop_path_rate and the teacher without: the

@@ -1,6 +1,6 @@
 """experiments/grid.py end to end on CPU through Ray Tune, with fast fake runs.
 
-The grid runs through tests/fake_grid.py, which calls `experiments.grid.main(argv, run=...)` with a
+The grid runs through tests/fake_grid.py, which calls `experiments.engine.cli.main(argv, run=...)` with a
 test double from tests/fakes.py as every trial's run function: `FakeRun` writes the same run folder as
 run_pretrain / run_segment (metrics.json last) and logs each call to calls.log, so reruns can be
 counted; `WithFaults` injects failures by trial id. The same grids run the real functions through
@@ -22,7 +22,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GRID = REPO / "experiments" / "grid.py"
-FAKE_GRID = REPO / "tests" / "fake_grid.py"  # experiments.grid.main with tests/fakes.py run functions
+FAKE_GRID = REPO / "tests" / "fake_grid.py"  # experiments.engine.cli.main with tests/fakes.py run functions
 
 VIT = "pt-vit_nano_patch8-random-bt-l0.0051-s0"
 RES = "pt-resnet_tiny-random-bt-l0.0051-s0"
@@ -257,7 +257,7 @@ def test_trial_actor_repr_is_the_trial_id():
     sys.path.insert(0, str(REPO))
     from ray.tune.trainable import FunctionTrainable
 
-    from experiments.trial import make_trainable
+    from experiments.engine.trial import make_trainable
 
     cls = make_trainable(resources=lambda config: {"cpu": 1, "gpu": 0})
     assert issubclass(cls, FunctionTrainable) and cls.__name__ == "grid_trial"
@@ -269,7 +269,7 @@ def test_trial_actor_repr_is_the_trial_id():
 
 def test_dashboard_line_never_prints_the_token(monkeypatch):
     sys.path.insert(0, str(REPO))
-    from experiments.grid import dashboard_line
+    from experiments.engine.ray_backend import dashboard_line
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret-token-value")
     line = dashboard_line("127.0.0.1:8265", "token")

@@ -1,6 +1,7 @@
-"""experiments/grid.py --dry-run and the pre-start checks: every problem at once, nothing written.
+"""experiments/grid.py --dry-run and the pre-start checks (experiments/engine/checks.py, plan.py): every problem
+at once, nothing written.
 
-In-process calls of `experiments.grid.main` (no Ray: `sys.modules["ray"]` is set to None for each
+In-process calls of `experiments.engine.cli.main` (no Ray: `sys.modules["ray"]` is set to None for each
 test, so any `import ray` would fail the test). The weights folder is an empty folder and the
 checks run offline; the local machine is taken to have no GPU.
 """
@@ -15,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments import grid as G
-from experiments import gridspec
+from experiments.engine import checks, cli, expand, gridfile, spec
 
 IMPOSSIBLE = ["pt-vit_small_patch8-imagenet-bt-l0.0051-s0", "pt-vit_small_patch8-imagenet-bt-l0.0051-s1"]
 DINO_PT = "pt-vit_small_patch16-dino-bt-l0.0051-s0"
@@ -74,7 +74,7 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("TWINSEG_OFFLINE", "1")
     monkeypatch.delenv("TWINSEG_ONLINE", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(G, "local_gpu_count", lambda: 0)
+    monkeypatch.setattr(checks, "local_gpu_count", lambda: 0)
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` -> ImportError: Ray is never started
     return cwd
 
@@ -91,7 +91,7 @@ def _listing(root: Path) -> list[str]:
 
 def _main(capsys, *argv) -> tuple[int, str, list[str]]:
     try:
-        rc = G.main(list(argv))
+        rc = cli.main(list(argv))
     except SystemExit as e:  # guard: a fatal error
         rc = e.code
     out, err = capsys.readouterr()
@@ -202,7 +202,7 @@ def test_paper_dry_run_names_every_missing_weight_file(voc_root, env, capsys):
     rc, out, err = _main(capsys, "--grid", "paper", "--data-root", str(voc_root), "--dry-run")
     assert rc == 2
     assert sys.modules.get("ray") is None
-    g = gridspec.load_grid(gridspec.resolve_grid("paper"), {"data_root": str(voc_root)}, check_models=False,
+    g = expand.load_grid(gridfile.resolve_grid("paper"), {"data_root": str(voc_root)}, check_models=False,
                            collect=True)
     pairs = {(t.config["source"], t.config["backbone"]) for t in g.trials} & set(WEIGHT_SPECS)
     assert {("dino", "vit_small_patch16"), ("imagenet", "resnet50"), ("imagenet", "swin_tiny")} <= pairs
@@ -230,7 +230,7 @@ def test_paper_dry_run_accepts_a_tree_with_the_sbd_layout(tmp_path, env, capsys)
 
 def test_dry_run_reports_an_impossible_pair_in_a_paper_like_grid(voc_root, tmp_path, env, capsys):
     """A grid crossing vit_small_patch8 with imagenet (as paper.yaml once did): reported, not scheduled."""
-    doc = gridspec.read_yaml(gridspec.resolve_grid("paper"))
+    doc = gridfile.read_yaml(gridfile.resolve_grid("paper"))
     doc["stage1"]["axes"] = [{"backbone": ["vit_small_patch16", "vit_small_patch8"], "source": ["random", "imagenet"],
                               "lambd": [0.0051], "method": ["barlow_twins"], "seed": [0]}]
     doc["stage1"].pop("exclude", None)
@@ -247,7 +247,7 @@ def test_dry_run_reports_an_impossible_pair_in_a_paper_like_grid(voc_root, tmp_p
 
 
 def test_problem_lines_have_one_format():
-    pr = gridspec.Problem("g.yaml", "stage2.evaluations[0]", "x is wrong; fix it", ["a", "b", "c"])
+    pr = spec.Problem("g.yaml", "stage2.evaluations[0]", "x is wrong; fix it", ["a", "b", "c"])
     assert pr.line == "g.yaml: stage2.evaluations[0] (3 trials: a, b, +1 more): x is wrong; fix it"
-    assert gridspec.Problem("g.yaml", "k", "bad; fix").line == "g.yaml: k: bad; fix"
+    assert spec.Problem("g.yaml", "k", "bad; fix").line == "g.yaml: k: bad; fix"
     assert os.linesep not in pr.line

@@ -1,7 +1,7 @@
 """experiments/grid.py under hostile input and interruptions: every case ends in a non-zero exit, ONE
 `twinseg: error:` line and nothing that could pass for a result (docs/reliability.md, "Grids").
 
-Most cases call `experiments.grid.main` in-process without Ray (`import ray` fails, as in
+Most cases call `experiments.engine.cli.main` in-process without Ray (`import ray` fails, as in
 tests/test_grid_dry_run.py); the ones that need a running grid use tests/fake_grid.py (fake trials)
 or, once, the real trials on tiny sizes (`@pytest.mark.slow`).
 """
@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments import cost
-from experiments import grid as G
-from experiments import gridspec
+from core.errors import ConfigError
+from core.stages import PRETRAIN
+from experiments.engine import axes, checks, cli, cost, driver, expand, gridfile, spec, state
+from experiments.engine.console import Console
+from experiments.engine.ray_backend import probe_address
 from tests.test_grid import TINY as _GRID_TINY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +48,7 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("TWINSEG_DATA_DIR", str(cwd / "data"))
     monkeypatch.setenv("TWINSEG_OFFLINE", "1")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(G, "local_gpu_count", lambda: 0)
+    monkeypatch.setattr(checks, "local_gpu_count", lambda: 0)
     monkeypatch.setitem(sys.modules, "ray", None)
     return cwd
 
@@ -59,7 +61,7 @@ def _grid(where: Path, doc: dict, name: str = "tiny") -> Path:
 
 def _main(capsys, *argv) -> tuple[int, str, list[str]]:
     try:
-        rc = G.main([str(a) for a in argv])
+        rc = cli.main([str(a) for a in argv])
     except SystemExit as e:
         rc = e.code
     out, err = capsys.readouterr()
@@ -79,15 +81,15 @@ def _results_like(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != ".lock")
 
 
-def _fake_results(out: Path, doc: dict, grid_path: Path) -> gridspec.GridSpec:
+def _fake_results(out: Path, doc: dict, grid_path: Path) -> spec.GridSpec:
     """A results folder as a driver leaves it after a kill: grid.yaml, summary.json (every trial
     pending), trial.json of the first trial and metrics.json of ... none (configs are what matter)."""
-    spec = gridspec.build_grid(copy.deepcopy(doc), grid_path, None, trials_root=out / "trials", check_models=False)
+    grid = expand.build_grid(copy.deepcopy(doc), grid_path, None, trials_root=out / "trials", check_models=False)
     (out / "trials").mkdir(parents=True)
-    (out / "grid.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
-    state = G.GridState(spec, out, "2026-01-01T00:00:00", G.Console(), group="g", wandb="disabled")
-    state.write_summary()
-    return spec
+    (out / "grid.yaml").write_text(yaml.safe_dump(grid.raw, sort_keys=False))
+    st = state.GridState(grid, out, "2026-01-01T00:00:00", Console(), group="g", wandb="disabled")
+    st.write_summary()
+    return grid
 
 
 # ----------------------------------------------------------------------------- refused before anything
@@ -108,7 +110,7 @@ def test_too_many_trials_refused_with_the_count(tmp_path, env, capsys):
     doc["stage1"]["axes"]["seed"] = list(range(100_000))  # 2 x 100,000 trials
     big = tmp_path / "tiny.yaml"
     big.write_text(json.dumps(doc))  # JSON is YAML (and fast to write)
-    gridspec.stage1_axes()  # the method registry's imports (Lightning) are not what is timed
+    axes.stage1_axes()  # the method registry's imports (Lightning) are not what is timed
     t0 = time.time()
     rc, out, err = _main(capsys, "--grid", big, "--output", tmp_path / "out")
     line = _one_line(rc, out, err, "max_trials=1000 is exceeded: stage1.axes expand to 200,000 trials")
@@ -124,10 +126,10 @@ def test_duplicate_seed_among_100000_is_found_fast(tmp_path):
     doc = copy.deepcopy(TINY)
     doc["max_trials"] = 10**6
     doc["stage1"]["axes"]["seed"] = list(range(100_000)) + ["99999"]
-    gridspec.stage1_axes()
+    axes.stage1_axes()
     t0 = time.time()
-    with pytest.raises(gridspec.ConfigError, match=r"stage1.axes.seed\[100000\]='99999' is listed twice"):
-        gridspec.build_grid(doc, tmp_path / "g.yaml", check_models=False)
+    with pytest.raises(ConfigError, match=r"stage1.axes.seed\[100000\]='99999' is listed twice"):
+        expand.build_grid(doc, tmp_path / "g.yaml", check_models=False)
     assert time.time() - t0 < 5
 
 
@@ -142,7 +144,7 @@ def test_billion_laughs_yaml_refused(tmp_path, env, capsys):
     _one_line(rc, out, err, "laughs.yaml: the YAML expands to more than 100,000 values through its aliases")
     assert not (tmp_path / "out").exists()
     # a modest alias is fine
-    assert gridspec.safe_load_limited("x: &x [1, 2]\ny: *x\n", "ok.yaml") == {"x": [1, 2], "y": [1, 2]}
+    assert gridfile.safe_load_limited("x: &x [1, 2]\ny: *x\n", "ok.yaml") == {"x": [1, 2], "y": [1, 2]}
 
 
 def test_checkpoint_folder_as_source_is_one_problem(tmp_path, env, capsys):
@@ -158,14 +160,14 @@ def test_checkpoint_folder_as_source_is_one_problem(tmp_path, env, capsys):
 
 def test_address_that_nobody_answers_is_one_line_in_seconds():
     t0 = time.time()
-    with pytest.raises(G.ConfigError, match=r"--address 127.0.0.1:1: cannot reach the Ray cluster"):
-        G.probe_address("127.0.0.1:1", 5)
+    with pytest.raises(ConfigError, match=r"--address 127.0.0.1:1: cannot reach the Ray cluster"):
+        probe_address("127.0.0.1:1", 5)
     assert time.time() - t0 < 10
     # a connection that hangs (ray.init never returns) ends after the deadline, one line, exit 2
     code = textwrap.dedent("""
         import sys, time
         sys.path.insert(0, %r)
-        from experiments.grid import with_deadline
+        from experiments.engine.ray_backend import with_deadline
         with_deadline(lambda: time.sleep(60), 1.0, "--address X: the Ray cluster did not answer within 1 s")
     """ % str(REPO))
     t0 = time.time()
@@ -177,7 +179,8 @@ def test_disk_full_is_one_line(tmp_path, env, capsys, monkeypatch):
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(G, "atomic_write", full)
+    monkeypatch.setattr(driver, "atomic_write_text", full)  # grid.yaml
+    monkeypatch.setattr(state, "atomic_write_text", full)  # summary.json / .csv
     out = tmp_path / "out"
     rc, o, err = _main(capsys, "--grid", _grid(tmp_path, TINY), "--output", out)
     line = _one_line(rc, o, err, f"cannot write {out / 'grid.yaml'} (No space left on device)")
@@ -252,7 +255,7 @@ def test_resume_after_a_code_default_change(tmp_path, env, capsys):
     _fake_results(out, TINY, _grid(tmp_path, TINY))
     s = json.loads((out / "summary.json").read_text())
     for t in s["trials"]:
-        if t["stage"] == "pretrain":
+        if t["stage"] == PRETRAIN.name:
             t["config"]["dino"]["teacher_temp"] = 0.5  # irrelevant to a Barlow Twins trial
     (out / "summary.json").write_text(json.dumps(s))
     rc, o, err = _main(capsys, "--resume", "--output", out, "--dry-run")
@@ -268,8 +271,8 @@ def test_resume_after_a_code_default_change(tmp_path, env, capsys):
 
 # ----------------------------------------------------------------------------- cost estimate
 def test_cost_estimate_is_the_formula_and_names_its_sources(tmp_path, env, capsys):
-    spec = gridspec.build_grid(copy.deepcopy(TINY), tmp_path / "tiny.yaml", check_models=False)
-    est = cost.estimate_grid(spec)
+    grid = expand.build_grid(copy.deepcopy(TINY), tmp_path / "tiny.yaml", check_models=False)
+    est = cost.estimate_grid(grid)
     by = {t.id: t for t in est.trials}
     # vit_nano_patch8 pretraining on CPU: 68 img/s at 64 px (make run's metrics) -> x4 at 32 px; 1 epoch x 8 images
     assert by[VIT].device_hours == pytest.approx(8 / (68.0 * 4) / 3600)
@@ -289,8 +292,8 @@ def test_cost_estimate_is_the_formula_and_names_its_sources(tmp_path, env, capsy
     doc["stage1"]["resources"] = {"cpu": 1, "gpu": 1}
     doc["stage2"]["evaluations"] = [{"evaluation": "E1", "from": {"backbone": "vit_small_patch16"}}]
     doc["data"]["image_size"] = 224
-    spec = gridspec.build_grid(doc, tmp_path / "gpu.yaml", check_models=False)
-    text = cost.estimate_grid(spec).text()
+    grid = expand.build_grid(doc, tmp_path / "gpu.yaml", check_models=False)
+    text = cost.estimate_grid(grid).text()
     assert "GPU speeds are NOT measured yet" in text and "not measured: estimate from BENCHMARKS.md's H100 target" in text
 
 
@@ -301,7 +304,7 @@ FAKE_RUN = textwrap.dedent("""
     import ray.cloudpickle
     import fakes
     from core.errors import NonFiniteError
-    from experiments import grid
+    from experiments.engine import cli
 
     class Diverges(fakes.FakeRun):
         def __call__(self, stage, config, out_dir, *, name=None, **kw):
@@ -313,7 +316,7 @@ FAKE_RUN = textwrap.dedent("""
 
     ray.cloudpickle.register_pickle_by_value(fakes)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    sys.exit(grid.main(sys.argv[1:], run=Diverges({sleep})))
+    sys.exit(cli.main(sys.argv[1:], run=Diverges({sleep})))
 """)
 
 

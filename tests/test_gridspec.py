@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from core.errors import ConfigError
-from experiments import gridspec
+from experiments.engine import axes, expand, gridfile
 
 BASE = {
     "name": "bad",
@@ -51,7 +51,7 @@ def _set(doc: dict, path: str, value):
 
 
 def test_base_grid_is_valid(tmp_path):
-    g = gridspec.load_grid(_write(tmp_path, BASE), trials_root=tmp_path / "trials")
+    g = expand.load_grid(_write(tmp_path, BASE), trials_root=tmp_path / "trials")
     assert [t.id for t in g.trials] == [
         "pt-vit_nano_patch8-random-bt-l0.0051-s0",
         "pt-resnet_tiny-random-bt-l0.0051-s0",
@@ -103,7 +103,7 @@ def test_bad_grid_one_line_error(tmp_path, path, value, fragments):
     doc = copy.deepcopy(BASE)
     _set(doc, path, value)
     with pytest.raises(ConfigError) as ei:
-        gridspec.load_grid(_write(tmp_path, doc))
+        expand.load_grid(_write(tmp_path, doc))
     msg = str(ei.value)
     assert "\n" not in msg
     for f in fragments:
@@ -114,28 +114,28 @@ def test_invalid_yaml_and_non_mapping(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("stage1: [unclosed\n")
     with pytest.raises(ConfigError, match=r"^broken\.yaml: line \d+ column \d+ is not valid YAML"):
-        gridspec.load_grid(p)
+        expand.load_grid(p)
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
-        gridspec.load_grid(p)
+        expand.load_grid(p)
     p.write_text("")
     with pytest.raises(ConfigError, match="is empty"):
-        gridspec.load_grid(p)
+        expand.load_grid(p)
 
 
 def test_resolve_grid(tmp_path):
-    assert gridspec.resolve_grid(None) == gridspec.GRIDS_DIR / "smoke.yaml"
-    assert gridspec.resolve_grid("paper") == gridspec.GRIDS_DIR / "paper.yaml"
+    assert gridfile.resolve_grid(None) == gridfile.GRIDS_DIR / "smoke.yaml"
+    assert gridfile.resolve_grid("paper") == gridfile.GRIDS_DIR / "paper.yaml"
     with pytest.raises(ConfigError, match=r"--grid smok: unknown grid \(did you mean smoke\?\)"):
-        gridspec.resolve_grid("smok")
+        gridfile.resolve_grid("smok")
     with pytest.raises(ConfigError, match="no such grid file"):
-        gridspec.resolve_grid(str(tmp_path / "missing.yaml"))
+        gridfile.resolve_grid(str(tmp_path / "missing.yaml"))
     f = _write(tmp_path, BASE, "mine.yaml")
-    assert gridspec.resolve_grid(str(f)) == f
+    assert gridfile.resolve_grid(str(f)) == f
 
 
 def test_smoke_expansion():
-    g = gridspec.load_grid(gridspec.resolve_grid("smoke"), trials_root="/r/trials")
+    g = expand.load_grid(gridfile.resolve_grid("smoke"), trials_root="/r/trials")
     assert g.name == "smoke" and g.wandb == "offline" and g.retries >= 1
     pre, seg = g.stage("pretrain"), g.stage("segment")
     assert sorted(t.id for t in pre) == sorted([
@@ -178,7 +178,7 @@ def test_smoke_expansion():
 
 
 def test_paper_expansion_and_overrides(tmp_path):
-    g = gridspec.load_grid(gridspec.resolve_grid("paper"), {"data_root": str(tmp_path), "wandb": "disabled",
+    g = expand.load_grid(gridfile.resolve_grid("paper"), {"data_root": str(tmp_path), "wandb": "disabled",
                                                             "max_concurrent": 3}, check_models=False)
     assert g.wandb == "disabled" and g.max_concurrent == 3
     assert all(t.config["data"]["root"] == str(tmp_path) for t in g.trials)
@@ -197,7 +197,7 @@ def test_devices_run_as_ray_train_workers(tmp_path):
     doc["stage1"]["settings"]["devices"] = 2
     doc["stage1"]["overrides"] = [{"match": {"backbone": "resnet_tiny"}, "set": {"devices": 1}}]
     doc["stage2"]["evaluations"][1]["settings"] = {"devices": 3}
-    g = gridspec.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials")
+    g = expand.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials")
     res = {t.id: t.resources for t in g.trials}
     assert res["pt-vit_nano_patch8-random-bt-l0.0051-s0"] == {"cpu": 1.0, "gpu": 0.0, "workers": 2}
     assert res["pt-resnet_tiny-random-bt-l0.0051-s0"] == {"cpu": 1.0, "gpu": 0.0}
@@ -231,7 +231,7 @@ def test_devices_with_fractional_gpu_is_one_line_error(tmp_path, where, gpu, fra
     else:
         doc["stage2"]["evaluations"][1]["settings"] = {"devices": 2}
     with pytest.raises(ConfigError) as ei:
-        gridspec.load_grid(_write(tmp_path, doc), check_models=False)
+        expand.load_grid(_write(tmp_path, doc), check_models=False)
     msg = str(ei.value)
     assert "\n" not in msg
     for f in fragments:
@@ -242,13 +242,14 @@ def test_cluster_check_counts_every_worker(tmp_path, monkeypatch):
     """The pre-start resource check needs N workers x per-worker resources (+ the driver's CPU)."""
     import ray
 
-    from experiments.grid import check_cluster_fits, cluster_fit_problem
+    from experiments.engine.checks import cluster_fit_problem
+    from experiments.engine.ray_backend import check_cluster_fits
 
     doc = copy.deepcopy(BASE)
     doc["stage1"]["resources"] = {"cpu": 2, "gpu": 1}
     doc["stage1"]["settings"]["devices"] = 4
     doc["stage1"]["settings"]["device"] = "auto"
-    g = gridspec.load_grid(_write(tmp_path, doc), check_models=False)
+    g = expand.load_grid(_write(tmp_path, doc), check_models=False)
     assert cluster_fit_problem(g, cpus=9, gpus=4) is None
     gpu = cluster_fit_problem(g, cpus=64, gpus=2)
     assert gpu.startswith("stage1: trial pt-vit_nano_patch8-random-bt-l0.0051-s0 runs devices=4 workers x "
@@ -259,7 +260,7 @@ def test_cluster_check_counts_every_worker(tmp_path, monkeypatch):
     # single-device trials keep their own check
     one = copy.deepcopy(BASE)
     one["stage2"]["resources"] = {"cpu": 4, "gpu": 0}
-    g1 = gridspec.load_grid(_write(tmp_path, one, "one.yaml"), check_models=False)
+    g1 = expand.load_grid(_write(tmp_path, one, "one.yaml"), check_models=False)
     assert cluster_fit_problem(g1, cpus=2, gpus=0).startswith("stage2.resources.cpu=4 but the Ray cluster has 2 CPU(s)")
     # the driver's check: one line prefixed with the grid file
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 2.0})
@@ -270,23 +271,23 @@ def test_cluster_check_counts_every_worker(tmp_path, monkeypatch):
 
 def test_paper_grid_documents_devices():
     """paper.yaml shows a commented devices: 4 example; it does not change the expansion."""
-    text = gridspec.resolve_grid("paper").read_text()
+    text = gridfile.resolve_grid("paper").read_text()
     assert "devices: 4" in text
-    g = gridspec.load_grid(gridspec.resolve_grid("paper"), check_models=False)
+    g = expand.load_grid(gridfile.resolve_grid("paper"), check_models=False)
     assert all("workers" not in t.resources for t in g.trials)
 
 
 def test_axes_are_declared_once_and_method_axes_follow_their_method(tmp_path):
     """The stage-1 axes come from one declaration; a method's own axis (lambd) applies to it alone."""
-    axes = gridspec.stage1_axes()
-    assert list(axes) == ["backbone", "source", "method", "lambd", "seed"]
-    assert axes["lambd"].path == ("barlow_twins", "lambd") and axes["lambd"].method == "barlow_twins"
+    declared = axes.stage1_axes()
+    assert list(declared) == ["backbone", "source", "method", "lambd", "seed"]
+    assert declared["lambd"].path == ("barlow_twins", "lambd") and declared["lambd"].method == "barlow_twins"
     doc = copy.deepcopy(BASE)
     doc["stage1"]["axes"] = {"backbone": ["vit_nano_patch8"], "lambd": [0.0051, 0.02],
                              "method": ["barlow_twins", "dino", "vicreg"]}
     doc["stage1"]["settings"]["dino"] = {"out_dim": 32}
     doc.pop("stage2")
-    g = gridspec.load_grid(_write(tmp_path, doc))
+    g = expand.load_grid(_write(tmp_path, doc))
     ids = sorted(t.id for t in g.trials)
     assert ids == ["pt-vit_nano_patch8-random-bt-l0.0051-s0", "pt-vit_nano_patch8-random-bt-l0.02-s0",
                    "pt-vit_nano_patch8-random-dino-s0", "pt-vit_nano_patch8-random-vicreg-s0"]
@@ -308,7 +309,7 @@ def test_collect_lists_every_per_trial_problem(tmp_path):
         {"evaluation": "E4", "from": {"backbone": "resnet_tiny"}},
         {"evaluation": "E5", "from": "none", "settings": {"backbone": "vit_nano_patch8", "source": "dino"}},
     ]
-    g = gridspec.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", collect=True)
+    g = expand.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", collect=True)
     lines = [p.line for p in g.problems]
     assert len(lines) == 3, lines
     e3, e4, e5 = lines
@@ -323,7 +324,7 @@ def test_collect_lists_every_per_trial_problem(tmp_path):
     assert "seg-E3-from-pt-resnet_tiny-random-bt-l0.0051-s2" in ids  # in the plan (marked), not dropped
     assert "seg-E5-vit_nano_patch8-dino-s0" not in ids and g.left_out == ["seg-E5-vit_nano_patch8-dino-s0"]
     with pytest.raises(ConfigError) as ei:  # the normal API: the first problem, one line
-        gridspec.load_grid(_write(tmp_path, doc))
+        expand.load_grid(_write(tmp_path, doc))
     assert str(ei.value).startswith("bad.yaml: stage2.evaluations[2] (trial seg-E3-from-pt-resnet_tiny-random-bt-l0.0051-s0): ")
 
 
@@ -335,7 +336,7 @@ def test_pair_without_weights_is_one_problem_and_not_scheduled(tmp_path):
         {"backbone": ["vit_nano_patch8", "resnet_tiny"], "lambd": [0.0051], "method": ["barlow_twins"]},
         {"backbone": ["vit_nano_patch8"], "source": ["imagenet"], "lambd": [0.0051, 0.02], "method": ["barlow_twins"]},
     ]
-    g = gridspec.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", check_models=False, collect=True)
+    g = expand.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", check_models=False, collect=True)
     assert len(g.problems) == 1
     line = g.problems[0].line
     assert line.startswith("bad.yaml: stage1.axes[1].source[0]='imagenet' x stage1.axes[1].backbone[0]='vit_nano_patch8' "
@@ -349,27 +350,27 @@ def test_pair_without_weights_is_one_problem_and_not_scheduled(tmp_path):
         "pt-vit_nano_patch8-imagenet-bt-l0.0051-s0", "pt-vit_nano_patch8-imagenet-bt-l0.02-s0",
         "seg-E4-from-pt-vit_nano_patch8-imagenet-bt-l0.0051-s0", "seg-E4-from-pt-vit_nano_patch8-imagenet-bt-l0.02-s0"])
     with pytest.raises(ConfigError, match=r"^bad\.yaml: stage1\.axes\[1\]\.source\[0\]='imagenet' x "):
-        gridspec.load_grid(_write(tmp_path, doc), check_models=False)
+        expand.load_grid(_write(tmp_path, doc), check_models=False)
     # the fix it names works; a from: that selects only such trials is no extra error
     doc["stage1"]["exclude"] = [{"backbone": "vit_nano_patch8", "source": "imagenet"}]
-    assert gridspec.load_grid(_write(tmp_path, doc), check_models=False, collect=True).problems == []
+    assert expand.load_grid(_write(tmp_path, doc), check_models=False, collect=True).problems == []
     only = copy.deepcopy(BASE)
     only["stage1"]["axes"]["source"] = ["imagenet"]
     only["stage1"]["axes"]["backbone"] = ["vit_nano_patch8"]
     only["stage2"]["evaluations"] = only["stage2"]["evaluations"][1:]
-    g = gridspec.load_grid(_write(tmp_path, only), check_models=False, collect=True)
+    g = expand.load_grid(_write(tmp_path, only), check_models=False, collect=True)
     assert g.trials == [] and len(g.problems) == 1 and "and 1 segmentation trial(s) from them" in g.problems[0].line
 
 
 def test_cluster_fit_problems_lists_every_stage(tmp_path):
-    from experiments.grid import cluster_fit_problems
+    from experiments.engine.checks import cluster_fit_problems
 
     doc = copy.deepcopy(BASE)
     doc["stage1"]["resources"] = {"cpu": 4, "gpu": 1}
     doc["stage1"]["settings"]["device"] = "auto"
     doc["stage2"]["resources"] = {"cpu": 8, "gpu": 0.5}
     doc["stage2"]["settings"]["device"] = "auto"
-    g = gridspec.load_grid(_write(tmp_path, doc), check_models=False)
+    g = expand.load_grid(_write(tmp_path, doc), check_models=False)
     found = cluster_fit_problems(g, cpus=2, gpus=0, cluster="this machine (local start)")
     assert found == [
         "stage1.resources.gpu=1 but this machine (local start) has 0 GPU(s); use --grid smoke (CPU) or run on a GPU machine / cluster",
@@ -384,7 +385,7 @@ def test_image_size_problem_is_one_line_for_both_stages(tmp_path):
     the segmentation trials it breaks."""
     doc = copy.deepcopy(BASE)
     doc["data"]["image_size"] = 36
-    g = gridspec.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", collect=True)
+    g = expand.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", collect=True)
     assert len(g.problems) == 1
     line = g.problems[0].line
     assert line.startswith("bad.yaml: data.image_size=36 (2 trials: pt-vit_nano_patch8-random-bt-l0.0051-s0, "

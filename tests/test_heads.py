@@ -23,6 +23,7 @@ from core.models.heads.fusion import (
     patch_affinity,
     propagate,
 )
+from core.models.heads.setr import token_norm
 from core.models.segmenter import Segmenter
 
 NUM_CLASSES = 5
@@ -483,9 +484,98 @@ def test_setr_mla_level_norm_is_over_channels_per_token():
     head = create_head("setr_mla", bb, NUM_CLASSES, channels=32, mla_channels=16).eval()
     g = torch.Generator().manual_seed(0)
     f = torch.randn(2, 16, 4, 4, generator=g)
-    normed = head._token_norm(head.norms[0], f)
+    normed = token_norm(head.norms[0], f)
     want = torch.nn.functional.layer_norm(f.permute(0, 2, 3, 1), (16,), eps=1e-6).permute(0, 3, 1, 2)
     assert torch.allclose(normed, want, atol=1e-6)
     scale = torch.rand(2, 1, 4, 4, generator=g) + 0.5
     shift = torch.randn(2, 1, 4, 4, generator=g)
-    assert torch.allclose(head._token_norm(head.norms[0], f * scale + shift), normed, atol=1e-4)
+    assert torch.allclose(token_norm(head.norms[0], f * scale + shift), normed, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- SETR-PUP input norm (mmseg's form)
+def _pup_pair(name="vit_nano_patch8"):
+    """(backbone, default SETR-PUP head, head_input_norm head) with the same conv / classifier weights."""
+    from core.models.registry import create_backbone
+
+    torch.manual_seed(0)
+    bb = create_backbone(name, image_size=SIZE).eval()
+    plain = create_head("setr_pup", bb, NUM_CLASSES, channels=32).eval()
+    mm = create_head("setr_pup", bb, NUM_CLASSES, channels=32, input_norm=True).eval()
+    missing = mm.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing.missing_keys) == {"norm.weight", "norm.bias"} and not missing.unexpected_keys
+    return bb, plain, mm
+
+
+def test_setr_pup_input_norm_is_mmseg_setruphead_norm():
+    """head_input_norm: the head's own LayerNorm(eps 1e-6) on the last block's RAW output (mmseg SETRUPHead.norm,
+    backbone final_norm=False), 2 x C parameters (768 for ViT-S), the backbone's final norm frozen and unread; off
+    (the default) the head is unchanged: no norm, reads the backbone's final-normed dense map."""
+    bb, plain, mm = _pup_pair()
+    c, last = bb.embed_dim, bb.num_blocks - 1
+    assert not plain.input_norm and not hasattr(plain, "norm") and plain.needs_intermediates == ()
+    assert mm.needs_intermediates == (last,) and mm.norm.eps == 1e-6
+    assert sum(p.numel() for p in mm.parameters()) - sum(p.numel() for p in plain.parameters()) == 2 * c
+    assert not any(p.requires_grad for p in bb.library_model.norm.parameters())
+    assert all(p.requires_grad for n, p in bb.named_parameters() if not n.startswith("timm_model.norm."))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = bb.forward_all(x, intermediates=(last,))
+        raw = out.intermediates[0]
+        # mmseg SETRUPHead.forward: (n, c, h, w) -> (n, hw, c) -> norm -> (n, c, h, w) -> up_convs -> cls_seg
+        n, _, h, w = raw.shape
+        want = mm.norm(raw.reshape(n, c, h * w).transpose(2, 1)).transpose(1, 2).reshape(n, c, h, w)
+        for stage in mm.stages:
+            want = torch.nn.functional.interpolate(stage(want), scale_factor=2, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(mm(out.dense, [raw]), mm.classifier(want))
+
+
+def test_setr_pup_input_norm_equals_the_default_at_init_and_not_after_pretrained_weights():
+    """Why the option exists: at initialisation (the backbone's final norm at weight 1, bias 0, eps 1e-6, like the
+    head's fresh LayerNorm) both forms give the same logits; once pretrained weights give the final norm another
+    affine transform (as every ImageNet / DINO checkpoint does), the default head sees it and mmseg's does not."""
+    bb, plain, mm = _pup_pair()
+    last = bb.num_blocks - 1
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = bb.forward_all(x, intermediates=(last,))
+        torch.testing.assert_close(plain(out.dense), mm(out.dense, out.intermediates), atol=1e-5, rtol=1e-4)
+        g = torch.Generator().manual_seed(1)
+        fn = bb.library_model.norm
+        fn.weight.copy_(1 + 0.5 * torch.randn(fn.weight.shape, generator=g))
+        fn.bias.copy_(0.5 * torch.randn(fn.bias.shape, generator=g))
+        out2 = bb.forward_all(x, intermediates=(last,))
+        assert not torch.allclose(plain(out2.dense), plain(out.dense), atol=1e-3)
+        torch.testing.assert_close(mm(out2.dense, out2.intermediates), mm(out.dense, out.intermediates))
+
+
+@pytest.mark.parametrize("fusion", ["none", "features", "affinity"])
+def test_head_input_norm_through_the_segmenter(fusion):
+    """SegmentConfig.head_input_norm builds mmseg's form on ViT and Swin, with every fusion (fusion-1 channels join
+    the normalised block output without being normalised); the default config builds the plain head; a head other
+    than setr_pup is refused in one line; the head's norm trains without weight decay, the frozen final norm not."""
+    from core.config import SegmentConfig
+    from core.errors import ConfigError
+    from core.models.segmenter import build_segmenter
+
+    for name in (("vit_nano_patch8", "swin_nano") if fusion == "none" else ("vit_nano_patch8",)):
+        cfg = SegmentConfig.from_dict({"backbone": name, "head": "setr_pup", "head_channels": 16, "fusion": fusion,
+                                       "head_input_norm": True, "data": {"image_size": SIZE}})
+        torch.manual_seed(0)
+        m = build_segmenter(cfg, NUM_CLASSES).train()
+        assert m.head.input_norm and m.head.norm.normalized_shape[0] == m.backbone.intermediate_dims([-1])[0]
+        assert m.head.extra_in_channels == (m.fusion.out_channels if fusion == "features" else 0)
+        logits = m(torch.randn(2, 3, SIZE, SIZE))
+        assert logits.shape == (2, NUM_CLASSES, SIZE, SIZE)
+        logits.sum().backward()
+        assert m.head.norm.weight.grad is not None and m.head.norm.weight.grad.abs().sum() > 0
+        groups = {g["name"]: {id(p) for p in g["params"]} for g in m.param_groups(1e-3, weight_decay=1e-4)}
+        assert id(m.head.norm.weight) in groups["head_no_decay"]
+        final = m.backbone.library_model.norm
+        assert not any(id(p) in ids for ids in groups.values() for p in final.parameters())
+    plain = build_segmenter(SegmentConfig.from_dict({"backbone": "vit_nano_patch8", "fusion": fusion,
+                                                     "data": {"image_size": SIZE}}), NUM_CLASSES)
+    assert plain.head.input_norm is False and not hasattr(plain.head, "norm")
+    assert all(p.requires_grad for p in plain.backbone.parameters())
+    with pytest.raises(ConfigError) as e:
+        SegmentConfig.from_dict({"backbone": "resnet_tiny", "head": "deeplabv3", "head_input_norm": True})
+    assert "head_input_norm=true" in str(e.value) and "head='deeplabv3'" in str(e.value) and "\n" not in str(e.value)

@@ -1,4 +1,5 @@
-"""Grid trials on several devices: Ray Train (TorchTrainer) + Lightning DDP, experiments/ray_ddp.py.
+"""Grid trials on several devices: Ray Train (TorchTrainer) + Lightning DDP,
+experiments/engine/ray_ddp.py.
 
 The end-to-end test runs real 2-worker CPU jobs (gloo) through experiments/grid.py on the tiny
 generated data, in ONE Ray start (each Ray Train run costs ~45 s of process start-up and imports on
@@ -72,8 +73,8 @@ def test_finished_ddp_trial_is_never_rerun(tmp_path, monkeypatch):
     Ray Train run (no Ray, no worker: TorchTrainer would raise here)."""
     import ray.train.torch
 
-    from experiments import ray_ddp
-    from experiments.trial import run_payload
+    from experiments.engine import ray_ddp
+    from experiments.engine.trial import run_payload
 
     def boom(*a, **k):
         raise AssertionError("a finished trial must not start a Ray Train run")
@@ -95,7 +96,7 @@ def test_scaling_storage_and_root_cause(tmp_path):
     from ray.train import WorkerGroupError
 
     from core.errors import ConfigError
-    from experiments import ray_ddp
+    from experiments.engine import ray_ddp
 
     p = _payload(tmp_path, config={"devices": 4}, resources={"cpu": 8, "gpu": 1, "workers": 4})
     assert ray_ddp.workers(p) == 4

@@ -285,6 +285,22 @@ CASES = [
      ["wandb=online needs wandb credentials", "WANDB_API_KEY", "--wandb offline"], {"NETRC": "{empty}/netrc"}),
     ("pretrain-wandb-online-without-key", "pretrain", "good", _with(PT, wandb="online"),
      ["wandb=online needs wandb credentials"], {"NETRC": "{empty}/netrc"}),
+    # ---- out-of-range numbers: refused with the field, the value and the bounds, before anything is written
+    ("pretrain-seed-negative", "pretrain", "good", _with(PT, seed="-1"),
+     ["seed=-1 is out of range: it must be >= 0 and <= 4294967295"], {}),
+    ("segment-seed-2-to-the-32", "segment", "good", _with(SEG, seed="4294967296"),
+     ["seed=4294967296 is out of range", "<= 4294967295"], {}),
+    ("segment-batch-size-10e21", "segment", "good", _with(SEG, batch_size=str(10**21)),
+     [f"batch_size={10**21} is out of range: it must be >= 1 and <= 65536"], {}),
+    ("segment-lr-overflow", "segment", "good", _with(SEG, lr="1e308"),
+     ["lr=1e+308 is out of range: it must be > 0 and <= 1e+06"], {}),
+    ("pretrain-lr-overflow", "pretrain", "good", _with(PT, lr="1e308"), ["lr=1e+308 is out of range"], {}),
+    ("segment-weight-decay-1e30", "segment", "good", _with(SEG, weight_decay="1e30"),
+     ["weight_decay=1e+30 is out of range: it must be >= 0 and <= 100"], {}),
+    ("pretrain-epochs-10e30", "pretrain", "good", _with(PT, epochs=str(10**30)),
+     [f"epochs={10**30} is out of range: it must be >= 1 and <= 100000"], {}),
+    ("segment-max-iters-absurd", "segment", "good", _with(SEG, max_iters=str(10**12)),
+     ["max_iters=1000000000000 is out of range", "<= 100000000"], {}),
 ]
 
 
@@ -344,6 +360,8 @@ GRID_CASES = [
     ("voc-empty-train-list", [("data.root", "{voc}")], ["split list {named} is empty"], {"dataset": "empty_train"}),
     ("imagefolder-empty", [("data.dataset", "imagefolder"), ("data.root", "{empty}"), ("stage2", _DEL)],
      ["no images", "found under {empty}"], {}),
+    ("seed-out-of-range", [("stage1.axes.seed", [0, -1])], ["g.yaml: stage1.axes.seed[1]=-1",
+                                                            "<= 4294967295"], {}),
     ("missing-weights-offline", [("stage1.axes.backbone", ["vit_small_patch16"]), ("stage1.axes.source", ["dino"]),
                                  ("stage2", _DEL)],
      ["dino weights for vit_small_patch16 not found at {empty}/dino/", "python -m core.weights fetch"],
@@ -481,13 +499,13 @@ def test_pickle_with_code_refused_and_trusted_opt_out(tmp_path):
 
 
 def test_grid_ray_dashboard_on_loopback():
-    from experiments.grid import local_ray_init_kwargs
+    from experiments.engine.ray_backend import local_ray_init_kwargs
 
     kw = local_ray_init_kwargs(2, {"log_to_driver": False})
     assert kw["dashboard_host"] == "127.0.0.1" and kw["address"] == "local" and kw["num_cpus"] == 2
     assert kw["log_to_driver"] is False
     assert "0.0.0.0" not in json.dumps(kw)
-    src = (REPO / "experiments" / "grid.py").read_text()
+    src = (REPO / "experiments" / "engine" / "ray_backend.py").read_text()
     assert not re.search(r"dashboard_host\s*=\s*['\"](?!127\.0\.0\.1)", src)  # no other host anywhere
     assert not re.search(r"RAY_AUTH_MODE\"?\]?\s*=\s*['\"]disabled", src)  # token auth never switched off
 
@@ -526,10 +544,12 @@ def test_second_writer_on_a_folder_is_refused(tmp_path, base_voc, resnet_ckpt, c
 
 
 def _write_run(out: Path, cfg, metrics: Optional[dict] = None, ckpt: bool = False) -> None:
+    from core.runs.identity import result_identity
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict()))
     if metrics is not None:
-        (out / "metrics.json").write_text(json.dumps(metrics))
+        (out / "metrics.json").write_text(json.dumps({**metrics, "identity": result_identity(cfg)}))
     if ckpt:
         (out / "checkpoints").mkdir()
         (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
@@ -571,11 +591,11 @@ def test_folder_with_another_config_refused_same_config_returned(tmp_path, base_
     (ctx.out / "notes.txt").write_text("mine")
     (ctx.out / "logs" / "version_0").mkdir(parents=True)
 
-    def fake_fit(run, out_dir, **kw):
-        assert not (out_dir / "metrics.json").exists() and not (out_dir / "logs").exists()
+    def fake_fit(run, out_dir, ident, **kw):
+        assert not (out_dir / "metrics.json").exists() and not (out_dir / "logs" / "version_0").exists()
         atomic = skeleton.atomic_write_json
         atomic(out_dir / "config.json", run.cfg.to_dict())
-        atomic(out_dir / "metrics.json", {"stage": "pretrain", "knn_acc": 50.0})
+        atomic(out_dir / "metrics.json", {"stage": "pretrain", "knn_acc": 50.0, "identity": ident})
         return {"stage": "pretrain", "knn_acc": 50.0}
 
     monkeypatch.setattr(skeleton, "_fit_and_write", fake_fit)
@@ -648,6 +668,7 @@ def test_checkpoint_write_is_atomic_and_disk_full_is_one_line(tmp_path, monkeypa
     and says how much space is needed; an unreadable checkpoint is set aside, the run restarts."""
     import errno
 
+    import core.io as IO
     import core.runs.common as C
     from core.errors import StorageError
 
@@ -660,7 +681,7 @@ def test_checkpoint_write_is_atomic_and_disk_full_is_one_line(tmp_path, monkeypa
         os.write(fd, bytes(data)[:100])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(C, "_write_all", full)
+    monkeypatch.setattr(IO, "_write_all", full)
     with pytest.raises(StorageError, match=r"no space left on the device holding .*checkpoints: writing the "
                                            r"checkpoint needs [0-9.]+ MB .*rerun the same command to resume"):
         io_.save_checkpoint({"epoch": 1, "w": torch.zeros(1000)}, ck)
@@ -698,6 +719,7 @@ def test_sigterm_then_disk_full_then_resume_equals_uninterrupted(tmp_path, base_
     checkpoint); on success last.ckpt is deleted unless keep_checkpoints."""
     import errno
 
+    import core.io as IO
     import core.runs.common as C
     from core.config import PretrainConfig
     from core.runs.pretrain import run_pretrain
@@ -717,11 +739,15 @@ def test_sigterm_then_disk_full_then_resume_equals_uninterrupted(tmp_path, base_
     assert lines == [f"twinseg: interrupted by SIGTERM; rerun the same command to resume from {ckpt}"], err[-3000:]
     assert ckpt.is_file() and not [p for p in out.rglob("*") if p.name in RESULT_FILES]
 
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    write_all = IO._write_all
+
+    def full(fd, data):  # the disk fills up at the checkpoint (a torch zip, "PK"); the small json files fit
+        if bytes(memoryview(data)[:2]) == b"PK":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
 
     with monkeypatch.context() as mp:
-        mp.setattr(C, "_write_all", full)
+        mp.setattr(IO, "_write_all", full)
         rc, o, err = _call(run, [], capsys)
     assert rc == 2 and "Traceback" not in err and f"no space left on the device holding {ckpt.parent}" in err, err
     assert C.checkpoint_problem(ckpt) is None and not [p for p in out.rglob("*") if p.name in RESULT_FILES]

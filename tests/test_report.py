@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixtures_results import build_results  # noqa: E402
 
 from analysis.report import build_report  # noqa: E402
+from core.stages import PRETRAIN, SEGMENT  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,7 +45,7 @@ def _expected_seg(built, key: str) -> dict:
     """(evaluation, variant) -> list of metric values over finished seeds."""
     out: dict = {}
     for tid, t in built.trials.items():
-        if t["stage"] != "segment" or t["status"] != "done" or not t["has_metrics_file"]:
+        if t["stage"] != SEGMENT.name or t["status"] != "done" or not t["has_metrics_file"]:
             continue
         pre = built.trials[t["depends_on"][0]]["metrics"]
         out.setdefault((t["metrics"]["evaluation"], _variant_of(pre)), []).append(t["metrics"][key])
@@ -116,7 +117,7 @@ def test_segmentation_runs_and_per_class(full):
     # per-class IoU of the best run of each evaluation
     pc = pd.read_csv(built.root / "tables" / "per_class_iou.csv").set_index("class")
     for ev in ("E1", "E2", "E3", "E4", "E5"):
-        cands = [t for t in built.trials.values() if t["stage"] == "segment" and t["metrics"]["evaluation"] == ev]
+        cands = [t for t in built.trials.values() if t["stage"] == SEGMENT.name and t["metrics"]["evaluation"] == ev]
         best = max(cands, key=lambda t: t["metrics"]["mIoU"])
         m = best["metrics"]
         for name, v in zip(m["class_names"], m["IoU"]):
@@ -135,7 +136,7 @@ def test_pretraining_and_method_comparison_tables(full):
         ("vit_nano_patch8", "dino"), ("vit_nano_patch8", "vicreg")]
     for _, row in df.iterrows():
         lam = None if pd.isna(row["lambd"]) else row["lambd"]
-        trials = [t["metrics"] for t in built.trials.values() if t["stage"] == "pretrain"
+        trials = [t["metrics"] for t in built.trials.values() if t["stage"] == PRETRAIN.name
                   and t["metrics"]["method"] == row["method"] and t["metrics"]["backbone"] == row["backbone"]
                   and (lam is None or math.isclose(t["metrics"]["lambd"], lam))]
         assert row["n_seeds"] == len(trials) == (1 if row["method"] == "vicreg" else 2)
@@ -170,7 +171,7 @@ def test_pretraining_and_method_comparison_tables(full):
     assert len(cmp) == 4  # both Barlow Twins lambdas, DINO, VICReg
     for method, n in (("dino", 2), ("vicreg", 1)):
         row = cmp[cmp["method"] == method].iloc[0]
-        trials = [t["metrics"] for t in built.trials.values() if t["stage"] == "pretrain"
+        trials = [t["metrics"] for t in built.trials.values() if t["stage"] == PRETRAIN.name
                   and t["metrics"]["method"] == method]
         assert row["n_seeds"] == len(trials) == n
         assert row["knn_per_device_hour_mean"] == pytest.approx(
@@ -270,7 +271,7 @@ def test_lambda_sweep_is_drawn_from_the_labels(tmp_path):
         if lab.get("method") == "vicreg":
             lab.update({"lambd": 0.01, "scale": 2})
     _relabel(built.root, edit)
-    for tid in built.ids("pretrain"):
+    for tid in built.ids(PRETRAIN.name):
         mp = built.root / "trials" / tid / "metrics.json"
         m = json.loads(mp.read_text())
         m.pop("lambd", None)
@@ -506,7 +507,7 @@ def test_emerging_properties_table_and_figure(full):
     built, report = full
     df = pd.read_csv(built.root / "tables" / "emerging_properties.csv")
     assert len(df) == 5
-    pre = [t["metrics"] for t in built.trials.values() if t["stage"] == "pretrain"]
+    pre = [t["metrics"] for t in built.trials.values() if t["stage"] == PRETRAIN.name]
     for _, row in df.iterrows():
         mine = [m for m in pre if m["method"] == row["method"] and m["backbone"] == row["backbone"]
                 and (pd.isna(row["lambd"]) or math.isclose(m["lambd"], row["lambd"]))]
@@ -541,7 +542,7 @@ def test_emerging_properties_table_and_figure(full):
 
     res = load_results(built.root)
     pts = emerging_points(res, "knn_acc")
-    seg = [t for t in built.trials.values() if t["stage"] == "segment" and t["status"] == "done"]
+    seg = [t for t in built.trials.values() if t["stage"] == SEGMENT.name and t["status"] == "done"]
     assert len(pts) == len(seg)  # every finished segmentation trial is paired with its pretraining
     by_id = {t["id"]: t for t in built.trials.values()}
     want = sorted((t["metrics"]["evaluation"], by_id[t["depends_on"][0]]["metrics"]["knn_acc"], t["metrics"]["mIoU"])
@@ -569,7 +570,7 @@ def test_null_and_nonfinite_metrics_still_write_a_report(tmp_path):
         d = json.loads(m.read_text())
         for k in _HEADLINE:
             if k in d:
-                d[k] = None if d.get("stage") == "segment" else float("nan")
+                d[k] = None if d.get("stage") == SEGMENT.name else float("nan")
         m.write_text(json.dumps(d))
     s = json.loads((built.root / "summary.json").read_text())
     for t in s["trials"]:

@@ -257,3 +257,13 @@ def test_fetch_cli(tmp_path, capsys):
     _put(tmp_path, "dino", "vit_small_patch8", {"w": torch.zeros(1)})
     assert W.main(["fetch", "--source", "dino", "--backbone", "vit_small_patch8", "--dir", str(tmp_path)]) == 0
     assert "dino_deitsmall8_pretrain.pth" in capsys.readouterr().out
+
+
+def test_weight_source_names_are_declared_once():
+    """core.config.BASE_SOURCES is the one list: core.weights adds only checkpoint:PATH, every named source but
+    random has weight files, and every weight file belongs to a named source."""
+    from core.config import BASE_SOURCES
+    from core.weights import SOURCES, WEIGHT_SPECS
+
+    assert SOURCES == BASE_SOURCES + ("checkpoint:PATH",)
+    assert {s for s, _ in WEIGHT_SPECS} == set(BASE_SOURCES) - {"random"}

@@ -29,8 +29,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from core.data.batch import MEAN, STD  # noqa: E402,F401  (the one home of the normalisation; re-exported)
 
 
 @dataclass(frozen=True)

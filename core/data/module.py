@@ -432,28 +432,35 @@ def validate_data(data_cfg, stage: str = "both", train_split: str = "train") -> 
     segmentation, that the val masks hold a labelled pixel (`check_val_labelled`: reads masks up to the first
     labelled one); returns the root.
 
-    ``stage``: "pretrain", "segment" or "both"; ``train_split``: the segmentation training split
-    (train | trainaug, VOC). Raises DataError / ConfigError with one line.
+    ``stage``: a stage name (`core.stages`) or "both"; what is checked follows the stages' declarations:
+    `trains_on_ssl_images` (the SSL images are listed) and `trains_on_masks` (the val masks must hold a
+    labelled pixel). ``train_split``: the segmentation training split (train | trainaug, VOC), checked
+    for a stage that trains on masks alone. Raises DataError / ConfigError with one line.
     """
+    from core.stages import stages_of
+
+    wanted = stages_of(stage)
+    ssl = any(s.trains_on_ssl_images for s in wanted)
+    masks = any(s.trains_on_masks for s in wanted)
     root = data_root(data_cfg)
     lim = data_cfg.limit_val
     if data_cfg.dataset == "voc":
-        if stage in ("pretrain", "both"):
+        if ssl:
             if data_cfg.ssl_root:
                 list_images(data_cfg.ssl_root)
             else:
                 voc_ssl_images(root, data_cfg.ssl_split)
-        VOCSegmentation(root, train_split if stage == "segment" else "train")
+        VOCSegmentation(root, train_split if masks and not ssl else "train")
         va = VOCSegmentation(root, "val", corrupt_policy=data_cfg.corrupt_policy, limit=lim)
-        if stage in ("segment", "both"):
+        if masks:
             check_val_labelled(va)
     elif data_cfg.dataset == "coco_stuff":
         COCOStuff(root, "train", data_cfg.coco_labels)
         va = COCOStuff(root, "val", data_cfg.coco_labels, corrupt_policy=data_cfg.corrupt_policy, limit=lim)
-        if stage in ("segment", "both"):
+        if masks:
             check_val_labelled(va)
     else:
-        if stage == "segment":
+        if masks and not ssl:
             raise ConfigError("data.dataset=imagefolder has no masks; segmentation needs voc or coco_stuff")
         list_images(data_cfg.ssl_root or root)
     return root

@@ -414,10 +414,11 @@ def _atomic_generate(final: Path, sub: str, params: dict, writer: Callable[[Path
                 f"{target} already exists and is not the requested generated dataset ({params}); remove it, "
                 f"choose another --out, or pass --overwrite"
             )
-    final.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{sub}-tmp-", dir=final))
+    tmp: Optional[Path] = None
     trash: Optional[Path] = None
     try:
+        final.mkdir(parents=True, exist_ok=True)  # a read-only cache: the one DataError line below
+        tmp = Path(tempfile.mkdtemp(prefix=f".{sub}-tmp-", dir=final))
         writer(tmp)
         (tmp / sub / MARKER).write_text(json.dumps(params))
         if _is_complete(marker, params):  # another process finished the same dataset meanwhile
@@ -435,10 +436,12 @@ def _atomic_generate(final: Path, sub: str, params: dict, writer: Callable[[Path
                 return final
             raise
     except OSError as e:
-        raise DataError(f"cannot write the generated dataset to {final}: {e.strerror or e}; "
-                        f"check free space and permissions or choose another folder") from None
+        raise DataError(f"cannot write the generated dataset to {final}: {e.strerror or e}; check free space and "
+                        "permissions, or point TWINSEG_DATA_DIR (the generated data's cache) or --out at a writable "
+                        "folder") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     return final

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,19 +16,11 @@ from torch import nn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-# ImageNet statistics; the data module's values are preferred when it is importable.
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def default_mean_std() -> tuple[Sequence[float], Sequence[float]]:
-    """(MEAN, STD) from core.data.transforms when it exists, else the ImageNet statistics."""
-    try:
-        from core.data.transforms import MEAN, STD  # type: ignore
+    """(MEAN, STD) of the model inputs (`core.data.batch`)."""
+    from core.data.batch import MEAN, STD
 
-        return tuple(float(v) for v in MEAN), tuple(float(v) for v in STD)
-    except Exception:
-        return _IMAGENET_MEAN, _IMAGENET_STD
+    return MEAN, STD
 
 
 def to_display_images(images, mean=None, std=None, denormalize: bool = True) -> np.ndarray:
@@ -100,16 +91,10 @@ def new_figure(figsize=(6.4, 4.8)) -> Figure:
 
 
 def save_figure(fig, path, dpi: int = 100) -> Path:
-    """Save `fig` to `path` as PNG (atomically: temp file then rename)."""
-    path = prepare_path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Save `fig` to `path` (PNG unless the suffix says otherwise) atomically (`core.io.atomic_save_figure`)."""
+    from core.io import atomic_save_figure
+
+    return atomic_save_figure(fig, path, dpi=dpi)
 
 
 def figure_to_rgb(fig, dpi: int = 100) -> np.ndarray:

@@ -23,6 +23,9 @@ data (400 images, 64 px): randomly initialised vit_nano_patch8 0.65 std / rank 1
   direction, 3x tighter than an untrained ResNet;
 - dimensional collapse: ``embedding_rank < RANK_MIN = 2``: the embeddings vary along one direction.
 A rule that cannot be evaluated (no k-NN images, so no embeddings) says nothing (None).
+
+`METRICS` declares the metrics.json keys of the monitors (core/metrics/registry.py); the SSL method writes
+them after training (`SSLMethod.result_metrics` / `collapse_metrics`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from core.diagnostics.dense_features import effective_rank
+from core.metrics.registry import AFTER, EPOCH, MetricSpec
+from core.stages import PRETRAIN
 
 __all__ = ["STD_MIN", "RANK_MIN", "embedding_std", "embedding_std_tensor", "embedding_stats", "embedding_collapse_reason"]
 
@@ -71,3 +76,16 @@ def embedding_collapse_reason(metrics: Mapping[str, object]) -> Optional[str]:
         return (f"dimensional collapse: embedding_rank {float(rank):.2f} < {RANK_MIN:g} (the embeddings vary "
                 "along one direction)")
     return None
+
+
+METRICS = (
+    MetricSpec("embedding_std", PRETRAIN.name,
+               "collapse monitor: mean per-dimension std of the L2-normalised pooled embeddings of the k-NN images x "
+               "sqrt(d), last epoch (~1 isotropic, 0 complete collapse; core/diagnostics/collapse.py)", EPOCH),
+    MetricSpec("embedding_rank", PRETRAIN.name,
+               "collapse monitor: effective rank (RankMe) of the same embeddings, last epoch", EPOCH),
+    MetricSpec("collapsed", PRETRAIN.name, "true when the method's collapse rule (SSLMethod.collapse_reason) fired, "
+               "false when not, null when none of its monitors was measured", AFTER),
+    MetricSpec("collapse_reason", PRETRAIN.name,
+               "one line: which collapse and the numbers that show it; null unless collapsed", AFTER),
+)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from core.config import ConfigBase, check_positive
 from core.losses.barlow_twins import BarlowTwinsLoss, cc_statistics, cross_correlation, off_diagonal
+from core.metrics.registry import Column
 from core.methods.registry import SSLMethodSpec
 from core.methods.ssl_base import SSLMethod, unpack_views
 
@@ -52,6 +53,10 @@ class BarlowTwinsMethod(SSLMethod):
         "lambd": "Barlow Twins off-diagonal weight lambda (barlow_twins.lambd)",
         "cc_diag_mean": "Barlow Twins: mean diagonal of the cross-correlation on one training batch after training",
         "cc_offdiag_rms": "Barlow Twins: RMS of its off-diagonal entries",
+    }
+    result_columns = {  # their report columns (core/metrics/registry.py)
+        "cc_diag_mean": Column("pretraining", "C diag mean", 3, position=60),
+        "cc_offdiag_rms": Column("pretraining", "C off-diag RMS", 4, position=61),
     }
 
     def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,

@@ -16,7 +16,11 @@
   `dino.teacher_temp` over `dino.warmup_teacher_temp_epochs`), student temperature 0.1;
 - the last layer of the student head is frozen during the first `freeze_last_layer` epoch(s) and
   gradients are clipped per parameter to norm 3.0 (official defaults);
-- the k-NN monitor and backbone.pt use the TEACHER backbone, as DINO's evaluation does.
+- the k-NN monitor and backbone.pt use the TEACHER backbone, as DINO's evaluation does;
+- the head's last layer is weight-normalised with its magnitude frozen at 1 unless `dino.norm_last_layer` is
+  false (main_dino.py `--norm_last_layer`; its README's ViT-S/16 300-epoch run: false);
+- the collapse flag (`collapse_reason`): uniform or one-hot teacher (entropy rules) or KL(teacher || student)
+  below `KL_MIN` (both collapses of the DINO paper, section 5.3).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ CLIP_GRAD = 3.0
 FREEZE_LAST_LAYER_EPOCHS = 1
 UNIFORM_ENTROPY_FRACTION = 0.9  # collapse rule: teacher entropy >= this x ln K (DINOMethod.collapse_reason)
 ONE_HOT_BATCH_ENTROPY = math.log(2)  # collapse rule: batch-averaged teacher entropy below this
+KL_MIN = 0.1  # collapse rule: KL(teacher || student) below this many nats (DINOMethod.collapse_reason)
 
 
 def clip_gradients_per_param(module: nn.Module, clip: float) -> None:
@@ -77,7 +82,14 @@ class DINOOptions(ConfigBase):
     student_temp: float = 0.1
     """Student softmax temperature."""
     momentum: float = 0.996
-    """Initial EMA momentum of the teacher (cosine schedule to 1)."""
+    """Initial EMA momentum of the teacher (cosine schedule to 1). main_dino.py's 0.996 is for its batch of 1024;
+    its help: "We recommend setting a higher value with small batches: for example use 0.9995 with batch size of
+    256" (the paper grid, batch 128: 0.9995)."""
+    norm_last_layer: bool = True
+    """Weight-normalise the head's last layer with its magnitude frozen at 1 (main_dino.py default true). false:
+    the magnitude is learnt, main_dino.py: "Not normalizing leads to better performance but can make the training
+    unstable ... we typically set this paramater to False with vit_small"; its README's 300-epoch ViT-S/16 run
+    (the paper grid) uses `--norm_last_layer false`."""
     local_crops: int = 2
     """Number of small local crops per image besides the 2 global ones (official 10 at 96 px)."""
 
@@ -105,12 +117,14 @@ class DINOMethod(SSLMethod):
     result_keys = {
         "teacher_entropy": "DINO: entropy of the teacher's output distribution, last epoch's mean (ln K: uniform "
                            "collapse, 0: one-hot collapse; DINO paper section 5.3)",
-        "teacher_student_kl": "DINO: KL(teacher || student), last epoch's mean (0 in either collapse)",
+        "teacher_student_kl": "DINO: KL(teacher || student), last epoch's mean (0 in either collapse; collapse "
+                              "flagged below 0.1 nats)",
         "teacher_entropy_uniform": "DINO: ln K, the teacher entropy of a uniform collapse (K = dino.out_dim)",
         "teacher_batch_entropy": "DINO: entropy of the teacher's distribution averaged over each batch, last epoch's "
                                  "mean (ln of the output dimensions a batch uses; 0: one-hot collapse)",
     }
-    collapse_monitor_keys = ("teacher_entropy", "teacher_batch_entropy", "embedding_std", "embedding_rank")
+    collapse_monitor_keys = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "embedding_std",
+                             "embedding_rank")
 
     def __init__(self, cfg: PretrainConfig, num_train_batches: int = 1, gpu_augment: Optional[Sequence] = None,
                  backbone: Optional[nn.Module] = None, head_hidden: Optional[int] = None,
@@ -123,7 +137,8 @@ class DINOMethod(SSLMethod):
         hidden = head_hidden or min(2048, max(cfg.projector))
         bottleneck = head_bottleneck or min(256, hidden)
         opts = cfg.dino
-        self.head = DINOHead(self.backbone.embed_dim, opts.out_dim, hidden=hidden, bottleneck=bottleneck)
+        self.head = DINOHead(self.backbone.embed_dim, opts.out_dim, hidden=hidden, bottleneck=bottleneck,
+                             norm_last_layer=opts.norm_last_layer)
         self.teacher_backbone = copy.deepcopy(self.backbone)
         disable_drop_path(self.teacher_backbone)  # stochastic depth is the student's only (official)
         self.teacher_head = copy.deepcopy(self.head)
@@ -204,6 +219,17 @@ class DINOMethod(SSLMethod):
         - one-hot: `teacher_batch_entropy < ln 2`: the batch's averaged teacher output uses fewer than 2
           output dimensions, i.e. every image gets the same target (the per-image entropy is then ~0 too;
           a healthy sharp teacher has a low per-image entropy but a high batch entropy);
+        - either (the KL rule): `teacher_student_kl < KL_MIN` (0.1 nats). KL(teacher || student) goes to 0 in
+          both collapses (paper section 5.3, Fig. 7): the student reproduces the teacher's targets and the loss
+          gives it nothing left to learn. Its gradient with respect to the student's logits is (p - q) / tau_s,
+          and by Pinsker's inequality ||p - q||_1 <= sqrt(2 KL) = 0.45 at 0.1 nats. Measured on vit_nano_patch8 at
+          64 px: runs that learn end at 0.74 nats (the smoke DINO trial, K 256: README's loss 4.18 minus its
+          teacher entropy 0.62 ln K), 0.85 (`experiments/pretrain.py --method dino`, K 1024; docs/findings.md) and
+          1.48 (the same with `--epochs 2`); a uniform collapse (that command at lr 2e-3 with teacher temperature
+          0.04 -> 0.07 over 2 epochs, 4 epochs) fell 0.59, 0.11, 0.054, 0.050 per epoch. 0.1 sits 2x above that
+          collapsed plateau and 7x below the lowest learning run. This rule
+          catches a collapse that the entropy rules do not yet (e.g. a teacher at 0.85 ln K whose student
+          already matches it);
         then the embedding rule every method shares (core/diagnostics/collapse.py)."""
         h, h_batch = metrics.get("teacher_entropy"), metrics.get("teacher_batch_entropy")
         ln_k = math.log(self.cfg.dino.out_dim)
@@ -214,6 +240,11 @@ class DINOMethod(SSLMethod):
         if h_batch is not None and h_batch < ONE_HOT_BATCH_ENTROPY:
             return (f"one-hot collapse: teacher_batch_entropy {h_batch:.3f} < ln 2: every image gets the same "
                     "teacher target")
+        kl = metrics.get("teacher_student_kl")
+        if kl is not None and kl < KL_MIN:
+            near = f" (teacher_entropy {h / ln_k:.2f} ln K)" if h is not None else ""
+            return (f"collapse: teacher_student_kl {kl:.4f} < {KL_MIN} nats: the student reproduces the teacher's "
+                    f"targets{near}, DINO's sign of both collapses")
         return super().collapse_reason(metrics)
 
     # ------------------------------------------------------------------ official training details

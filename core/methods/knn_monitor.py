@@ -17,8 +17,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from core.data.batch import MEAN as IMAGENET_MEAN, STD as IMAGENET_STD, images_targets
 
 
 def _labels_from_masks(masks: Tensor) -> Tensor:
@@ -38,11 +37,7 @@ def _labels_from_masks(masks: Tensor) -> Tensor:
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     """(images float, labels (B,)) from a k-NN loader batch."""
-    if isinstance(batch, dict):
-        x = batch.get("image", batch.get("images"))
-        y = batch.get("label", batch.get("labels", batch.get("mask")))
-    else:
-        x, y = batch[0], batch[1]
+    x, y = images_targets(batch)
     y = torch.as_tensor(y)
     if y.ndim >= 2:
         y = _labels_from_masks(y)

@@ -50,39 +50,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import SegmentConfig
+from core.data import batch as B
 
 WARMUP_FRACTION = 0.05  # of all optimizer steps, for the per-step linear warmup
 POLY_POWER = 0.9  # mmseg schedule_20k / 40k / 80k / 160k PolyLR power
 
 
 # --------------------------------------------------------------------------- helpers
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, dict):
-        return batch["image"], batch["mask"]
-    return batch[0], batch[1]
-
-
 def _train_batch(batch: Any, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(images, masks, valid (B, 2) or None) of a training batch: ``(x, y)`` or ``(x, y, valid)`` (mmseg
     pipeline: each crop's unpadded (h, w)) or a dict with "image", "mask" [, "valid"], or the mmseg loader's
     dict of source regions (`MMSegTrainTransform.collate`), turned into crops here on the batch's device
     (`core.data.gpu_augment.crops_from_regions`)."""
-    if isinstance(batch, dict) and "region_image" in batch:
+    if B.is_regions(batch):
         from core.data.gpu_augment import crops_from_regions
 
         return crops_from_regions(batch, ignore_index)
-    if isinstance(batch, dict):
-        return batch["image"], batch["mask"], batch.get("valid")
-    return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+    return (*B.images_targets(batch), B.valid_sizes(batch))
 
 
 def _val_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
     """(images, masks, [resized (h, w)], [original (H, W)]) of a val batch: a `seg_val_collate` dict or a
     plain ``(image, mask)`` pair (every image then fills the tensor, every mask too)."""
-    x, y = _split_batch(batch)
+    x, y = B.images_targets(batch)
     b = int(x.shape[0])
-    img_hw = batch.get("img_hw") if isinstance(batch, dict) else None
-    ori_hw = batch.get("ori_hw") if isinstance(batch, dict) else None
+    img_hw = batch.get(B.IMG_HW) if isinstance(batch, dict) else None
+    ori_hw = batch.get(B.ORI_HW) if isinstance(batch, dict) else None
     img = [tuple(r) for r in img_hw.tolist()] if img_hw is not None else [tuple(x.shape[-2:])] * b
     ori = [tuple(r) for r in ori_hw.tolist()] if ori_hw is not None else [tuple(y.shape[-2:])] * b
     return x, y, img, ori

@@ -47,18 +47,10 @@ if TYPE_CHECKING:
 
 
 def unpack_views(batch: Any) -> list[Tensor]:
-    """The list of augmented views in an SSL batch.
+    """The list of augmented views in an SSL batch (layouts: `core.data.batch`)."""
+    from core.data.batch import views
 
-    Accepted layouts: `[v1, v2, ...]` (list/tuple of image tensors), `(views, ...)` where `views` is
-    such a list (lightly style `(views, targets, names)`), or a dict with a "views" key.
-    """
-    if isinstance(batch, dict):
-        batch = batch["views"]
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple)):
-        batch = batch[0]
-    if isinstance(batch, Tensor):
-        raise TypeError("an SSL batch must hold several views, got a single tensor")
-    return list(batch)
+    return views(batch)
 
 
 class SSLMethod(KNNMonitorMixin, pl.LightningModule):

@@ -29,7 +29,9 @@ not VOC: compare runs with each other (before / after, method against method), n
 
 `attention_jaccard` returns ``{"best": DINO's figure (per-object best head) in %, "per_head": [the same
 average with the head FIXED, one value per head, in %], "best_head": index of the best fixed head,
-"images": images scored}``; ``best >= max(per_head)``.
+"images": images scored}``; ``best >= max(per_head)``. `METRICS` declares what a pretraining run writes
+from it (core/metrics/registry.py): `attn_jaccard` before and after pretraining, `attn_jaccard_heads` after,
+on the k-NN val images with their masks.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from core.metrics.registry import AFTER, BEFORE, Column, EvalContext, MetricSpec
+from core.stages import PRETRAIN
 
 __all__ = ["DINO_KEEP", "attention_masks", "jaccard", "attention_jaccard"]
 
@@ -134,3 +139,33 @@ def attention_jaccard(backbone, loader: Iterable, device: Any = "cpu", keep: flo
     per_head = [float(v) * 100.0 / n for v in per_head_sum]
     return {"best": best_sum * 100.0 / n, "per_head": per_head,
             "best_head": int(max(range(len(per_head)), key=per_head.__getitem__)), "images": n}
+
+
+def attention_scores(ctx: EvalContext) -> Optional[dict]:
+    """`attention_jaccard` of an evaluation's backbone on the k-NN val images with masks (computed once per
+    evaluation); None without masks or attention maps. VOC: class 0 is background; COCO-Stuff: every label
+    is an object."""
+    def run():
+        masks = ctx.mask_loaders()
+        if masks is None:
+            return None
+        background = 0 if ctx.cfg.data.dataset == "voc" else None
+        return attention_jaccard(ctx.backbone, masks[1], ctx.device, background=background)
+
+    return ctx.once("attn", run)
+
+
+_DESC = ("DINO's attention-mask Jaccard (%) after pretraining: last-block attention maps thresholded to 60% of "
+         "their mass vs each val object, best head per object, mean per image then over images "
+         "(core/metrics/attention_jaccard.py); null without attention maps (CNNs) or masks")
+
+METRICS = (
+    MetricSpec("attn_jaccard", PRETRAIN.name, _DESC, AFTER, order=30,
+               compute=lambda ctx: (attention_scores(ctx) or {}).get("best"),
+               columns=(Column("emerging", "Attn Jaccard (%)", 2, best=+1, position=30),)),
+    MetricSpec("attn_jaccard_init", PRETRAIN.name, "the same before pretraining", BEFORE, order=31,
+               compute=lambda ctx: (attention_scores(ctx) or {}).get("best")),
+    MetricSpec("attn_jaccard_heads", PRETRAIN.name,
+               "the same score with each head fixed, one value (%) per head, after pretraining", AFTER, order=32,
+               compute=lambda ctx: (attention_scores(ctx) or {}).get("per_head")),
+)

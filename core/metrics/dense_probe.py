@@ -33,6 +33,9 @@ the label map and trained with cross-entropy, ignore index 255), fitted on a sma
 A fixed budget makes the number comparable between runs with the same settings (before / after
 pretraining, one method against another), not a converged linear-probe figure. Chance level: a constant
 predictor of class c scores IoU_c = share of c and 0 elsewhere, mIoU ~ 100 * p_c / classes present.
+
+`METRICS` declares what a pretraining run writes from it (core/metrics/registry.py): `dense_probe_miou`
+before and after pretraining, fitted on the k-NN train images with masks, scored on the k-NN val ones.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import DataError
+from core.metrics.registry import AFTER, BEFORE, Column, EvalContext, MetricSpec
+from core.stages import PRETRAIN
 
 __all__ = ["dense_probe", "cell_targets", "cache_dense_features", "train_linear_probe", "score_probe",
            "MAX_TRAIN_IMAGES", "DEFAULT_STEPS"]
@@ -184,3 +189,27 @@ def dense_probe(backbone, train_loader: Iterable, val_loader: Iterable, device: 
         return score_probe(backbone, probe, val_loader, num_classes, device)
     finally:
         backbone.train(was_training)
+
+
+def probe_score(ctx: EvalContext) -> Optional[float]:
+    """`dense_probe` of an evaluation's backbone (computed once per evaluation); None without masks or with
+    `dense_probe_steps` 0."""
+    def run():
+        masks = ctx.mask_loaders()
+        if masks is None or ctx.cfg.dense_probe_steps <= 0:
+            return None
+        return dense_probe(ctx.backbone, masks[0], masks[1], ctx.device, num_classes=ctx.loaders.knn_num_classes,
+                           steps=ctx.cfg.dense_probe_steps)
+
+    return ctx.once("probe", run)
+
+
+METRICS = (
+    MetricSpec("dense_probe_miou", PRETRAIN.name,
+               "val mIoU (%) of a linear classifier on the frozen dense features, fitted on the train masks with a "
+               "bounded budget (core/metrics/dense_probe.py), after pretraining; null without masks or with "
+               "dense_probe_steps 0", AFTER, compute=probe_score, order=40,
+               columns=(Column("emerging", "Dense probe mIoU", 2, best=+1, position=40),)),
+    MetricSpec("dense_probe_miou_init", PRETRAIN.name, "the same before pretraining", BEFORE, compute=probe_score,
+               order=41),
+)

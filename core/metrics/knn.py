@@ -1,6 +1,9 @@
 """SSL quality monitors on frozen features: weighted k-NN (DINO's `eval_knn.py`) and a linear probe.
 
-Both return top-1 accuracy in percent (0-100).
+Both return top-1 accuracy in percent (0-100). `METRICS` declares what a pretraining run writes from them
+(core/metrics/registry.py): `knn_acc` before and after pretraining, `linear_probe_acc` after, both on the
+pooled features of the exported backbone on the k-NN images (`core.methods.knn_monitor.knn_eval`: one
+feature pass gives both).
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from core.metrics.registry import AFTER, BEFORE, Column, EvalContext, MetricSpec
+from core.stages import PRETRAIN
 
 
 def _as_labels(y) -> Tensor:
@@ -76,3 +82,27 @@ def linear_probe_accuracy(train_feats: Tensor, train_labels, test_feats: Tensor,
     with torch.no_grad():
         pred = lin(xte).argmax(1)
     return 100.0 * (pred == yte).float().mean().item()
+
+
+def _knn_eval(ctx: EvalContext) -> dict:
+    """One k-NN pass of an evaluation (with the linear probe when `linear_probe_acc` is evaluated too)."""
+    from core.methods.knn_monitor import knn_eval
+
+    return ctx.once("knn", lambda: knn_eval(ctx.backbone, ctx.loaders.knn_train, ctx.loaders.knn_val, ctx.device,
+                                            k=ctx.cfg.knn_k, T=0.07, linear_probe=ctx.wants("linear_probe_acc")))
+
+
+METRICS = (
+    MetricSpec("knn_acc", PRETRAIN.name, "k-NN accuracy (%) of the frozen pooled features after pretraining", AFTER,
+               compute=lambda ctx: _knn_eval(ctx)["knn_acc"], order=10, headline=True,
+               columns=(Column("pretraining", "k-NN acc", 2, best=+1, position=10),
+                        Column("emerging", "k-NN acc", 2, best=+1, position=10))),
+    MetricSpec("knn_acc_init", PRETRAIN.name, "the same before pretraining", BEFORE,
+               compute=lambda ctx: _knn_eval(ctx)["knn_acc"], order=11,
+               columns=(Column("pretraining", "k-NN at init", 2, position=11),)),
+    MetricSpec("linear_probe_acc", PRETRAIN.name,
+               "linear-probe accuracy (%) on the frozen pooled features after pretraining", AFTER,
+               compute=lambda ctx: _knn_eval(ctx).get("linear_probe_acc"), order=12,
+               columns=(Column("pretraining", "Linear probe", 2, best=+1, position=20),
+                        Column("emerging", "Linear probe", 2, best=+1, position=20))),
+)

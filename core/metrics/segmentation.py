@@ -9,6 +9,9 @@ C[t, p] counts pixels of true class t predicted as p; pixels whose target is `ig
 skipped. Accumulation uses `torch.bincount` on the device of the predictions (no Python loop).
 Distributed: `compute()` all-reduces (sums) a copy of C when torch.distributed is initialised, so
 every rank must call it; `merge(other)` adds another instance's counts.
+
+`METRICS` declares what a segmentation run writes from the final validation (core/metrics/registry.py):
+the dict of `compute()` plus `val_pixels` (`core.methods.segmentation.SegmentationMethod.final_metrics`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import math
 import torch
 
 from core.errors import DataError
+from core.metrics.registry import EVAL, Column, MetricSpec
+from core.stages import SEGMENT
 
 
 class SegmentationMetrics:
@@ -99,3 +104,26 @@ class SegmentationMetrics:
             "Acc": [float(v) for v in acc],
             "n_pixels": int(total),
         }
+
+
+def _final(key: str, cast=None):
+    def compute(final: dict):
+        return final[key] if cast is None else cast(final[key])
+
+    return compute
+
+
+METRICS = (
+    MetricSpec("mIoU", SEGMENT.name, "mean IoU (%) over the val set at the original mask resolution (confusion "
+               "matrix, 255 ignored)", EVAL, compute=_final("mIoU"), order=10, headline=True, required=True,
+               columns=(Column("segmentation", "mIoU", position=10, best=+1, matrix=True),)),
+    MetricSpec("aAcc", SEGMENT.name, "pixel accuracy (%)", EVAL, compute=_final("aAcc"), order=11, headline=True,
+               columns=(Column("segmentation", "aAcc", position=11, best=+1, matrix=True),)),
+    MetricSpec("mAcc", SEGMENT.name, "mean class accuracy (%)", EVAL, compute=_final("mAcc"), order=12,
+               headline=True, columns=(Column("segmentation", "mAcc", position=12, best=+1),)),
+    MetricSpec("IoU", SEGMENT.name, "per-class IoU (%), null for a class absent from truth and prediction", EVAL,
+               compute=_final("IoU"), order=13),
+    MetricSpec("val_pixels", SEGMENT.name, "labelled (non-255) pixels scored: those of the ORIGINAL val masks (total "
+               "of the confusion matrix, summed over DDP ranks; each val image on one rank)", EVAL,
+               compute=_final("val_pixels", int), order=14),
+)

@@ -184,6 +184,8 @@ def build_segmenter(cfg, num_classes: int, backbone: Optional[nn.Module] = None,
     else:
         check_fusion(cfg.fusion, backbone)
     channels = getattr(cfg, "head_channels", None)
+    if getattr(cfg, "head_input_norm", False):
+        head_kw = {"input_norm": True, **head_kw}
     head = create_head(cfg.head, backbone, num_classes, extra_in_channels=extra, head_channels=channels, **head_kw)
     aux = None
     if getattr(cfg, "aux_heads", False):

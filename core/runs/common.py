@@ -7,7 +7,6 @@ backbone.pt, figures/ and, written last and atomically, metrics.json: its presen
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import sys
@@ -21,7 +20,13 @@ from lightning.pytorch.callbacks import Callback
 
 from core.config import check_wandb  # noqa: F401  (re-exported for the runs)
 from core.errors import ConfigError
-from core.io import METRICS_FILE, atomic_write_text, read_metrics  # noqa: F401  (re-exported for the runs)
+from core.io import (  # noqa: F401  (re-exported for the runs)
+    METRICS_FILE,
+    atomic_write_bytes,
+    atomic_write_json as _write_json,
+    atomic_write_text,
+    read_metrics,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
@@ -43,7 +48,8 @@ def _jsonable(x: Any) -> Any:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    """`core.io.atomic_write_json` of `obj` with tensors as lists and non-finite floats as null."""
+    _write_json(path, _jsonable(obj))
 
 
 CONFIG_FILE = "config.json"
@@ -127,7 +133,7 @@ def _wandb_id(out_dir: Path) -> str:
 @dataclass(frozen=True)
 class ExternalDDP:
     """This process is ONE rank of a data-parallel (DDP) job that a launcher outside core started
-    (the grid's Ray Train workers, experiments/ray_ddp.py). core never imports the launcher: the
+    (the grid's Ray Train workers, experiments/engine/ray_ddp.py). core never imports the launcher: the
     launcher injects the Lightning pieces and the rank layout, `make_trainer` builds the Trainer with
     them, and the run functions let rank 0 alone write the run folder's files.
 
@@ -299,8 +305,12 @@ def finish_wandb(loggers: list) -> None:
 
 # --------------------------------------------------------------------------- reliability
 def lr_hint(cfg) -> str:
-    """The 'likely cause' part of a non-finite message: the configured learning rate."""
-    lr = getattr(cfg, "lr", None)
+    """The 'likely cause' part of a non-finite message: the value that is likely too high. The weight decay when
+    it is above 1 (a decoupled decay step lr x wd near or above 1 flips or blows up the weights; the recipes use
+    1e-6 .. 0.4), else the configured learning rate."""
+    wd, lr = getattr(cfg, "weight_decay", None), getattr(cfg, "lr", None)
+    if isinstance(wd, (int, float)) and wd > 1:
+        return f"the weight decay (weight_decay={wd:g}) is likely too high; lower --weight-decay"
     return (f"the learning rate (lr={lr:g}) is likely too high; lower --lr" if isinstance(lr, (int, float))
             else "the learning rate is likely too high; lower --lr")
 
@@ -470,62 +480,9 @@ class RngStateCallback(Callback):
 
 
 # ----- crash-safe checkpoints
-def _write_all(fd: int, data) -> None:
-    """Write `data` (bytes / memoryview) to `fd` completely (a module function so tests can inject ENOSPC)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def disk_full_message(folder: Path, needed: int, what: str) -> str:
-    import shutil
-
-    try:
-        free = shutil.disk_usage(folder).free
-        free_s = f"{free / 2**20:.1f} MB free"
-    except OSError:
-        free_s = "free space unknown"
-    return (f"no space left on the device holding {folder}: writing {what} needs {needed / 2**20:.1f} MB "
-            f"({free_s}); free some space and rerun the same command to resume from the last complete checkpoint")
-
-
-def atomic_save_bytes(data: bytes, path: Path, what: str = "the checkpoint") -> None:
-    """Write `data` to `path` atomically in `path`'s own folder: temp file, fsync, os.replace, fsync of
-    the folder. A kill leaves the old file or the new one, never a truncated one; disk full (ENOSPC /
-    EDQUOT) leaves the old file and raises StorageError naming the folder and the space needed."""
-    import errno
-    import tempfile
-
-    from core.errors import StorageError
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageError(disk_full_message(path.parent, len(data), what)) from None
-        raise
-    try:  # the rename itself survives a power loss once the folder is synced
-        dfd = os.open(str(path.parent), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def make_checkpoint_io():
-    """Lightning CheckpointIO that writes checkpoints with `atomic_save_bytes` in the run folder itself.
+    """Lightning CheckpointIO that writes checkpoints with `core.io.atomic_write_bytes` in the run folder itself
+    (temp file, fsync, rename, folder fsync; a full disk is one StorageError line, the old checkpoint kept).
     Lightning's TorchCheckpointIO goes through fsspec's transaction, whose temp file lives in $TMPDIR
     (fsspec LocalFileOpener: tempfile.mkstemp(), then shutil.move): across filesystems that move is a
     copy, so a kill or a full disk during it leaves a truncated last.ckpt."""
@@ -539,7 +496,7 @@ def make_checkpoint_io():
                 raise TypeError("AtomicCheckpointIO takes no storage_options")
             buf = io.BytesIO()
             torch.save(checkpoint, buf)
-            atomic_save_bytes(buf.getbuffer(), Path(path))
+            atomic_write_bytes(Path(path), buf.getbuffer(), what="the checkpoint")
 
     return AtomicCheckpointIO()
 

@@ -1,18 +1,26 @@
-"""The one declaration of what a run's metrics.json holds, key by key.
+"""What a run's metrics.json holds, key by key: the run record declared here, the measurements in the
+metric registry (core/metrics/registry.py).
 
-`core.runs.skeleton` checks every metrics dict against this schema before writing it, so a key
-cannot be added without being documented here; ARCHITECTURE.md lists the same keys (a test compares
-them). An SSL method adds its own keys, documented where it computes them: the `result_keys`
-mapping (key -> description) of its LightningModule (core/methods/<name>.py).
+`core.runs.skeleton` checks every metrics dict against `keys(stage)` before writing it, so a key cannot
+be written without being declared. Measurements (k-NN, probes, attention Jaccard, collapse monitors,
+segmentation scores, an SSL method's `result_keys`, ...) are declared next to their computation as
+`MetricSpec`s; this module declares the run's RECORD: what the config, the bookkeeping and the
+accounting (core/accounting.py) write, as `MetricSpec(when=RUN)` entries (ARCHITECTURE.md lists these
+keys; a test compares them).
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
+from core.metrics.registry import RUN, Column, MetricSpec
+from core.stages import PRETRAIN as _PRE
+from core.stages import SEGMENT as _SEG
+from core.stages import stages
+
 #: every run, both stages (core/accounting.py writes the accounting keys)
 COMMON: dict[str, str] = {
-    "stage": '"pretrain" or "segment"',
+    "stage": "the stage's name (core/stages.py): " + " or ".join(f'"{s}"' for s in stages()),
     "backbone": "backbone name",
     "source": "initial weights (random, imagenet, ..., checkpoint:PATH)",
     "seed": "random seed",
@@ -30,27 +38,13 @@ COMMON: dict[str, str] = {
            "null on the CPU and on a GPU not in core/flops.py PEAK_BF16_TFLOPS",
     "workers": "DDP workers (only when > 1)",
     "device_seconds_per_worker": "device seconds of each DDP worker (only when > 1)",
+    "identity": "what produced the result (core/runs/identity.py): {config, data, weights}; a folder is reused "
+                "only when all three match the request",
 }
 
 PRETRAIN: dict[str, str] = {
     "method": "SSL method (core/methods/registry.py)",
     "method_label": "the method's display name (the report's row label)",
-    "knn_acc": "k-NN accuracy (%) of the frozen pooled features after pretraining",
-    "knn_acc_init": "the same before pretraining",
-    "linear_probe_acc": "linear-probe accuracy (%) on the frozen pooled features after pretraining",
-    "dense_rank": "effective rank (RankMe) of the dense features after pretraining",
-    "dense_rank_init": "the same before pretraining",
-    "dense_local_var": "share of the dense features' variance within images, after pretraining",
-    "dense_local_var_init": "the same before pretraining",
-    "attn_jaccard": "DINO's attention-mask Jaccard (%) after pretraining: last-block attention maps thresholded "
-                    "to 60% of their mass vs each val object, best head per object, mean per image then over "
-                    "images (core/metrics/attention_jaccard.py); null without attention maps (CNNs) or masks",
-    "attn_jaccard_init": "the same before pretraining",
-    "attn_jaccard_heads": "the same score with each head fixed, one value (%) per head, after pretraining",
-    "dense_probe_miou": "val mIoU (%) of a linear classifier on the frozen dense features, fitted on the train "
-                        "masks with a bounded budget (core/metrics/dense_probe.py), after pretraining; null "
-                        "without masks or with dense_probe_steps 0",
-    "dense_probe_miou_init": "the same before pretraining",
     "final_loss": "training loss of the last epoch",
     "knn_k": "neighbours of the k-NN monitor",
     "knn_backbone": "which backbone is evaluated and exported (backbone | teacher_backbone)",
@@ -59,12 +53,6 @@ PRETRAIN: dict[str, str] = {
     "ssl_source": "where they came from, e.g. voc:train",
     "gpu_augment": "whether colour/blur/solarize ran on whole batches on the device",
     "weights_loaded": "tensors loaded from the weight source",
-    "embedding_std": "collapse monitor: mean per-dimension std of the L2-normalised pooled embeddings of the k-NN "
-                     "images x sqrt(d), last epoch (~1 isotropic, 0 complete collapse; core/diagnostics/collapse.py)",
-    "embedding_rank": "collapse monitor: effective rank (RankMe) of the same embeddings, last epoch",
-    "collapsed": "true when the method's collapse rule (SSLMethod.collapse_reason) fired, false when not, null "
-                 "when none of its monitors was measured",
-    "collapse_reason": "one line: which collapse and the numbers that show it; null unless collapsed",
 }
 
 SEGMENT: dict[str, str] = {
@@ -78,12 +66,6 @@ SEGMENT: dict[str, str] = {
     "image_size": "training side in pixels (evaluation: eval_protocol.eval_scale)",
     "num_classes": "classes of the label space",
     "output_stride": "input pixels per cell of the backbone's dense map",
-    "mIoU": "mean IoU (%) over the val set at the original mask resolution (confusion matrix, 255 ignored)",
-    "aAcc": "pixel accuracy (%)",
-    "mAcc": "mean class accuracy (%)",
-    "IoU": "per-class IoU (%), null for a class absent from truth and prediction",
-    "val_pixels": "labelled (non-255) pixels scored: those of the ORIGINAL val masks (total of the confusion "
-                  "matrix, summed over DDP ranks; each val image on one rank)",
     "eval_protocol": "how val was scored: {split, images, resolution: original, eval_scale (short side), "
                      "eval_max_long, inference, slide_crop / slide_stride when slide}; logits resized "
                      "(bilinear) to each original mask, 255 ignored",
@@ -94,28 +76,47 @@ SEGMENT: dict[str, str] = {
     "model_path": "path of model.pt",
 }
 
-STAGES = {"pretrain": PRETRAIN, "segment": SEGMENT}
+#: report columns of record keys (pretraining table), key -> Column(s)
+_COLUMNS: dict[str, tuple[Column, ...]] = {
+    "final_loss": (Column("pretraining", "Final loss", 3, position=50),),
+    "wall_time_s": (Column("pretraining", "Wall time (s)", 1, position=70),),
+    "device_seconds": (Column("pretraining", "Device-hours", 4, best=-1, position=71, name="device_hours",
+                              transform=lambda s: s / 3600),),
+    "images_per_s": (Column("pretraining", "Img/s", 1, best=+1, position=72),),
+    "flops_per_image": (Column("pretraining", "GFLOP/img", 3, position=73, name="gflop_per_image",
+                               transform=lambda f: f * 1e-9),),
+    "mfu": (Column("pretraining", "MFU (%)", 1, position=74, name="mfu_pct", transform=lambda m: m * 100.0),),
+    "peak_mem_mb": (Column("pretraining", "Peak mem (MB)", 1, position=75),),
+}
+_HEADLINE = {(_PRE.name, "final_loss")}
 
 
-def method_keys() -> dict[str, str]:
-    """The keys SSL methods add, from their modules' `result_keys`."""
-    from core.methods.registry import ssl_methods
-
-    out: dict[str, str] = {}
-    for spec in ssl_methods().values():
-        out.update(spec.module.result_keys)
-    return out
+def _record(stage: str, table: dict[str, str]) -> tuple[MetricSpec, ...]:
+    return tuple(MetricSpec(k, stage, d, RUN, columns=_COLUMNS.get(k, ()) if stage == _PRE.name else (),
+                            headline=(stage, k) in _HEADLINE) for k, d in table.items())
 
 
-def keys(stage: str) -> dict[str, str]:
-    """Every key a run of `stage` may write, with its description."""
-    extra = method_keys() if stage == "pretrain" else {}
-    return {**COMMON, **STAGES[stage], **extra}
+METRICS = (*_record(_PRE.name, COMMON), *_record(_PRE.name, PRETRAIN),
+           *_record(_SEG.name, COMMON), *_record(_SEG.name, SEGMENT))
 
 
-def check(stage: str, metrics: dict, extra_allowed: Iterable[str] = ()) -> None:
-    """A programming-error check before metrics.json is written: every key is documented here."""
+def record_keys(stage) -> dict[str, str]:
+    """The run-record keys of `stage` declared here (what ARCHITECTURE.md lists)."""
+    name = getattr(stage, "name", stage)
+    return {s.key: s.description for s in METRICS if s.stage == name}
+
+
+def keys(stage) -> dict[str, str]:
+    """Every key a run of `stage` may write, with its description (the record and every registered metric)."""
+    from core.metrics.registry import descriptions
+
+    return descriptions(stage)
+
+
+def check(stage, metrics: dict, extra_allowed: Iterable[str] = ()) -> None:
+    """A programming-error check before metrics.json is written: every key is declared."""
     unknown = sorted(set(metrics) - set(keys(stage)) - set(extra_allowed))
     if unknown:
-        raise RuntimeError(f"metrics.json keys {', '.join(unknown)} are not declared in core/runs/metrics_schema.py; "
-                           "document them there")
+        raise RuntimeError(f"metrics.json keys {', '.join(unknown)} are not declared; declare each as a MetricSpec "
+                           "next to its computation (core/metrics/registry.py), or in core/runs/metrics_schema.py "
+                           "when it is part of the run record")

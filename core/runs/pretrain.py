@@ -17,7 +17,9 @@ import torch
 from core.config import PretrainConfig
 from core.runs.common import ExternalDDP
 from core.runs.skeleton import StageRun, execute
+from core.stages import PRETRAIN
 
+STAGE = PRETRAIN.name
 BACKBONE = "backbone.pt"
 
 
@@ -28,6 +30,14 @@ def build_method(cfg: PretrainConfig, loaders=None):
     n = len(loaders.train) if loaders is not None else 1
     aug = loaders.batch_augment if loaders is not None else None
     return get_method(cfg.method).module(cfg, num_train_batches=n, gpu_augment=aug)
+
+
+def build_loaders(cfg: PretrainConfig, gpu_augment: bool):
+    """The SSL loaders of `cfg`: its method's views (the colour part left to the device when `gpu_augment`)."""
+    from core.data.module import build_ssl_loaders
+    from core.methods.registry import get_method
+
+    return build_ssl_loaders(cfg.data, get_method(cfg.method).views(cfg, gpu_augment), cfg.batch_size, seed=cfg.seed)
 
 
 def _first_images(loader, n: int = 4) -> Optional[torch.Tensor]:
@@ -48,42 +58,33 @@ def _final_loss(trainer) -> Optional[float]:
 
 def dense_evaluations(backbone, loaders, cfg, device) -> dict:
     """What the dense features and attention maps of ``backbone`` segment, on the k-NN images WITH their
-    masks (`core.data.module.knn_mask_loader`: same datasets, original masks): ``{"attn": DINO's attention-mask
-    Jaccard dict (core/metrics/attention_jaccard.py) or None (no attention maps: CNNs), "probe": frozen dense
-    linear-probe val mIoU (core/metrics/dense_probe.py) or None (probe off)}``; both None without masks
-    (imagefolder sources)."""
-    from core.data.module import knn_mask_loader
-    from core.metrics.attention_jaccard import attention_jaccard
-    from core.metrics.dense_probe import dense_probe
+    masks: ``{"attn": DINO's attention-mask Jaccard dict (core/metrics/attention_jaccard.py) or None (no
+    attention maps: CNNs), "probe": frozen dense linear-probe val mIoU (core/metrics/dense_probe.py) or None
+    (probe off)}``; both None without masks (imagefolder sources)."""
+    from core.metrics.attention_jaccard import attention_scores
+    from core.metrics.dense_probe import probe_score
+    from core.metrics.registry import AFTER, EvalContext
 
-    train, val = knn_mask_loader(loaders.knn_train), knn_mask_loader(loaders.knn_val)
-    if train is None or val is None:
-        return {"attn": None, "probe": None}
-    background = 0 if cfg.data.dataset == "voc" else None  # COCO-Stuff: every label is an object
-    attn = attention_jaccard(backbone, val, device, background=background)
-    probe = None
-    if cfg.dense_probe_steps > 0:
-        probe = dense_probe(backbone, train, val, device, num_classes=loaders.knn_num_classes,
-                            steps=cfg.dense_probe_steps)
-    return {"attn": attn, "probe": probe}
+    ctx = EvalContext(backbone, loaders, cfg, device, AFTER)
+    return {"attn": attention_scores(ctx), "probe": probe_score(ctx)}
 
 
 class PretrainRun(StageRun):
-    stage = "pretrain"
+    stage = STAGE
     artifact = BACKBONE
     summary_keys = ("knn_acc", "linear_probe_acc")
 
     def build(self) -> None:
-        from core.data.module import build_ssl_loaders, validate_data
+        from core.data.module import validate_data
         from core.methods.registry import get_method
 
         cfg = self.cfg
         self.spec = get_method(cfg.method)
-        validate_data(cfg.data, "pretrain")  # DataError (one line) before writing anything
+        validate_data(cfg.data, STAGE)  # DataError (one line) before writing anything
         # Colour/blur/solarize on whole batches pays off on a GPU; on the CPU the per-image pipeline in
         # the loader is faster (measured: ~1.6 CPU-s per 2x32 views at 64 px for the batch version).
         self.gpu_aug = bool(cfg.gpu_augment and self.accelerator == "gpu")
-        self.loaders = build_ssl_loaders(cfg.data, self.spec.views(cfg, self.gpu_aug), cfg.batch_size, seed=cfg.seed)
+        self.loaders = build_loaders(cfg, self.gpu_aug)
         self.method = build_method(cfg, self.loaders)
         self.weights_report: dict = {"source": "random"}
         if cfg.source != "random":
@@ -93,25 +94,23 @@ class PretrainRun(StageRun):
         self.method.on_weights_loaded()
         self.has_knn = self.loaders.knn_train is not None and self.loaders.knn_val is not None
 
-    def evaluate(self, linear_probe: bool) -> dict:
-        """k-NN (and linear probe) on the pooled features, how local the dense features are (what a
-        segmentation head builds on), and what the attention maps and a frozen linear probe on the dense
-        features segment (`dense_evaluations`), on the k-NN images, with the backbone the method exports."""
-        from core.diagnostics.dense_features import dense_feature_stats
-        from core.methods.knn_monitor import knn_eval
+    def evaluate(self, when: str) -> dict:
+        """The registered pretraining evaluations of moment `when` (BEFORE / AFTER: k-NN and linear probe on
+        the pooled features, the dense features' rank and locality, attention Jaccard, dense probe, ...;
+        core/metrics/registry.py, in their declared order) of the backbone the method exports, on the k-NN
+        images; every value None without k-NN images."""
+        from core.metrics.registry import EvalContext, evaluate
 
         if not self.has_knn:
-            return {"knn_acc": None, "linear_probe_acc": None, "dense": {}, "attn": None, "probe": None}
+            return evaluate(STAGE, when, skip=True)
         bb = self.method.export_backbone().to(self.device)
-        out = knn_eval(bb, self.loaders.knn_train, self.loaders.knn_val, self.device, k=self.cfg.knn_k, T=0.07,
-                       linear_probe=linear_probe)
-        out["dense"] = dense_feature_stats(bb, self.loaders.knn_val, device=self.device)
-        out.update(dense_evaluations(bb, self.loaders, self.cfg, self.device))
-        return out
+        return evaluate(STAGE, when, EvalContext(bb, self.loaders, self.cfg, self.device, when))
 
     def before_fit(self) -> None:
+        from core.metrics.registry import BEFORE, evaluate
+
         # only rank 0 reports it (under DDP the other ranks skip the pass and wait at the first collective)
-        self.init = self.evaluate(False) if self.is_writer else {"knn_acc": None, "dense": {}}
+        self.init = self.evaluate(BEFORE) if self.is_writer else evaluate(STAGE, BEFORE, skip=True)
         self.method.cpu()
 
     def module(self):
@@ -152,10 +151,13 @@ class PretrainRun(StageRun):
         return tuple(self.spec.module.result_keys)
 
     def after_fit(self, trainer, out_dir: Path) -> dict:
+        from core.metrics.registry import AFTER, BEFORE, scheduled
         from core.weights import export_backbone
 
-        cfg, method, init = self.cfg, self.method, self.init
-        final = self.evaluate(True)
+        cfg, method = self.cfg, self.method
+        values = {**self.init, **self.evaluate(AFTER)}
+        evaluations = {s.key: values[s.key] for s in sorted(scheduled(STAGE, BEFORE) + scheduled(STAGE, AFTER),
+                                                              key=lambda s: s.order)}
         own = method.result_metrics(self.loaders.train, self.device)
         own.update(method.collapse_metrics(own))  # embedding_std/rank, collapsed, collapse_reason (+ warning)
         path = out_dir / BACKBONE
@@ -169,18 +171,7 @@ class PretrainRun(StageRun):
             "source": cfg.source,
             "seed": cfg.seed,
             **own,
-            "knn_acc": final["knn_acc"],
-            "knn_acc_init": init["knn_acc"],
-            "linear_probe_acc": final.get("linear_probe_acc"),
-            "dense_rank": final["dense"].get("effective_rank"),
-            "dense_rank_init": init["dense"].get("effective_rank"),
-            "dense_local_var": final["dense"].get("local_variance_fraction"),
-            "dense_local_var_init": init["dense"].get("local_variance_fraction"),
-            "attn_jaccard": (final.get("attn") or {}).get("best"),
-            "attn_jaccard_init": (init.get("attn") or {}).get("best"),
-            "attn_jaccard_heads": (final.get("attn") or {}).get("per_head"),
-            "dense_probe_miou": final.get("probe"),
-            "dense_probe_miou_init": init.get("probe"),
+            **evaluations,  # the registered BEFORE / AFTER evaluations, in their declared order
             "final_loss": _final_loss(trainer),
             "epochs": cfg.epochs,
             "knn_k": cfg.knn_k,

@@ -26,22 +26,19 @@ import torch
 
 from core.config import SegmentConfig
 from core.errors import ConfigError
+from core.io import atomic_write
 from core.runs.common import ExternalDDP
 from core.runs.skeleton import StageRun, execute
+from core.stages import SEGMENT
 from core.weights import load_source
 
-STAGE = "segment"
+STAGE = SEGMENT.name
 MODEL = "model.pt"
 VAL_INTERVAL = 2000  # steps between validations of an iteration-based run (mmseg schedule_20k/40k)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # core.io: temp file, fsync, rename, folder fsync
 
 
 def resolve_segment_config(cfg: Union[SegmentConfig, dict]) -> SegmentConfig:
@@ -116,6 +113,22 @@ def preflight(cfg: SegmentConfig, devices: Optional[int] = None):
     return backbone
 
 
+def build_loaders(cfg: SegmentConfig):
+    """The train and val loaders of `cfg` (`core.data.module.build_seg_loaders`)."""
+    from core.data.module import build_seg_loaders, seg_train_kwargs
+
+    return build_seg_loaders(cfg.data, cfg.batch_size, seed=cfg.seed, eval_scale=cfg.eval_short_side(),
+                             eval_max_long=cfg.eval_long_cap(), **seg_train_kwargs(cfg))
+
+
+def build_method(cfg: SegmentConfig, backbone, loaders):
+    """The LightningModule of `cfg` on `backbone`, for the loaders' dataset (classes, ignore index)."""
+    from core.methods.segmentation import SegmentationMethod
+
+    return SegmentationMethod(cfg, int(loaders.num_classes), list(loaders.class_names),
+                              ignore_index=int(getattr(loaders, "ignore_index", 255)), backbone=backbone)
+
+
 def default_run_name(cfg: SegmentConfig) -> str:
     tag = cfg.evaluation or cfg.head
     return f"segment-{tag}-{cfg.backbone}-{cfg.source.split(':')[0]}-{cfg.mode}-s{cfg.seed}"
@@ -127,18 +140,12 @@ class SegmentRun(StageRun):
     summary_keys = ("mIoU", "aAcc", "mAcc")
 
     def build(self) -> None:
-        from core.data.module import build_seg_loaders, seg_train_kwargs
-        from core.methods.segmentation import SegmentationMethod
-
         cfg = self.cfg
         self.backbone = preflight(cfg, None if self.ddp is None else 1)  # backbone / head / fusion fit, sizes
         self.load_report = load_source(self.backbone, cfg.source)  # WeightsError; on resume too
-        self.loaders = build_seg_loaders(cfg.data, cfg.batch_size, seed=cfg.seed, eval_scale=cfg.eval_short_side(),
-                                         eval_max_long=cfg.eval_long_cap(), **seg_train_kwargs(cfg))  # DataError
+        self.loaders = build_loaders(cfg)  # DataError
         self.num_classes, self.class_names = int(self.loaders.num_classes), list(self.loaders.class_names)
-        self.model = SegmentationMethod(cfg, self.num_classes, self.class_names,
-                                        ignore_index=int(getattr(self.loaders, "ignore_index", 255)),
-                                        backbone=self.backbone)
+        self.model = build_method(cfg, self.backbone, self.loaders)
         if cfg.mode == "frozen":  # the frozen backbone is in eval mode on purpose
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
@@ -171,6 +178,8 @@ class SegmentRun(StageRun):
             raise RuntimeError("segmentation run ended without a validation pass")
 
     def after_fit(self, trainer, out_dir: Path) -> dict:
+        from core.metrics.registry import EVAL, evaluate
+
         cfg, final = self.cfg, self.model.final_metrics()
         model_path = out_dir / MODEL
         atomic_torch_save({"arch": cfg.backbone, "head": cfg.head, "fusion": cfg.fusion,
@@ -192,11 +201,7 @@ class SegmentRun(StageRun):
             "image_size": cfg.data.image_size,
             "num_classes": self.num_classes,
             "output_stride": int(getattr(self.backbone, "stride", 0) or 0),
-            "mIoU": final["mIoU"],
-            "aAcc": final["aAcc"],
-            "mAcc": final["mAcc"],
-            "IoU": final["IoU"],
-            "val_pixels": int(final["val_pixels"]),
+            **evaluate(STAGE, EVAL, final),  # mIoU, aAcc, mAcc, IoU, val_pixels, ... (core/metrics/registry.py)
             "eval_protocol": eval_protocol(cfg, self.backbone, self.loaders),
             "class_names": self.class_names,
             "epochs": cfg.epochs,

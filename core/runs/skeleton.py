@@ -34,7 +34,6 @@ every rank builds and fits, only global rank 0 writes files, the other ranks ret
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -46,11 +45,20 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from core.errors import ConfigError, InterruptedRun, NonFiniteError, StorageError
 from core.folder_lock import folder_lock, is_locked
 from core.rng import preserved_rng
 from core.runs import metrics_schema
+from core.runs.identity import (
+    IDENTITY_FILE,
+    IDENTITY_KEY,
+    config_field_differences,
+    fields_text,
+    identity_differences,
+    result_identity,
+)
 from core.runs.common import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -150,75 +158,71 @@ class StageRun:
         return out_dir.name
 
 
-#: the files and folders a run writes into its folder: what --overwrite removes (nothing else is touched)
-RUN_FOLDER_ENTRIES = ("metrics.json", "config.json", "history.csv", "backbone.pt", "model.pt", "checkpoints",
-                      "logs", "figures", "wandb", "accounting.json")
+#: the files and folders a run writes into its folder (the `RunManifest` plans them; a folder from before manifests
+#: existed is cleared by these names, `clear_run_folder`)
+RUN_FOLDER_ENTRIES = ("metrics.json", "config.json", IDENTITY_FILE, "history.csv", "backbone.pt", "model.pt",
+                      "checkpoints", "logs", "figures", "wandb", "accounting.json")
+MANIFEST_FILE = "manifest.json"
+_NOT_LISTED = (MANIFEST_FILE, ".lock")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _bookkeeping(cfg) -> set[str]:
-    """Dotted names of the fields marked `metadata={"bookkeeping": True}` in core/config.py (they do not
-    change the result: wandb, keep_checkpoints): ignored when a folder's config is compared."""
-    out: set[str] = set()
-
-    def walk(obj, prefix: str) -> None:
-        if not dataclasses.is_dataclass(obj):
-            return
-        for f in dataclasses.fields(obj):
-            if f.metadata.get("bookkeeping"):
-                out.add(prefix + f.name)
-            walk(getattr(obj, f.name), f"{prefix}{f.name}.")
-
-    walk(cfg, "")
-    return out
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def config_differences(out_dir: Path, cfg) -> Optional[list[str]]:
     """The dotted config fields in which `out_dir/config.json` differs from `cfg` (bookkeeping fields
-    ignored); None when the folder holds no readable config.json (nothing to compare). A field the folder's
-    config.json lacks (added to the config class since it was written) reads as that field's default, so a
-    run made before a new option existed still matches a config that leaves the option at its default."""
-    try:
-        old = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    ignored, paths resolved, a checkpoint source compared by its weights: `core.runs.identity`); None when the
+    folder holds no readable config.json. A field the folder's config.json lacks (added to the config class
+    since it was written) reads as that field's default."""
+    old = _read_json(Path(out_dir) / CONFIG_FILE)
     if not isinstance(old, dict):
         return None
-    a, b, skip = _flat(old), _flat(cfg.to_dict()), _bookkeeping(cfg)
-    try:
-        defaults = _flat(type(cfg)().to_dict())
-    except Exception:  # noqa: BLE001 - a config class without a default instance: compare as written
-        defaults = {}
-    a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
-    return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k, _MISSING) != b.get(k, _MISSING))
+    return config_field_differences(old, cfg)
 
 
-_MISSING = object()
-
-
-def _fields(diff: list[str], n: int = 8) -> str:
-    return ", ".join(diff[:n]) + (f" and {len(diff) - n} more" if len(diff) > n else "")
-
-
-def check_same_config(out_dir: Path, cfg) -> None:
-    """An existing run folder that holds another configuration is refused (a finished one would return
-    the wrong result, an unfinished one would mix two runs' checkpoints and history); --overwrite opts in."""
+def record_problem(out_dir: Path, cfg, ident: dict, done: Optional[dict]) -> Optional[str]:
+    """Why the folder's run is not the requested result (a phrase), or None when it is (or holds nothing to
+    check). `done`: the folder's metrics.json (None: unfinished). A finished folder is a result only with a
+    readable config.json and an `identity` record in metrics.json matching `ident`; an unfinished one is
+    checked against its identity.json (a folder from before identity records: against its config.json; with
+    neither, a checkpoint there cannot be checked and is refused)."""
     out_dir = Path(out_dir)
-    diff = config_differences(out_dir, cfg)
-    if not diff:
+    if done is not None:
+        if not isinstance(_read_json(out_dir / CONFIG_FILE), dict):
+            return (f"whose {CONFIG_FILE} is missing or unreadable, so it is not a result (it cannot be checked "
+                    "against this request)")
+        rec = done.get(IDENTITY_KEY)
+        if not isinstance(rec, dict):
+            return (f"whose {METRICS_FILE} holds no identity record (written before records existed, or edited), "
+                    "so it is not a result (it cannot be checked against this request)")
+    else:
+        rec = _read_json(out_dir / IDENTITY_FILE)
+        if not isinstance(rec, dict):
+            diff = config_differences(out_dir, cfg)
+            if diff:
+                return f"with a different config (fields {fields_text(diff)})"
+            if diff is None and last_checkpoint(out_dir) is not None:
+                return (f"whose {CONFIG_FILE} and {IDENTITY_FILE} are missing or unreadable, so its checkpoint cannot "
+                        "be checked against this request")
+            return None
+    return "; ".join(identity_differences(rec, ident, cfg)) or None
+
+
+def check_folder(out_dir: Path, cfg, ident: dict) -> None:
+    """An existing run folder that holds another request's run (config, data or starting weights; or one that
+    cannot be checked) is refused: a finished one would return the wrong result, an unfinished one would mix
+    two runs' checkpoints and history; --overwrite opts in."""
+    out_dir = Path(out_dir)
+    done = read_metrics(out_dir)
+    why = record_problem(out_dir, cfg, ident, done)
+    if why is None:
         return
-    state = "a finished" if read_metrics(out_dir) is not None else "an unfinished"
-    raise ConfigError(f"{out_dir} holds {state} run with a different config (fields {_fields(diff)}); "
-                      f"use another --output, or --overwrite to replace that run")
+    state = "a finished" if done is not None else "an unfinished"
+    raise ConfigError(f"{out_dir} holds {state} run {why}; use another --output, or --overwrite to replace that run")
 
 
 def check_output_path(out_dir: Path) -> None:
@@ -240,12 +244,89 @@ def check_output_path(out_dir: Path) -> None:
                            "choose a writable folder")
 
 
+def check_output_outside_data(out_dir: Path, data_cfg) -> None:
+    """--output and the data folders (data.root, data.ssl_root) must not overlap, either inside the other: a run's
+    figures and weights would become training images, and --overwrite would reach the data."""
+    from core.data.fingerprint import data_roots
+
+    out = Path(out_dir).expanduser().resolve()
+    for root in data_roots(data_cfg):
+        if out == root or root in out.parents:
+            raise ConfigError(f"--output {out_dir} lies inside the data folder {root}: the run's files would be read "
+                              "as data; choose an --output outside it")
+        if out in root.parents:
+            raise ConfigError(f"--output {out_dir} contains the data folder {root}: the run's files would mix with "
+                              "the data; choose an --output outside it")
+
+
+def _walk_rel(out_dir: Path) -> set[str]:
+    out: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(out_dir):
+        rel = Path(dirpath).relative_to(out_dir)
+        for n in dirnames + filenames:
+            r = (rel / n).as_posix()
+            if r not in _NOT_LISTED:
+                out.add(r)
+    return out
+
+
+def _under(path: str, entries: Iterable[str]) -> bool:
+    return any(path == e or path.startswith(e + "/") for e in entries)
+
+
+class RunManifest:
+    """The files and folders a run wrote into its folder, listed in `manifest.json`: what --overwrite (and the
+    clean-up of a run that failed before its first checkpoint) removes, and nothing else. Made before the run
+    writes anything: what the folder already holds is the user's (unless an earlier manifest lists it); the
+    entries the run will write (`RUN_FOLDER_ENTRIES`, when absent now) are listed from the start, so a run killed
+    at any point leaves them listed; `record()` adds whatever else appeared since (the topmost new path: a new
+    logs/version_N/ folder inside a user's own logs/ folder)."""
+
+    def __init__(self, out_dir: Path, planned: Iterable[str] = RUN_FOLDER_ENTRIES):
+        self.out_dir = Path(out_dir)
+        self.owned: set[str] = set(listed_entries(self.out_dir) or ())
+        self.before = {p for p in _walk_rel(self.out_dir) if not _under(p, self.owned)}
+        self.owned |= {p for p in planned if p not in self.before}
+
+    def record(self) -> None:
+        now = _walk_rel(self.out_dir)
+        new = {p for p in now if p not in self.before and not _under(p, self.owned)}
+        self.owned |= {p for p in new if Path(p).parent.as_posix() in self.before or "/" not in p}
+        atomic_write_json(self.out_dir / MANIFEST_FILE, {"entries": sorted(self.owned)})
+
+
+def listed_entries(out_dir: Path) -> Optional[list[str]]:
+    """The entries `manifest.json` lists (relative paths inside `out_dir`), None without a readable one."""
+    m = _read_json(Path(out_dir) / MANIFEST_FILE)
+    entries = m.get("entries") if isinstance(m, dict) else None
+    if not isinstance(entries, list):
+        return None
+    return [e for e in entries if isinstance(e, str) and e and not Path(e).is_absolute() and ".." not in Path(e).parts]
+
+
+def _legacy_entries(out_dir: Path) -> list[str]:
+    """A folder without a manifest (written before manifests existed): the run's fixed files, its checkpoint, and
+    the folders Lightning / wandb name for a run (logs/version_N, wandb/*run-*); figures/ is left alone (its
+    files cannot be told apart from the user's)."""
+    out = [n for n in ("metrics.json", "config.json", IDENTITY_FILE, "history.csv", "backbone.pt", "model.pt",
+                       "accounting.json") if (out_dir / n).exists()]
+    ck = out_dir / CHECKPOINT_DIR
+    out += [f"{CHECKPOINT_DIR}/{p.name}" for p in sorted(ck.glob(f"{LAST_CKPT}*"))]
+    out += [f"logs/{p.name}" for p in sorted((out_dir / "logs").glob("version_*")) if p.is_dir()]
+    out += [f"wandb/{p.name}" for p in sorted((out_dir / "wandb").glob("*run-*"))]
+    return out
+
+
 def clear_run_folder(out_dir: Path) -> list[str]:
-    """--overwrite: delete what a run wrote into `out_dir` (RUN_FOLDER_ENTRIES; any other file stays).
-    Returns the names removed."""
+    """--overwrite: delete exactly what the run wrote into `out_dir` (its `manifest.json` entries; a folder from
+    before manifests: `_legacy_entries`), then folders of the run's left empty; any other file stays. Returns
+    the entries removed."""
+    out_dir = Path(out_dir)
+    listed = listed_entries(out_dir)
+    entries = listed if listed is not None else _legacy_entries(out_dir)
     removed = []
-    for name in RUN_FOLDER_ENTRIES:
-        p = Path(out_dir) / name
+    for name in sorted(entries, key=lambda e: -e.count("/")):
+        p = out_dir / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
@@ -253,7 +334,12 @@ def clear_run_folder(out_dir: Path) -> list[str]:
         else:
             continue
         removed.append(name)
-    return removed
+    if listed is None:
+        for name in ("checkpoints", "logs", "wandb"):  # emptied by the removal: the run's own
+            with contextlib.suppress(OSError):
+                (out_dir / name).rmdir()
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    return sorted(removed)
 
 
 class _Signalled(BaseException):
@@ -304,6 +390,8 @@ def _interrupted(out_dir: Path, signum: int, started: bool) -> InterruptedRun:
 
 
 def _storage_error(e: OSError, out_dir: Path) -> Optional[StorageError]:
+    if isinstance(e, StorageError):  # core.io.DiskFullError: its own line already names the file and the space
+        return e
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(f"no space left on the device holding {out_dir} ({e.filename or 'writing'}); free some "
                             "space and rerun the same command to resume")
@@ -321,52 +409,54 @@ def execute(run: StageRun, out_dir, *, progress: bool = True, wandb_group: Optio
     instead of refused."""
     out_dir = Path(out_dir)
     check_output_path(out_dir)
+    check_output_outside_data(out_dir, run.cfg.data)
     with _signals_interrupt():
+        ident: dict = {}
         try:
-            return _execute(run, out_dir, progress=progress, wandb_group=wandb_group, callbacks=callbacks,
+            return _execute(run, out_dir, ident, progress=progress, wandb_group=wandb_group, callbacks=callbacks,
                             name=name, overwrite=overwrite)
         except _Signalled as e:
             done = read_metrics(out_dir)
-            if done is not None and config_differences(out_dir, run.cfg) == []:
+            if done is not None and ident and record_problem(out_dir, run.cfg, ident, done) is None:
                 return done  # the signal came after metrics.json: the run is complete
             raise _interrupted(out_dir, e.signum, out_dir.is_dir()) from None
 
 
-def _finished(out_dir: Path, cfg, overwrite: bool) -> Optional[dict]:
-    """The result of a finished folder holding the same config; ConfigError for another config (unless
-    `overwrite`); None when the folder is not finished."""
+def _finished(out_dir: Path, cfg, ident: dict, overwrite: bool) -> Optional[dict]:
+    """The result of a finished folder holding the requested result; ConfigError for another one, or one
+    that cannot be checked (unless `overwrite`); None when the folder is not finished."""
     done = read_metrics(out_dir)
-    if done is None:
+    if done is None or overwrite:
         return None
-    if not overwrite:
-        check_same_config(out_dir, cfg)
-        return done
-    return None
+    check_folder(out_dir, cfg, ident)
+    return done
 
 
-def _execute(run: StageRun, out_dir: Path, *, progress: bool, wandb_group: Optional[str], callbacks: Iterable,
-             name: Optional[str], overwrite: bool) -> dict:
+def _execute(run: StageRun, out_dir: Path, ident: dict, *, progress: bool, wandb_group: Optional[str],
+             callbacks: Iterable, name: Optional[str], overwrite: bool) -> dict:
     import lightning.pytorch as pl
 
     cfg = run.cfg
     owner = f"{run.stage} run" if run.stage else "run"
-    done = _finished(out_dir, cfg, overwrite)
+    ident.update(result_identity(cfg))
+    done = _finished(out_dir, cfg, ident, overwrite)
     if done is not None:
         return done
     if run.is_writer and is_locked(out_dir):  # fail fast; the lock below is the authority (DDP: rank 0 holds it)
         with folder_lock(out_dir, owner):
             pass
     if not overwrite:
-        check_same_config(out_dir, cfg)
+        check_folder(out_dir, cfg, ident)
     check_wandb(cfg.wandb)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run.resolve_device()
     run.build()
+    ident.update(result_identity(cfg))  # a named source's weights may have been fetched by build()
     # Only now, with data, model and weights known good, does the run folder appear.
     lock = folder_lock(out_dir, owner) if run.is_writer else contextlib.nullcontext(out_dir)
     with lock:
         # checked again under the lock: another writer may have finished or started this folder meanwhile
-        done = _finished(out_dir, cfg, overwrite)
+        done = _finished(out_dir, cfg, ident, overwrite)
         if done is not None:
             return done
         if overwrite and run.is_writer:
@@ -375,10 +465,10 @@ def _execute(run: StageRun, out_dir: Path, *, progress: bool, wandb_group: Optio
                 warnings.warn(f"--overwrite: removed the previous run's {', '.join(removed)} from {out_dir}",
                               RuntimeWarning, stacklevel=2)
         elif not overwrite:
-            check_same_config(out_dir, cfg)
+            check_folder(out_dir, cfg, ident)
         try:
-            return _fit_and_write(run, out_dir, progress=progress, wandb_group=wandb_group, callbacks=callbacks,
-                                  name=name)
+            return _fit_and_write(run, out_dir, ident, progress=progress, wandb_group=wandb_group,
+                                  callbacks=callbacks, name=name)
         except OSError as e:
             err = _storage_error(e, out_dir)
             if err is None:
@@ -386,14 +476,29 @@ def _execute(run: StageRun, out_dir: Path, *, progress: bool, wandb_group: Optio
             raise err from None
 
 
-def _fit_and_write(run: StageRun, out_dir: Path, *, progress: bool, wandb_group: Optional[str],
+class _ManifestCallback(Callback):
+    """Records the run's files in its manifest each time a checkpoint is saved."""
+
+    def __init__(self, manifest: RunManifest):
+        super().__init__()
+        self.manifest = manifest
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.manifest.record()
+
+
+def _fit_and_write(run: StageRun, out_dir: Path, ident: dict, *, progress: bool, wandb_group: Optional[str],
                    callbacks: Iterable, name: Optional[str]) -> dict:
     from core.accounting import AccountingCallback
 
     cfg = run.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
-    if run.is_writer:
+    manifest = RunManifest(out_dir, planned=(*RUN_FOLDER_ENTRIES, run.artifact)) if run.is_writer else None
+    resumed = last_checkpoint(out_dir) is not None
+    if manifest is not None:
+        manifest.record()  # before anything else is written: a kill from here on leaves the run's entries listed
         atomic_write_json(out_dir / CONFIG_FILE, cfg.to_dict())
+        atomic_write_json(out_dir / IDENTITY_FILE, ident)
     artifact = out_dir / run.artifact
     loggers: list = []
     hint = lr_hint(cfg)
@@ -405,10 +510,11 @@ def _fit_and_write(run: StageRun, out_dir: Path, *, progress: bool, wandb_group:
             flops = run.flops_per_image()
         accounting = AccountingCallback(out_dir, flops_per_image=flops)
         rng = RngStateCallback()
+        extra = [_ManifestCallback(manifest)] if manifest is not None else []
         trainer = make_trainer(out_dir=out_dir, device=cfg.device, devices=cfg.devices, precision=cfg.precision,
                                loggers=loggers, progress=progress, ddp=run.ddp,
                                callbacks=[rng, accounting, NonFiniteLossCallback(hint), *run.callbacks(out_dir),
-                                          *callbacks], **run.trainer_limits())
+                                          *extra, *callbacks], **run.trainer_limits())
         resume = usable_checkpoint(out_dir) if run.is_writer else last_checkpoint(out_dir)
         if resume is not None:  # Lightning warns that the checkpoint folder it resumes from is not empty
             warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
@@ -421,21 +527,39 @@ def _fit_and_write(run: StageRun, out_dir: Path, *, progress: bool, wandb_group:
         run.on_every_rank_after_fit(trainer)
         if not trainer.is_global_zero:  # ranks other than 0 write nothing
             return {}
-        metrics: dict[str, Any] = {"stage": run.stage, **run.after_fit(trainer, out_dir), **accounting.summary()}
+        metrics: dict[str, Any] = {"stage": run.stage, **run.after_fit(trainer, out_dir), **accounting.summary(),
+                                   IDENTITY_KEY: ident}
         check_finite_metrics(metrics, hint)
         write_history(out_dir)
         metrics_schema.check(run.stage, metrics, run.extra_metric_keys())
         _wandb_summary(loggers, {k: metrics.get(k) for k in run.summary_keys})
+        manifest.record()
         atomic_write_json(out_dir / METRICS_FILE, metrics)
     except BaseException:
         if run.is_writer:  # nothing that could pass for a result survives (checkpoints stay for resume)
             artifact.unlink(missing_ok=True)
+            _after_failure(out_dir, manifest, resumed)
         raise
     finally:
         finish_wandb(loggers)
+    manifest.record()
     if not getattr(cfg, "keep_checkpoints", False):  # issue 19: a finished run keeps its weights, not its state
         drop_checkpoints(out_dir)
     return _jsonable(metrics)  # exactly what metrics.json holds
+
+
+def _after_failure(out_dir: Path, manifest: Optional[RunManifest], resumed: bool) -> None:
+    """A run that fails before its first checkpoint leaves nothing to resume: everything it wrote goes (its
+    config.json would otherwise refuse the corrected rerun its error suggests, e.g. --corrupt-policy skip, as a
+    different config). With a checkpoint (this attempt's or an earlier one's) the files stay for the resume."""
+    if manifest is None:
+        return
+    with contextlib.suppress(OSError):
+        if resumed or last_checkpoint(out_dir) is not None:
+            manifest.record()
+        else:
+            manifest.record()
+            clear_run_folder(out_dir)
 
 
 def drop_checkpoints(out_dir: Path) -> None:

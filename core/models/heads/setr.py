@@ -7,6 +7,19 @@ Transformers", CVPR 2021, arXiv:2012.15840 (the seed study adapted setr-pytorch)
 - `SETRPUPHead`: log2(stride) stages of [3x3 conv-BN-ReLU, x2 bilinear upsampling] (4 stages for a
   /16 ViT, 3 for /8, 5 for a /32 CNN), then a 1x1 classifier: its native output is already at the
   input resolution. Refuses a stride that is not a power of two.
+  Its input (`input_norm`, `SegmentConfig.head_input_norm`): mmsegmentation's `SETRUPHead` normalises its input
+  itself, ``norm_layer=dict(type='LN', eps=1e-6, requires_grad=True)`` applied to the (n, h*w, c) tokens
+  (`mmseg/models/decode_heads/setr_up_head.py`, 2 x C parameters: 768 for ViT-S), and its SETR backbone has no
+  final norm (`mmseg/models/backbones/vit.py` ``final_norm=False``, kept by `configs/_base_/models/setr_pup.py`):
+  the head's fresh LayerNorm (weight 1, bias 0, trained at the head's lr) sees the last block's raw output. By
+  default the head instead reads the backbone's dense map, the tokens after the backbone's own final norm. The two
+  agree at initialisation (the same LayerNorm at weight 1, bias 0, eps 1e-6) but not once weights are loaded: an
+  ImageNet / DINO checkpoint's final norm carries a learnt affine transform (trained for the CLS token and then
+  fine-tuned at the backbone's lr) that mmseg drops. Hence an option: `input_norm=True` reads the last block's
+  raw output (`needs_intermediates`), normalises it with the head's own LayerNorm (the backbone channels only;
+  fusion-1 channels are appended after it, unnormalised) and freezes the backbone's final norm, which nothing
+  reads then (`_freeze_final_norm`). Off by default (the smoke study unchanged); the paper grid turns it on for
+  E2-E5.
 - `SETRMLAHead`: four block outputs (ViT: blocks D//4*(i+1)-1, e.g. 3/6/9/12-th of 12; CNN/Swin:
   their four stages) -> per-level LayerNorm over the channels of each token (`norms`, eps 1e-6) ->
   per-stream 1x1 conv-BN-ReLU to a common width (`proj`), resized to a common grid (the finest of the
@@ -36,8 +49,9 @@ Transformers", CVPR 2021, arXiv:2012.15840 (the seed study adapted setr-pytorch)
   20/24, i.e. the blocks at which 41.7%, 62.5% and 83.3% of the depth is done: exactly mmseg's 9, 14, 19
   for N=24; 4, 6, 9 for N=12 (ViT-B); 0, 1, 2 for N=4 (vit_nano_patch8). Floor keeps every index below
   the last block N-1 (the main head's); duplicates (N < 6) are dropped, negatives (N=1) too.
-  Upsampling: two stages whose factors multiply to the input block's stride (4 x 4 for /16, as mmseg;
-  4 x 2 for /8); the segmenter resizes the result to the input size if it still differs.
+  Upsampling: two stages whose factors multiply to the input block's stride (`block_stride`: 4 x 4 for /16, as
+  mmseg; 4 x 2 for /8; on Swin each stage's own stride, 4, 8 and 16, not the last stage's 32); the segmenter
+  resizes the result to the input size if it still differs.
 """
 
 from __future__ import annotations
@@ -51,6 +65,26 @@ from torch import nn
 
 from core.errors import ConfigError
 from core.models.heads.base import FourLevelHead, SegHead, conv_bn_relu, resize
+
+
+def token_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of every position of a (B, C, h, w) map (the tokens)."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _freeze_final_norm(backbone) -> Optional[nn.Module]:
+    """Stop training the backbone's final norm (timm ViT / Swin: `norm`, vit-pytorch: `transformer.norm`; a CNN has
+    none: None) and return it. With `SETRPUPHead(input_norm=True)` nothing reads it: mmseg's SETR
+    backbone has no final norm (`VisionTransformer(final_norm=False)`, the default its SETR configs keep) and
+    the head normalises the raw last block itself (`SETRUPHead.norm`). Frozen, the weights stay in the state
+    dict (checkpoints load unchanged), out of the optimiser, and DDP finds no parameter without a gradient."""
+    lib = backbone.library_model if getattr(backbone, "library_attr", "") else backbone
+    norm = getattr(lib, "norm", None)
+    if norm is None:
+        norm = getattr(getattr(lib, "transformer", None), "norm", None)
+    if not isinstance(norm, nn.LayerNorm):
+        return None
+    return norm.requires_grad_(False)
 
 
 class SETRNaiveHead(SegHead):
@@ -73,14 +107,26 @@ class SETRNaiveHead(SegHead):
 
 
 class SETRPUPHead(SegHead):
+    """SETR-PUP (module docstring). `input_norm` (`SegmentConfig.head_input_norm`): mmseg's form of the head's
+    input (module docstring, `_freeze_final_norm`); off (the default), the head reads the backbone's dense map, the
+    last block's tokens after the backbone's own final norm. `last_block`: the block whose raw output the head
+    normalises (input_norm only)."""
+
     name = "setr_pup"
     width_arg = "channels"  # SegmentConfig.head_channels (mmseg: 256)
 
     def __init__(self, in_channels: int, num_classes: int, stride: int, extra_in_channels: int = 0,
-                 channels: int = 256):
+                 channels: int = 256, input_norm: bool = False, last_block: int = -1):
         super().__init__()
         self.extra_in_channels = extra_in_channels
         self.num_classes = num_classes
+        self.input_norm = bool(input_norm)
+        if self.input_norm:
+            # mmseg SETRUPHead.norm: LayerNorm(eps 1e-6) over each token's channels (fusion-1 channels excluded),
+            # on the last block's raw output; fusion-1 channels join that block output (SegHead.inject)
+            self.norm = nn.LayerNorm(in_channels, eps=1e-6)
+            self.needs_intermediates = (int(last_block),)
+            self.multi_level = True
         n = int(round(math.log2(stride))) if stride >= 1 else 0
         self.num_stages = n
         stages = []
@@ -102,11 +148,21 @@ class SETRPUPHead(SegHead):
         return None
 
     @classmethod
-    def from_backbone(cls, backbone, num_classes, extra_in_channels=0, **kw):
-        return cls(backbone.dense_dim, num_classes, int(backbone.stride), extra_in_channels, **kw)
+    def from_backbone(cls, backbone, num_classes, extra_in_channels=0, input_norm: bool = False, **kw):
+        if not input_norm:
+            return cls(backbone.dense_dim, num_classes, int(backbone.stride), extra_in_channels, **kw)
+        last = int(backbone.num_blocks) - 1
+        _freeze_final_norm(backbone)
+        return cls(int(backbone.intermediate_dims([last])[0]), num_classes, int(backbone.stride), extra_in_channels,
+                   input_norm=True, last_block=last, **kw)
 
     def decode(self, dense, intermediates):
         x = dense
+        if self.input_norm:
+            x = intermediates[-1]
+            c = self.norm.normalized_shape[0]
+            tokens = token_norm(self.norm, x[:, :c])
+            x = torch.cat([tokens, x[:, c:]], dim=1) if x.shape[1] > c else tokens
         for stage in self.stages:
             x = stage(x)
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
@@ -137,16 +193,11 @@ class SETRMLAHead(FourLevelHead):
         )
         self.classifier = nn.Conv2d(4 * mla_channels, num_classes, 1)
 
-    @staticmethod
-    def _token_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        """LayerNorm over the channels of every position of a (B, C, h, w) map (the tokens)."""
-        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
     def decode(self, dense, intermediates):
         if len(intermediates) != 4:
             raise ValueError(f"setr_mla expects 4 intermediate maps, got {len(intermediates)}")
         size = max((f.shape[-2:] for f in intermediates), key=lambda s: s[0] * s[1])
-        proj = [resize(p(self._token_norm(n, f)), size) for n, p, f in zip(self.norms, self.proj, intermediates)]
+        proj = [resize(p(token_norm(n, f)), size) for n, p, f in zip(self.norms, self.proj, intermediates)]
         agg = [None] * 4
         agg[3] = proj[3]
         for i in (2, 1, 0):  # top-down: each shallower stream adds the deeper aggregate
@@ -186,6 +237,16 @@ def aux_heads_refusal(head: str, backbone) -> Optional[ConfigError]:
     return None
 
 
+def block_stride(backbone, block: int) -> int:
+    """The stride of block `block`'s output: timm's `feature_info` reduction of that block (a ViT: the patch size
+    for every block; Swin: 4, 8, 16, 32 for its stages), else the backbone's stride."""
+    info = getattr(getattr(backbone, "library_model", None), "feature_info", None) \
+        if getattr(backbone, "library_attr", "") else None
+    if isinstance(info, (list, tuple)) and 0 <= int(block) < len(info) and "reduction" in info[int(block)]:
+        return int(info[int(block)]["reduction"])
+    return int(backbone.stride)
+
+
 def _split_scale(stride: int) -> tuple[int, int]:
     """Two power-of-two upsampling factors whose product is `stride` (rounded to a power of two)."""
     n = max(int(round(math.log2(stride))), 0) if stride >= 1 else 0
@@ -218,11 +279,10 @@ class SETRUPAuxHead(SegHead):
         cls.check(backbone)
         blocks = aux_blocks(backbone.num_blocks)
         dims = backbone.intermediate_dims(blocks)
-        return [cls(int(d), num_classes, b, int(backbone.stride), **kw) for b, d in zip(blocks, dims)]
+        return [cls(int(d), num_classes, b, block_stride(backbone, b), **kw) for b, d in zip(blocks, dims)]
 
     def decode(self, dense, intermediates):
-        x = intermediates[0]
-        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = token_norm(self.norm, intermediates[0])
         for stage, s in zip(self.stages, self.scales):
             x = stage(x)
             if s > 1:

@@ -1,5 +1,7 @@
 """What a grid will cost before it runs: device-hours and disk, per stage (`grid.py --dry-run` prints it,
-and a real start prints its one-line summary).
+and a real start prints its one-line summary). What depends on the stage (the split it trains on, whether
+it reads the SSL images, steps instead of epochs, the parameters trained besides the backbone) is read
+from its `core.stages` entry.
 
     device-hours of a trial = epochs x training images / throughput (images/s) / 3600 x devices
 
@@ -22,6 +24,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
+from core.stages import get_stage, stages
+
 BYTES_PER_PARAM = 4  # fp32 state dicts
 CKPT_FACTOR = 3  # last.ckpt: weights + two optimiser moments (AdamW; LARS keeps one: an upper bound)
 FIGURES_MB = 2.0
@@ -34,13 +38,13 @@ class Throughput:
 
     backbone: str
     device: str  # "cpu" | "gpu"
-    stage: str  # "pretrain" | "segment" | "any"
+    stage: str  # a stage name (core.stages) | "any"
     images_per_s: float
     image_size: int
     source: str  # where the number comes from (measured where, or "not measured: estimate from ...")
 
 
-_SMOKE = ("measured: `make run` on this project's 2-core CPU, 2026-12-01 (metrics.json images_per_s, 64 px, "
+_SMOKE = ("measured: `make run` on this project's 2-core CPU (the smoke grid's metrics.json images_per_s, 64 px, "
           "two trials at once, one core each; Barlow Twins pretraining, fine-tuning segmentation)")
 _BENCH224 = "measured on this project's 2-core CPU (BENCHMARKS.md, 224 px, batch 16, model mode)"
 _H100 = ("not measured: estimate from BENCHMARKS.md's H100 target (>= 1500 img/s, bf16, 224 px, pipeline "
@@ -51,7 +55,7 @@ _DINO = ("not measured: estimate = the H100 target x the {ratio} throughput rati
 THROUGHPUT: tuple[Throughput, ...] = (
     Throughput("vit_nano_patch8", "cpu", "pretrain", 68.0, 64, _SMOKE),
     Throughput("vit_nano_patch8", "cpu", "segment", 33.0, 64, _SMOKE + "; E2-E5 with the smoke grid's 128-wide "
-               "SETR-PUP head (34-36 img/s; E3 21), session 16"),
+               "SETR-PUP head (34-36 img/s; E3 21)"),
     Throughput("resnet_tiny", "cpu", "pretrain", 20.0, 64, _SMOKE),
     Throughput("resnet_tiny", "cpu", "segment", 28.7, 64, _SMOKE),
     Throughput("swin_nano", "cpu", "any", 13.0, 64,
@@ -116,30 +120,22 @@ def throughput(backbone: str, device: str, stage: str, image_size: int) -> tuple
 
 
 def train_images(cfg: dict, stage: str) -> tuple[int, str]:
-    """Training images per epoch of a trial's config dict, and how they were counted."""
+    """Training images per epoch of a trial's config dict, and how they were counted: the split its stage
+    trains on (`StageSpec.train_split`), or `data.ssl_root` for a stage reading the SSL images."""
     data = cfg.get("data") or {}
+    st = get_stage(stage)
     if data.get("root") is None and data.get("dataset", "voc") == "voc" and not data.get("ssl_root"):
         n, how = int(data.get("synthetic_n_train", 400)), "generated"
     else:
-        split = data.get("ssl_split", "train") if stage == "pretrain" else cfg.get("train_split", "train")
+        split = st.train_split(cfg)
         key = (data.get("dataset", "voc"), split if data.get("dataset", "voc") == "voc" else "train")
-        if data.get("ssl_root") and stage == "pretrain":
+        if data.get("ssl_root") and st.trains_on_ssl_images:
             n, how = 1_281_167, "ssl_root assumed ImageNet-1k sized"
         else:
             n, how = DATASET_IMAGES.get(key, 10_000), f"{key[0]} {key[1]}"
     if data.get("limit_train"):
         n = min(n, int(data["limit_train"]))
     return n, how
-
-
-def _head_params(cfg: dict, stage: str) -> int:
-    if stage == "pretrain":
-        dims = [int(d) for d in (cfg.get("projector") or [])]
-        emb = 0
-        if dims:
-            emb = sum(a * b for a, b in zip(dims, dims[1:]))
-        return emb
-    return 0
 
 
 @dataclass
@@ -175,7 +171,7 @@ class GridCost:
     def text(self) -> str:
         """The dry run's cost block: one line per stage, the total, and where the speeds come from."""
         out = []
-        for stage in ("pretrain", "segment"):
+        for stage in stages():
             ts = self.stage(stage)
             if not ts:
                 continue
@@ -196,7 +192,7 @@ class GridCost:
         """One line for the start of a real run."""
         h, keep, peak = self.totals()
         parts = []
-        for stage in ("pretrain", "segment"):
+        for stage in stages():
             if self.stage(stage):
                 parts.append(f"{stage} ~{_hours(self.totals(stage)[0])} h")
         measured = all(not t.source.startswith("not measured") for t in self.trials)
@@ -213,24 +209,25 @@ def _mb(mb: float) -> str:
 
 
 def estimate_trial(t) -> TrialCost:
-    """The cost of one `gridspec.TrialSpec`."""
+    """The cost of one `experiments.engine.spec.TrialSpec`."""
     cfg, stage = t.config, t.stage
+    st = get_stage(stage)
     device = "gpu" if float((t.resources or {}).get("gpu", 0) or 0) > 0 else "cpu"
     workers = int((t.resources or {}).get("workers", 1))
     size = int((cfg.get("data") or {}).get("image_size", 64))
     n, _how = train_images(cfg, stage)
-    if stage == "segment" and cfg.get("max_iters"):
-        images = int(cfg["max_iters"]) * int(cfg.get("batch_size", 1)) * workers
+    if st.iterations_field and cfg.get(st.iterations_field):  # a budget in steps: steps x global batch
+        images = int(cfg[st.iterations_field]) * int(cfg.get("batch_size", 1)) * workers
     else:
         images = int(cfg.get("epochs", 1)) * n
     ips, source = throughput(str(cfg.get("backbone")), device, stage, size)
     hours = images / max(ips, 1e-9) / 3600.0  # device-seconds: N workers at N x speed = the same total
     params = _params(str(cfg.get("backbone"))) or 0
     weights_mb = params * BYTES_PER_PARAM / 2**20
-    trained_mb = (params + _head_params(cfg, stage)) * BYTES_PER_PARAM / 2**20
+    trained_mb = (params + st.head_params(cfg)) * BYTES_PER_PARAM / 2**20
     return TrialCost(t.id, stage, device, images, hours, weights_mb + FIGURES_MB, trained_mb * CKPT_FACTOR, source)
 
 
 def estimate_grid(spec) -> GridCost:
-    """The cost of every trial of a `gridspec.GridSpec`."""
+    """The cost of every trial of an `experiments.engine.spec.GridSpec`."""
     return GridCost([estimate_trial(t) for t in spec.trials])

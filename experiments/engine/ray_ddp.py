@@ -6,14 +6,14 @@ trial's own process. The pattern is the one Ray documents for Ray Train V2 insid
 `ray.train.torch.TorchTrainer(...).fit()`, which schedules the N workers itself.
 
 Resources
-* The Tune trial reserves `DRIVER_CPU` (0.01 CPU, no GPU; experiments/grid.py) while it waits on the
+* The Tune trial reserves `DRIVER_CPU` (0.01 CPU, no GPU; experiments/engine/checks.py counts it) while it waits on the
   Train run; `ScalingConfig(num_workers=N, resources_per_worker={"CPU": cpu, "GPU": gpu},
   use_gpu=gpu > 0)` reserves the grid's per-trial `resources` for EACH worker. CPU workers use gloo,
   GPU workers NCCL (TorchConfig's default for use_gpu).
 
 Workers (`_worker`, one per rank)
-* Each worker calls the trial's run function (`experiments.trial.RunFunction`; by default
-  `experiments.trial.run_stage`, i.e. `core.runs.pretrain.run_pretrain` /
+* Each worker calls the trial's run function (`experiments.engine.runner.RunFunction`; by
+  default `experiments.engine.runner.run_stage`, i.e. `core.runs.pretrain.run_pretrain` /
   `core.runs.segment.run_segment`) with `ddp=core.runs.common.ExternalDDP(...)`: Lightning's Trainer
   gets `RayDDPStrategy()` and `RayLightningEnvironment()` and goes through `prepare_trainer`. core
   never imports ray: the Ray pieces are injected from here. The run function travels to the workers
@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Optional
+
+from experiments.engine.runner import build_config, epoch_scalars, run_stage, setup_trial_env
 
 DRIVER_CPU = 0.01  # what the Tune trial (the Train driver) reserves for itself
 STORAGE_DIR = ".ray_train"  # in the trial folder, when the payload names no Ray folder
@@ -78,7 +80,7 @@ def scaling(payload: dict) -> dict:
 # ----------------------------------------------------------------------------- driver (the Tune trial)
 def run_ddp(payload: dict, run: Optional[Callable[..., dict]] = None) -> Optional[dict]:
     """Run the trial described by `payload` as a Ray Train job whose workers call `run` (an
-    `experiments.trial.RunFunction`, default `experiments.trial.run_stage`); returns its metrics.json
+    `experiments.engine.runner.RunFunction`, default `run_stage`); returns its metrics.json
     (None if the job ended without writing it). Needs a running Ray (the grid's)."""
     from core.io import read_metrics
 
@@ -119,6 +121,7 @@ def run_ddp(payload: dict, run: Optional[Callable[..., dict]] = None) -> Optiona
     return read_metrics(out)
 
 
+
 def root_cause(e: BaseException) -> BaseException:
     """The exception a worker raised, out of Ray Train's `WorkerGroupError` / `ControllerError`: a
     twinseg error first (a user error on one rank), else the lowest rank's."""
@@ -145,8 +148,6 @@ def _worker(config: dict) -> None:
     """One DDP rank: the trial's run function on the trial folder with Ray's Lightning pieces."""
     import ray.train
     import torch
-
-    from experiments.trial import build_config, run_stage, setup_trial_env
 
     payload = config["payload"]
     tid, stage, out = payload["id"], payload["stage"], Path(payload["dir"])
@@ -184,8 +185,6 @@ def _epoch_report_callback(tid: str):
             if getattr(trainer, "sanity_checking", False):
                 return
             import ray.train
-
-            from experiments.trial import epoch_scalars
 
             ray.train.report({"trial": tid, "epoch": int(trainer.current_epoch + 1), "done_run": 0,
                               **epoch_scalars(trainer)})
