@@ -656,7 +656,8 @@ def pretraining_table(res: Results) -> Optional[Table]:
     axes = extra_axes(groups)
     fixed = ["Method", "Backbone", "Init", *[axis_header(a) for a in axes], "Seeds", "Epochs"]
     cols = pretrain_cols()
-    headers = fixed + [h for _, h, _, _ in cols] + ["Collapsed", "Device"]
+    sym = axis_header(SWEEP_AXIS)
+    headers = fixed + [h for _, h, _, _ in cols] + ["Collapsed", "Device", "Δ k-NN vs init", f"Δ k-NN vs default {sym}"]
     rows, recs = [], []
     for g in groups:
         v = g.variant
@@ -673,6 +674,9 @@ def pretraining_table(res: Results) -> Optional[Table]:
         rec.update(collapsed_record(g))
         row.append(_devices(g))
         rec["device"] = _devices(g)
+        for prefix, d in pretraining_differences(g, groups, "knn_acc"):
+            row.append(d.text if d is not None else DASH)
+            rec.update(diff_record(prefix, d) if d is not None else {})
         rec["trials"] = ";".join(t.id for t in g.trials)
         rows.append(row)
         recs.append(rec)
@@ -681,8 +685,23 @@ def pretraining_table(res: Results) -> Optional[Table]:
     for c, (key, _, _, best) in enumerate(cols, start=len(fixed)):
         if best:
             t.mark_best(c, [g.stat(key).mean for g in groups], higher=best > 0)
-    t.note = collapse_note(groups)
+    t.note = " ".join(x for x in (collapse_note(groups), DIFF_NOTE) if x)
     return t
+
+
+def pretraining_differences(g: PreGroup, groups: Sequence[PreGroup], key: str) -> list[tuple[str, Optional[Difference]]]:
+    """(CSV prefix, difference or None) of a pretraining row's `key`: after training − at initialisation (the
+    same trials: `<key>_init`), and − the row of its method's default value of the swept axis (None for
+    that row itself and for a row without the axis)."""
+    vals = seed_values(g.trials, lambda t: t.metrics.get(key))
+    init = seed_values(g.trials, lambda t: t.metrics.get(f"{key}_init"))
+    ref = None
+    if is_default(g.variant) is False:
+        ref = next((h for h in groups if is_default(h.variant)
+                    and h.variant.without(SWEEP_AXIS) == g.variant.without(SWEEP_AXIS)), None)
+    return [(f"{key}_vs_init", difference(vals, init)),
+            (f"{key}_vs_default_{SWEEP_AXIS}", difference(vals, seed_values(ref.trials, lambda t: t.metrics.get(key)))
+             if ref is not None else None)]
 
 
 # ----------------------------------------------------------------------------- collapse

@@ -209,12 +209,32 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def check_wandb(mode: str) -> None:
+WANDB_INIT_TIMEOUT_S = 30.0  # default wait for `wandb.init` online (wandb's own: 90 s plus retries)
+
+
+def check_wandb(mode: str) -> Optional[float]:
     """`wandb=online` needs credentials (WANDB_API_KEY, or a `wandb login` entry in ~/.netrc for the wandb
-    host): ConfigError (one line) otherwise, before anything is built or written; wandb itself would fail
-    deep inside the first logging call with a long traceback."""
-    if mode != "online" or os.environ.get("WANDB_API_KEY"):
-        return
+    host) and a key of the form wandb accepts: ConfigError (one line) otherwise, before anything is built or
+    written; wandb itself would fail deep inside the first logging call with a long traceback.
+    Returns the seconds `wandb.init` may wait for the server when online ($TWINSEG_WANDB_INIT_TIMEOUT,
+    default WANDB_INIT_TIMEOUT_S), None otherwise."""
+    if mode != "online":
+        return None
+    raw = os.environ.get("TWINSEG_WANDB_INIT_TIMEOUT", "").strip()
+    try:
+        timeout = float(raw) if raw else WANDB_INIT_TIMEOUT_S
+    except ValueError:
+        timeout = float("nan")
+    if not 0 < timeout < float("inf"):  # NaN fails too
+        raise ConfigError(f"TWINSEG_WANDB_INIT_TIMEOUT={raw!r} must be a number of seconds > 0 (how long wandb=online "
+                          f"waits for the wandb server; unset: {WANDB_INIT_TIMEOUT_S:g})")
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        problem = _wandb_key_problem(key)
+        if problem:
+            raise ConfigError(f"wandb=online: WANDB_API_KEY is not a wandb API key ({problem}); export the key "
+                              "shown at https://wandb.ai/authorize, or use --wandb offline and `wandb sync` later")
+        return timeout
     from urllib.parse import urlparse
 
     from pathlib import Path
@@ -223,11 +243,22 @@ def check_wandb(mode: str) -> None:
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
         if host in netrc.read_text(errors="ignore"):
-            return
+            return timeout
     except OSError:
         pass
     raise ConfigError("wandb=online needs wandb credentials (run `wandb login` or export WANDB_API_KEY); "
                       "or use --wandb offline and `wandb sync` later")
+
+
+def _wandb_key_problem(key: str) -> Optional[str]:
+    """wandb's own format check of an API key (its sentence), or None; None too where this wandb has no such
+    check (the key is then judged by the server, and a refusal is still one line: core.runs.common)."""
+    try:
+        from wandb.sdk.lib.wbauth.validation import check_api_key
+    except ImportError:
+        return None
+    problem = check_api_key(key)
+    return problem.rstrip(".") if problem else None
 
 
 # --------------------------------------------------------------------------- data
@@ -463,6 +494,10 @@ class PretrainSettings(RunSettings):
     dense_probe_steps: int = 50
     """L-BFGS iterations of the frozen dense linear probe run before and after pretraining
     (core/metrics/dense_probe.py; metrics.json dense_probe_miou); 0: no probe (null)."""
+    attn_eval_size: Optional[int] = 480
+    """Side in pixels of the square the val images and masks are resized to for the attention-mask Jaccard
+    (core/metrics/attention_jaccard.py; DINO visualize_attention.py's default image_size (480, 480)); none: the
+    training image size (data.image_size), the k-NN images as they are."""
     diagnostics_every = shared()
     wandb = shared()
     keep_checkpoints = shared()
@@ -503,6 +538,8 @@ class PretrainSettings(RunSettings):
         self.check_shared("precision", "device", "devices")
         check_positive("knn_k", self.knn_k)
         check_positive("dense_probe_steps", self.dense_probe_steps, allow_zero=True)
+        if self.attn_eval_size is not None:
+            check_range("attn_eval_size", self.attn_eval_size, 16, 4096)
         self.check_shared("diagnostics_every", "wandb", "seed")
 
     @property

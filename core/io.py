@@ -8,7 +8,9 @@ target's own folder, lets the caller fill it, fsyncs it, `os.replace`s it into p
 truncated file behind, only the old one or the new one, and the rename itself survives a power loss.
 A full disk (ENOSPC / EDQUOT) leaves the old file and raises `DiskFullError`, a `StorageError` (one line
 naming the folder, the space needed when known, and how to resume) that is also an `OSError`.
-Helpers: `atomic_write_bytes`, `atomic_write_text`, `atomic_write_json`, `atomic_save_figure`. tests/test_io.py checks that no other module renames a temp
+Helpers: `atomic_write_bytes`, `atomic_write_text`, `atomic_write_json`, `atomic_save_figure`,
+`atomic_torch_save` (weights, checkpoints: serialised in memory first, so a full disk is that one line and not
+torch's `inline_container.cc` RuntimeError). tests/test_io.py checks that no other module renames a temp
 file into place itself.
 """
 
@@ -142,6 +144,20 @@ def atomic_write_json(path: Path, obj: Any, *, default: Optional[Callable[[Any],
                       what: Optional[str] = None) -> Path:
     """Create `path` atomically holding `obj` as indented JSON plus a final newline."""
     return atomic_write_text(path, json.dumps(obj, indent=2, default=default) + "\n", what=what)
+
+
+def atomic_torch_save(obj: Any, path: Path, *, what: Optional[str] = None) -> Path:
+    """`torch.save(obj)` to `path` atomically. The object is serialised into memory first (one extra copy of
+    its tensors' bytes: a few hundred MB for the largest backbone), then written with `atomic_write_bytes`:
+    torch's own file writer turns ENOSPC into a `RuntimeError: [enforce fail at inline_container.cc]` that
+    no longer says the disk is full, and its size is unknown until the end."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getbuffer(), what=what)
 
 
 def atomic_save_figure(fig, path: Path, dpi: int = 100) -> Path:

@@ -378,6 +378,15 @@ class Storage:
                            else info.path[len(base) + 1:])
         return sorted(out)
 
+    def list_dirs(self, rel: str = "") -> list[str]:
+        """The names of the folders directly under `rel` (sorted); [] when there is none. On an object store a
+        folder is a common prefix of objects."""
+        from pyarrow import fs as pafs
+
+        infos = self._call("list", rel, self.fs.get_file_info,
+                           pafs.FileSelector(self._path(rel), allow_not_found=True, recursive=False))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
     # ----- folders
     def _unchanged(self, local: Path, rel: str) -> bool:
         st = local.stat()

@@ -40,7 +40,7 @@ import torch
 
 from core.config import BASE_SOURCES
 from core.errors import ConfigError, StorageError, WeightsError
-from core.io import atomic_write
+from core.io import atomic_torch_save, atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCES = BASE_SOURCES + ("checkpoint:PATH",)  # the names are declared once, in core.config (no torch import)
@@ -484,7 +484,7 @@ def export_backbone(backbone, path: str | os.PathLike, *, plain: bool = False,
     sd = {k: v.detach().cpu().clone() for k, v in backbone.library_model.state_dict().items()}
     obj = sd if plain else {"arch": backbone.name, "library_arch": backbone.library_arch,
                             "state_dict": sd, **(extra or {})}
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # temp file + fsync + rename in the same folder
+    atomic_torch_save(obj, path)  # in memory, then temp file + fsync + rename; a full disk: one line
     return path
 
 

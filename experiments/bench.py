@@ -2,7 +2,7 @@
 """Throughput benchmark: images/s, peak memory and MFU of ONE training step of a run config.
 
     python experiments/bench.py                                   # CPU-sized default, < 2 min on 2 cores
-    python experiments/bench.py --method vicreg --backbone resnet_tiny --mode model
+    python experiments/bench.py --method dino --backbone resnet_tiny --mode model
     python experiments/bench.py --evaluation E2 E4 --backbone vit_nano_patch8 --mode model
     python experiments/bench.py --backbone resnet50 vit_small_patch16 --image-size 224 \\
         --batch-size 256 --precision bf16 --projector 8192-8192-8192 --json bench.json --markdown

@@ -22,7 +22,7 @@ images / seconds / workers, and its ratio to ``--target`` (190 img/s per worker 
 8 workers, with some headroom). ``img/cpu-s`` = images per CPU-second of the worker processes (user + system
 time from /proc): what a worker gives with a core to itself, the number to compare on a shared, loaded
 machine where wall-clock img/s mostly measures waiting for a core. ``bytes/img`` is the size of one image's
-share of the batch handed over (uint8 since issue 19: a quarter of float32's).
+share of the batch handed over (uint8: a quarter of float32's).
 Without ``--root`` the JPEGs are generated once (`core.data.synthetic`, ``--generate`` images, half
 500x375, half 375x500) under ``data/bench-loader-<n>``. A bad flag ends in one ``twinseg: error: ...`` line,
 exit status 2. ``main(argv) -> int`` is what ``experiments/bench.py --suite loader`` calls.
@@ -47,7 +47,7 @@ from core.cli import guard  # noqa: E402
 from core.errors import ConfigError  # noqa: E402
 
 RECIPES = ("bt", "dino", "seg", "seg_mmseg")
-TARGET = 190.0  # img/s per worker: 1,500 img/s per GPU with 8 workers (issue 19)
+TARGET = 190.0  # img/s per worker: 1,500 img/s per GPU with 8 workers
 VOC_SIZES = ((500, 375), (375, 500))
 
 

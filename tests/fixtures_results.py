@@ -50,7 +50,7 @@ EVAL_SPEC = {  # evaluation -> (backbone kind, head, fusion, pretraining method)
 EVAL_BASE = {"E1": 30.0, "E2": 40.0, "E3": 44.0, "E4": 47.0, "E5": 45.0}
 METHOD_LABEL = {"barlow_twins": "Barlow Twins", "dino": "DINO", "vicreg": "VICReg"}
 METHOD_SHORT = {"barlow_twins": "bt", "dino": "dino", "vicreg": "vicreg"}
-STAGE1_AXES = ("backbone", "source", "method", "lambd", "seed")  # experiments/gridspec.py stage1_axes() order
+STAGE1_AXES = ("backbone", "source", "method", "lambd", "seed")  # experiments/engine/axes.py stage1_axes() order
 
 
 def _defaults(cls_path: str) -> dict:
@@ -178,14 +178,26 @@ def pretrain_labels(method: str, backbone: str, lambd: float, seed: int) -> dict
     return {k: vals[k] for k in STAGE1_AXES}
 
 
+CONTROL_OFFSET = {"random": -6.0, "imagenet": -2.0}  # mIoU of a control below the pretrained rows (others: -1)
+DATASET_OFFSET = {"voc": 0.0, "coco_stuff": -15.0}
+
+
+def control_jitter(seed: int) -> float:
+    """A control's seed-to-seed noise, unlike the pretrained rows' (so a difference has a spread)."""
+    return (0.0, 1.3, -0.4, 0.9)[seed % 4]
+
+
 def segment_metrics(evaluation: str, backbone: str, head: str, fusion: str, source: str, seed: int,
-                    lambd: Optional[float]) -> dict:
-    base = EVAL_BASE[evaluation] + 2.0 * seed + (10.0 * lambd if lambd is not None else 0.0)
+                    lambd: Optional[float], dataset: str = "voc", control: Optional[str] = None) -> dict:
+    """metrics.json of a segmentation run; `control`: the weight source of a trial that used no stage-1 run."""
+    base = EVAL_BASE[evaluation] + 2.0 * seed + (10.0 * lambd if lambd is not None else 0.0) + DATASET_OFFSET[dataset]
+    if control is not None:
+        base += CONTROL_OFFSET.get(control, -1.0) + control_jitter(seed)
     iou = [round(base + ((7 * i + 3 * seed) % 11) - 5.0, 4) for i in range(len(VOC_CLASSES))]
     miou = float(np.mean(iou))
     return {
         "stage": SEGMENT.name, "evaluation": evaluation, "backbone": backbone, "head": head, "fusion": fusion,
-        "source": source, "mode": "finetune", "seed": seed, "mIoU": miou, "aAcc": 70.0 + miou / 4,
+        "source": source, "dataset": dataset, "mode": "finetune", "seed": seed, "mIoU": miou, "aAcc": 70.0 + miou / 4,
         "mAcc": miou + 5.0, "IoU": iou, "class_names": list(VOC_CLASSES),
         "wall_time_s": 50.0 + seed, "device_seconds": 45.0 + seed, "device": "cpu", "images_per_s": 80.0,
         "peak_mem_mb": 250.0,
@@ -233,6 +245,8 @@ def build_results(
     dir_style: str = "absolute",  # how summary.json spells "dir": absolute | relative
     vicreg: bool = True,  # one VICReg pretraining trial (first seed); never in a legacy folder
     legacy: bool = False,  # the format written before summary labels (see the module docstring)
+    datasets: Iterable[str] = ("voc",),  # stage-2 datasets: every segmentation trial once per dataset
+    controls: Iterable[tuple[str, str]] = (),  # (evaluation, source) of `from: none` trials, one per seed
 ) -> Built:
     """Write a results folder under `root`; return what was written.
 
@@ -301,6 +315,32 @@ def build_results(
             pre_ids[(method, backbone, lam, s)] = tid
 
     # ------------------------------------------------------------------ stage 2
+    datasets = list(datasets)
+    for ds in datasets:
+        _stage2(add, root, ds, "" if len(datasets) == 1 else f"_{ds}", evaluations, vit, cnn, lambdas, seeds, epochs,
+                partial, pre_ids, pre_labels, seg_cfg0, list(controls))
+
+    if summary:
+        (root / "summary.json").write_text(json.dumps(
+            {"grid": grid, "created": "2025-01-01T00:00:00+00:00", "trials": entries}, indent=2))
+        (root / "grid.yaml").write_text(f"name: {grid}\n")
+    return built
+
+
+def _stage2(add, root: Path, ds: str, suffix: str, evaluations, vit, cnn, lambdas, seeds, epochs, partial, pre_ids,
+            pre_labels, seg_cfg0, controls) -> None:
+    """The segmentation trials of one dataset (`suffix` ends their ids when there are several datasets)."""
+    cfg_ds = {**seg_cfg0, "data": {**(seg_cfg0.get("data") or {}), "dataset": ds}}
+    for ev, source in controls:  # controls: no stage-1 trial, weights from `source`
+        kind, head, fusion, _ = EVAL_SPEC[ev]
+        backbone = cnn if kind == "cnn" else vit
+        for s in seeds:
+            tid = f"seg-{ev}-{source}-{backbone}-s{s}{suffix}"
+            cfg = {**cfg_ds, "evaluation": ev, "backbone": backbone, "head": head, "fusion": fusion, "source": source,
+                   "seed": s, "epochs": epochs}
+            m = segment_metrics(ev, backbone, head, fusion, source, s, None, ds, control=source)
+            add(tid, SEGMENT.name, cfg, m, _segment_history(m, epochs), ["predictions_epoch002.png"],
+                labels={"evaluation": ev, "from": None})
     for ev in evaluations:
         kind, head, fusion, method = EVAL_SPEC[ev]
         backbone = cnn if kind == "cnn" else vit
@@ -308,12 +348,13 @@ def build_results(
         for lam in lams:
             for s in seeds:
                 pid = pre_ids[(method, backbone, lam, s)]
-                tid = f"segment_{ev}_{backbone}" + (f"_l{lam:g}" if method == "barlow_twins" else "_dino") + f"_s{s}"
+                tid = (f"segment_{ev}_{backbone}" + (f"_l{lam:g}" if method == "barlow_twins" else "_dino")
+                       + f"_s{s}{suffix}")
                 source = f"checkpoint:{root / 'trials' / pid / 'backbone.pt'}"
-                cfg = {**seg_cfg0, "evaluation": ev, "backbone": backbone, "head": head, "fusion": fusion,
+                cfg = {**cfg_ds, "evaluation": ev, "backbone": backbone, "head": head, "fusion": fusion,
                        "source": source, "seed": s, "epochs": epochs}
                 m = segment_metrics(ev, backbone, head, fusion, source, s,
-                                    lam if method == "barlow_twins" else None)
+                                    lam if method == "barlow_twins" else None, ds)
                 status, reason, write_metrics = "done", "", True
                 if partial and s == seeds[-1]:
                     if ev == "E5":
@@ -326,9 +367,3 @@ def build_results(
                 add(tid, SEGMENT.name, cfg, m, _segment_history(m, epochs) if status == "done" else [],
                     figs if status == "done" else [], status, reason, [pid], write_metrics,
                     labels={"evaluation": ev, **pre_labels[pid], "from": pid})
-
-    if summary:
-        (root / "summary.json").write_text(json.dumps(
-            {"grid": grid, "created": "2025-01-01T00:00:00+00:00", "trials": entries}, indent=2))
-        (root / "grid.yaml").write_text(f"name: {grid}\n")
-    return built

@@ -140,3 +140,59 @@ def test_attention_jaccard_on_a_vit_and_the_generated_data(voc_data_cfg):
     assert 0.0 <= out["best"] <= 100.0 and len(out["per_head"]) == bb.num_heads
     assert 0 <= out["best_head"] < bb.num_heads and out["best"] >= max(out["per_head"]) - 1e-9
     assert bb.training  # the mode is restored
+
+
+def test_dino_255_convention_counts_the_band_in_the_union():
+    """`best_255` (metrics.json attn_jaccard_dino): DINO's snippet, ``union = (masko + th_attn) > 0`` over every
+    pixel, so a head covering the 255 band loses; `best` leaves the band out."""
+    head_a = torch.tensor([[0.7, 0.1], [0.1, 0.1]])
+    head_b = torch.tensor([[0.05, 0.05], [0.45, 0.45]])
+    mask1 = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [2, 2, 2, 2], [2, 2, 255, 255]])
+    mask3 = torch.zeros(4, 4, dtype=torch.long)
+    mask3[:, 2:] = 3
+    maps = torch.stack([torch.stack([head_a, head_b])] * 2)
+    out = attention_jaccard(_FixedSaliency([maps]), [(torch.zeros(2, 3, 16, 16), [mask1, mask3])])
+    # image 1: object 1 -> 1; object 2: head b keeps the 8 bottom pixels, 2 of them 255 -> 6 / 8 (DINO) vs 6 / 6
+    # image 3: no 255 -> both 1/3
+    assert out["best_255"] == pytest.approx(100 * ((1 + 0.75) / 2 + 1 / 3) / 2)
+    assert out["best"] == pytest.approx(100 * (1 + 1 / 3) / 2) and out["best"] > out["best_255"]
+
+
+def test_eval_size_loader_squares_images_and_masks_and_crops_to_the_patch_grid(voc_data_cfg):
+    """`dino_eval_loader`: images and masks at (size, size) (DINO visualize_attention.py Resize((480, 480)));
+    with crop=True a size that is not a multiple of the patch scores as the image cropped to the grid."""
+    from torch.utils.data import DataLoader
+
+    from core.data.module import KNNDataset, data_root
+    from core.data.voc import VOCSegmentation
+    from core.metrics.attention_jaccard import dino_eval_loader
+    from core.models.registry import create_backbone
+
+    seg = VOCSegmentation(data_root(voc_data_cfg), "val", limit=6)
+    loader = dino_eval_loader(DataLoader(KNNDataset(seg, 32), batch_size=4), 44)
+    batches = list(loader)
+    x, masks = batches[0]
+    assert x.shape[1:] == (3, 44, 44) and all(m.shape == (44, 44) for m in masks)
+    assert sum(len(m) for _, m in batches) == 6
+    _, m0 = seg[0]
+    assert set(masks[0].unique().tolist()) <= set(torch.as_tensor(m0).unique().tolist())  # nearest: no new labels
+    torch.manual_seed(0)
+    bb = create_backbone("vit_nano_patch8", image_size=32)
+    got = attention_jaccard(bb, loader, crop=True)
+    cropped = [(xb[..., :40, :40], [m[:40, :40] for m in mb]) for xb, mb in batches]  # 44 -> 5 x 8 px
+    want = attention_jaccard(bb, cropped)
+    assert got["best"] == pytest.approx(want["best"]) and got["best_255"] == pytest.approx(want["best_255"])
+    assert got["images"] == want["images"] > 0
+    assert dino_eval_loader(None, 480) is None  # no masks (imagefolder): no score
+
+
+@pytest.mark.parametrize("bad", [8, 0, -480, 5000, "480px", True])
+def test_attn_eval_size_bad_values_are_refused_in_one_line(bad):
+    from core.config import PretrainConfig
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"attn_eval_size") as e:
+        PretrainConfig.from_dict({"attn_eval_size": bad})
+    assert "\n" not in str(e.value)
+    assert PretrainConfig.from_dict({"attn_eval_size": None}).attn_eval_size is None
+    assert PretrainConfig().attn_eval_size == 480

@@ -210,9 +210,17 @@ def test_stage_config_refuses_a_misplaced_shared_field():
     (SegmentConfig, {"device": "tpu"}, "device='tpu' is not allowed; choose one of: auto, cpu, cuda"),
     (PretrainConfig, {"wandb": "cloud"}, "wandb='cloud' is not allowed; choose one of: offline, online, disabled"),
     (SegmentConfig, {"devices": 0}, "devices=0 must be > 0"),
-    (SegmentConfig, {"weight_decay": -1}, "weight_decay=-1.0 must be >= 0"),
+    (SegmentConfig, {"weight_decay": -1}, "weight_decay=-1.0 is out of range: it must be >= 0 and <= 100"),
     (PretrainConfig, {"diagnostics_every": -1}, "diagnostics_every=-1 must be >= 0"),
-    (SegmentConfig, {"batch_size": 0}, "batch_size=0 must be > 0"),
+    (SegmentConfig, {"batch_size": 0}, "batch_size=0 is out of range: it must be >= 1 and <= 65536"),
+    (PretrainConfig, {"seed": -1}, "seed=-1 is out of range: it must be >= 0 and <= 4294967295"),
+    (SegmentConfig, {"seed": 2**32}, "seed=4294967296 is out of range: it must be >= 0 and <= 4294967295"),
+    (PretrainConfig, {"epochs": 10**30}, f"epochs={10**30} is out of range: it must be >= 1 and <= 100000"),
+    (PretrainConfig, {"batch_size": 10**21}, f"batch_size={10**21} is out of range: it must be >= 1 and <= 65536"),
+    (SegmentConfig, {"lr": 1e308}, "lr=1e+308 is out of range: it must be > 0 and <= 1e+06"),
+    (PretrainConfig, {"lr": 0}, "lr=0.0 is out of range: it must be > 0 and <= 1e+06"),
+    (SegmentConfig, {"max_iters": 10**9}, "max_iters=1000000000 is out of range: it must be >= 1 and <= 100000000"),
+    (SegmentConfig, {"data": {"synthetic_seed": -3}}, "data.synthetic_seed=-3 is out of range"),
 ])
 def test_shared_fields_are_validated_in_both_stages(cls, d, needle):
     with pytest.raises(ConfigError) as e:

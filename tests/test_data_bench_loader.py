@@ -1,4 +1,4 @@
-"""experiments/bench_loader.py: one loader worker's img/s per recipe (issue 19) on a tiny set; bad flags."""
+"""experiments/bench_loader.py: one loader worker's img/s per recipe on a tiny set; bad flags."""
 
 from __future__ import annotations
 

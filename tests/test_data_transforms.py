@@ -181,7 +181,7 @@ def test_eval_transform_and_denormalize():
     assert len(MEAN) == len(STD) == 3
 
 
-# --------------------------------------------------------------------------- uint8 loaders (issue 19)
+# --------------------------------------------------------------------------- uint8 loaders
 def _old_gpu_views(sizes, scales, img):
     """The float views the gpu_augment path made before the loaders handed uint8 (PIL/tensor -> ToImage per
     view -> crop -> flip -> float [0, 1])."""

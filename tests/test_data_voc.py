@@ -256,7 +256,7 @@ def test_bad_split_and_policy(voc_root):
     _one_line(e, "ignore", "skip")
 
 
-# --------------------------------------------------------------------------- split lists, 16-bit files, void val (issue 18)
+# --------------------------------------------------------------------------- split lists, 16-bit files, void val
 def _split(root, name):
     return _voc(root) / "ImageSets/Segmentation" / f"{name}.txt"
 

@@ -62,21 +62,25 @@ BAD["stage2"]["evaluations"] = [
 ]
 
 
+def offline_env(mp: pytest.MonkeyPatch, cwd: Path, gpus: int = 0) -> Path:
+    """Make `cwd` a fresh working folder holding an empty weights folder and the data cache; offline; `gpus`
+    GPUs seen; `import ray` fails."""
+    (cwd / "weights").mkdir(parents=True)
+    mp.chdir(cwd)
+    mp.setenv("TWINSEG_WEIGHTS", str(cwd / "weights"))
+    mp.setenv("TWINSEG_DATA_DIR", str(cwd / "data"))  # a generated dataset would show up here
+    mp.setenv("TWINSEG_OFFLINE", "1")
+    mp.delenv("TWINSEG_ONLINE", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    mp.setattr(checks, "local_gpu_count", lambda: gpus)
+    mp.setitem(sys.modules, "ray", None)  # `import ray` -> ImportError: Ray is never started
+    return cwd
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    """A fresh working folder (cwd) holding an empty weights folder and the data cache; offline; no
-    GPU; `import ray` fails."""
-    cwd = tmp_path / "cwd"
-    (cwd / "weights").mkdir(parents=True)
-    monkeypatch.chdir(cwd)
-    monkeypatch.setenv("TWINSEG_WEIGHTS", str(cwd / "weights"))
-    monkeypatch.setenv("TWINSEG_DATA_DIR", str(cwd / "data"))  # a generated dataset would show up here
-    monkeypatch.setenv("TWINSEG_OFFLINE", "1")
-    monkeypatch.delenv("TWINSEG_ONLINE", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(checks, "local_gpu_count", lambda: 0)
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` -> ImportError: Ray is never started
-    return cwd
+    """`offline_env` in tmp_path/cwd, no GPU."""
+    return offline_env(monkeypatch, tmp_path / "cwd")
 
 
 def _grid(tmp_path: Path, doc: dict, name: str) -> Path:
@@ -212,8 +216,12 @@ def test_paper_dry_run_names_every_missing_weight_file(voc_root, env, capsys):
         assert len(hits) == 1, (pair, err)
         assert f"python -m core.weights fetch --source {pair[0]} --backbone {pair[1]}" in hits[0]
     # the VOC layout is fine; stage 2 trains on trainaug, whose SBD layout this tree lacks: one line
-    data = [ln for ln in err if "data.root=" in ln]
+    data = [ln for ln in err if ln.startswith("twinseg: error: paper.yaml: data.root=")]
     assert len(data) == 1 and "split 'trainaug' needs" in data[0] and "SegmentationClassAug" in data[0], err
+    # and COCO-Stuff's own folder (data/coco_stuff under the current folder) is missing: one line naming its key
+    coco = [ln for ln in err if "coco_stuff" in ln and "data.root=" in ln]
+    assert len(coco) == 1 and coco[0].startswith(
+        f"twinseg: error: paper.yaml: stage2.datasets.coco_stuff.data.root={env / 'data' / 'coco_stuff'} ("), err
     assert all(ln.startswith("twinseg: error: paper.yaml: ") for ln in err), err
     assert "plan     grid paper (paper.yaml)" in out and "cluster  assumed: this machine" in out
 
@@ -225,7 +233,7 @@ def test_paper_dry_run_accepts_a_tree_with_the_sbd_layout(tmp_path, env, capsys)
     root = generate_voc(tmp_path / "voc", n_train=4, n_val=2, size=32, seed=0, trainaug=True)
     rc, _out, err = _main(capsys, "--grid", "paper", "--data-root", str(root), "--dry-run")
     assert rc == 2  # the weight files are still missing
-    assert not any("data.root=" in ln for ln in err), err
+    assert not any(ln.startswith("twinseg: error: paper.yaml: data.root=") for ln in err), err
 
 
 def test_dry_run_reports_an_impossible_pair_in_a_paper_like_grid(voc_root, tmp_path, env, capsys):
@@ -241,7 +249,7 @@ def test_dry_run_reports_an_impossible_pair_in_a_paper_like_grid(voc_root, tmp_p
     assert rc == 2
     pair = [ln for ln in err if "source imagenet has no weights for backbone vit_small_patch8" in ln]
     assert len(pair) == 1 and "pt-vit_small_patch8-imagenet-bt-l0.0051-s0" in pair[0], err
-    assert "and 1 segmentation trial(s) from them" in pair[0]
+    assert "and 2 segmentation trial(s) from them" in pair[0]  # its E2 on VOC and on COCO-Stuff
     assert "pt-vit_small_patch8-imagenet" not in out  # not in the plan
     assert "pt-vit_small_patch8-random-bt-l0.0051-s0" in out
 
@@ -251,3 +259,66 @@ def test_problem_lines_have_one_format():
     assert pr.line == "g.yaml: stage2.evaluations[0] (3 trials: a, b, +1 more): x is wrong; fix it"
     assert spec.Problem("g.yaml", "k", "bad; fix").line == "g.yaml: k: bad; fix"
     assert os.linesep not in pr.line
+
+
+# ----------------------------------------------------------------------------- --json, COCO-Stuff folders
+def _two_datasets(coco_root) -> dict:
+    doc = copy.deepcopy(CLEAN)
+    doc["stage2"]["datasets"] = {"voc": {}, "coco_stuff": {"data": {"root": str(coco_root), "coco_labels": "fine"}}}
+    return doc
+
+
+def test_dry_run_names_a_missing_coco_stuff_folder(tmp_path, env, capsys):
+    """A stage-2 dataset's folder is checked like data.root: one line naming its key, its trials and the fix; a
+    generated COCO-Stuff-layout tree passes."""
+    from core.data.synthetic import generate_coco_stuff
+
+    rc, _out, err = _main(capsys, "--grid", str(_grid(tmp_path, _two_datasets("missing/coco"), "two")), "--dry-run")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (
+        f"twinseg: error: two.yaml: stage2.datasets.coco_stuff.data.root={env / 'missing' / 'coco'} (2 trials: "
+        f"seg-E1-coco_stuff-from-{RES}, seg-E4-coco_stuff-from-{VIT}): does not exist; set "
+        "stage2.datasets.coco_stuff.data.root in the grid file to the folder that holds images/ and "
+        "stuffthingmaps_trainval2017/ (COCO-Stuff 164k) (a relative path: from the current folder)")
+    # a folder without the layout: the data layer's own line, at the same key
+    (tmp_path / "empty").mkdir()
+    rc, _out, err = _main(capsys, "--grid", str(_grid(tmp_path, _two_datasets(tmp_path / "empty"), "two")), "--dry-run")
+    assert rc == 2 and len(err) == 1 and "stage2.datasets.coco_stuff.data.root=" in err[0], err
+    assert "COCO-Stuff folder" in err[0] and "is missing" in err[0]
+    root = generate_coco_stuff(tmp_path / "coco", n_train=4, n_val=2, size=32, seed=0)
+    before = _listing(env)
+    rc, out, err = _main(capsys, "--grid", str(_grid(tmp_path, _two_datasets(root), "two")), "--dry-run")
+    assert rc == 0 and err == [], err
+    assert f"seg-E4-coco_stuff-from-{VIT}" in out and f"seg-E4-from-{VIT}" in out
+    assert _listing(env) == before
+
+
+def test_dry_run_json_is_one_document_with_every_trial_and_problem(tmp_path, env, capsys):
+    import json
+
+    rc, out, err = _main(capsys, "--grid", str(_grid(tmp_path, CLEAN, "clean")), "--dry-run", "--json")
+    assert rc == 0 and err == [], err
+    doc = json.loads(out)  # nothing but the JSON on stdout
+    assert set(doc) == {"trials", "problems"} and doc["problems"] == []
+    assert [t["id"] for t in doc["trials"]] == [VIT, RES, f"seg-E1-from-{RES}", f"seg-E4-from-{VIT}"]
+    for t in doc["trials"]:
+        assert set(t) == {"id", "stage", "depends_on", "resources", "config"}
+    seg = doc["trials"][3]
+    assert seg["stage"] == "segment" and seg["depends_on"] == [VIT] and seg["resources"] == {"cpu": 1, "gpu": 0}
+    assert seg["config"]["fusion"] == "affinity" and seg["config"]["data"]["dataset"] == "voc"
+    # problems: the same lines as the text dry run's stderr (without the prefix), exit 2, stderr quiet
+    bad = _grid(tmp_path, BAD, "bad")
+    rc_text, _out, err_text = _main(capsys, "--grid", str(bad), "--dry-run")
+    rc, out, err = _main(capsys, "--grid", str(bad), "--dry-run", "--json")
+    assert rc == rc_text == 2 and err == []
+    doc = json.loads(out)
+    assert doc["problems"] == [ln[len("twinseg: error: "):] for ln in err_text] and len(doc["problems"]) == 4
+    assert f"seg-E3-from-{RES}" in [t["id"] for t in doc["trials"]]
+
+
+def test_json_without_dry_run_is_one_line(tmp_path, env, capsys):
+    before = _listing(env)
+    rc, out, err = _main(capsys, "--grid", str(_grid(tmp_path, CLEAN, "clean")), "--json")
+    assert rc == 2 and out == "" and len(err) == 1, err
+    assert err[0].startswith("twinseg: error: --json prints the plan of a dry run; add --dry-run")
+    assert _listing(env) == before

@@ -69,7 +69,7 @@ BAD = [
     ("stage1.settings.epochz", 3, ["bad.yaml: stage1.settings.epochz is not a PretrainConfig field", "did you mean epochs"]),
     ("stage1.axes.lambd", [0.0051, -0.1], ["bad.yaml: stage1.axes.lambd[1]=-0.1 must be >= 0"]),
     ("stage1.settings.epochs", "ten", ["bad.yaml: stage1.settings.epochs='ten' must be an integer"]),
-    ("stage1.settings.epochs", -2, ["bad.yaml: stage1.settings.epochs=-2 must be > 0"]),
+    ("stage1.settings.epochs", -2, ["bad.yaml: stage1.settings.epochs=-2 ", ">= 1"]),
     ("stage1.axes.backbone", [], ["bad.yaml: stage1.axes.backbone is an empty list"]),
     ("stage1.axes.backbone", ["vit_huge"], ["bad.yaml: stage1.axes.backbone[0]='vit_huge' is not known", "resnet_tiny"]),
     ("stage1.axes.method", ["simclr"], ["bad.yaml: stage1.axes.method[0]='simclr' is not allowed", "barlow_twins"]),
@@ -95,6 +95,47 @@ BAD = [
     ("stage1.settings.dino", {"out_dim": 0}, ["bad.yaml: stage1.settings.dino.out_dim=0 must be > 0"]),
     ("stage1.exclude", [{"backbone": "swin_nano"}], ["bad.yaml: stage1.exclude[0]=", "matches no stage-1 combination"]),
     ("stage2.evaluations.0.evaluation", "E9", ["bad.yaml: stage2.evaluations[0].evaluation='E9' is not a preset"]),
+    # the stage-2 dataset axis
+    ("stage2.datasets", {"cityscapes": {}}, ["bad.yaml: stage2.datasets.cityscapes is not a known key",
+                                             "allowed: voc, coco_stuff"]),
+    ("stage2.datasets", {}, ["bad.yaml: stage2.datasets is empty"]),
+    ("stage2.datasets", ["voc"], ["bad.yaml: stage2.datasets must be a mapping"]),
+    ("stage2.datasets", {"coco_stuff": {"data": {"dataset": "voc"}}},
+     ["bad.yaml: stage2.datasets.coco_stuff.data.dataset is the block's key (coco_stuff)"]),
+    ("stage2.datasets", {"coco_stuff": {"max_iterz": 5}},
+     ["bad.yaml: stage2.datasets.coco_stuff.max_iterz is not a SegmentConfig field", "did you mean max_iters"]),
+    ("stage2.datasets", {"coco_stuff": {"train_split": "trainaug"}},
+     ["bad.yaml: stage2.datasets.coco_stuff.train_split=trainaug needs data.dataset=voc"]),
+    ("stage2.datasets", {"coco_stuff": {"data": {"coco_labels": "medium"}}},
+     ["bad.yaml: stage2.datasets.coco_stuff.data.coco_labels='medium' is not allowed", "fine, coarse"]),
+    ("stage2.datasets", {"voc": {}, "coco_stuff": {"settings": {"epochs": 1}}},
+     ["bad.yaml: stage2.datasets.coco_stuff.settings is not a SegmentConfig field"]),
+    ("stage2.evaluations.0.datasets", ["coco_stuff"],
+     ["bad.yaml: stage2.evaluations[0].datasets[0]='coco_stuff' is not a dataset of this grid", "choose one of: voc",
+      "(declared in data.dataset)"]),
+    ("stage2.evaluations.0.datasets", [], ["bad.yaml: stage2.evaluations[0].datasets is an empty list"]),
+    ("stage2.evaluations.0.settings", {"data": {"dataset": "coco_stuff"}},
+     ["bad.yaml: stage2.evaluations[0].settings.data.dataset is the dataset axis", "stage2.evaluations[0].datasets"]),
+    ("stage2.overrides", [{"match": {"datasett": "voc"}, "set": {"lr": 0.01}}],
+     ["bad.yaml: stage2.overrides[0].match.datasett is not a known key", "did you mean dataset"]),
+    # a standalone entry's axes
+    ("stage2.evaluations.0.axes", {"seed": [0, 1]},
+     ["bad.yaml: stage2.evaluations[0].axes applies to from: none only"]),
+    ("stage2.evaluations.1", {"evaluation": "E2", "from": "none", "axes": {"method": ["dino"]}},
+     ["bad.yaml: stage2.evaluations[1].axes.method is not a known key", "allowed: backbone, source, seed"]),
+    ("stage2.evaluations.1", {"evaluation": "E2", "from": "none", "axes": {"seed": [0, 0]}},
+     ["bad.yaml: stage2.evaluations[1].axes.seed[1]=0 is listed twice"]),
+    ("stage2.evaluations.1", {"evaluation": "E2", "from": "none", "axes": {"seed": []}},
+     ["bad.yaml: stage2.evaluations[1].axes.seed is an empty list"]),
+    ("stage2.evaluations.1", {"evaluation": "E2", "from": "none", "axes": {"seed": [[0, 1]]}},
+     ["bad.yaml: stage2.evaluations[1].axes.seed[0]=[0, 1] must be a single value"]),
+    ("stage2.evaluations.1", {"evaluation": "E2", "from": "none", "settings": {"seed": 1}, "axes": {"seed": [0]}},
+     ["bad.yaml: stage2.evaluations[1].settings.seed is also given by stage2.evaluations[1].axes.seed"]),
+    ("stage2.evaluations.1", {"evaluation": "E2", "from": "none",
+                              "axes": {"backbone": "vit_nano_patch8", "seed": [0, -1]}},
+     ["bad.yaml: stage2.evaluations[1].axes.seed[1]=-1"]),
+    ("stage2.evaluations.1", {"evaluation": "E2", "from": "none", "axes": {"source": ["imagenet21k"]}},
+     ["bad.yaml: stage2.evaluations[1].axes.source[0]='imagenet21k'", "checkpoint:PATH"]),
 ]
 
 
@@ -181,7 +222,10 @@ def test_paper_expansion_and_overrides(tmp_path):
     g = expand.load_grid(gridfile.resolve_grid("paper"), {"data_root": str(tmp_path), "wandb": "disabled",
                                                             "max_concurrent": 3}, check_models=False)
     assert g.wandb == "disabled" and g.max_concurrent == 3
-    assert all(t.config["data"]["root"] == str(tmp_path) for t in g.trials)
+    # --data-root is VOC's folder; COCO-Stuff (another stage-2 dataset) keeps its own
+    assert all(t.config["data"]["root"] == str(tmp_path) for t in g.trials if t.config["data"]["dataset"] == "voc")
+    coco = [t for t in g.trials if t.config["data"]["dataset"] == "coco_stuff"]
+    assert coco and all(t.config["data"]["root"] == "data/coco_stuff" for t in coco)
     assert {t.config["seed"] for t in g.trials} == {0, 1, 2}
     assert any(t.resources["gpu"] == 0.5 for t in g.stage("segment"))
     official = [t for t in g.trials if t.id.startswith("seg-E5-official")]
@@ -391,3 +435,70 @@ def test_image_size_problem_is_one_line_for_both_stages(tmp_path):
     assert line.startswith("bad.yaml: data.image_size=36 (2 trials: pt-vit_nano_patch8-random-bt-l0.0051-s0, "
                            "seg-E4-from-pt-vit_nano_patch8-random-bt-l0.0051-s0): does not fit backbone vit_nano_patch8: ")
     assert "patch size 8" in line
+
+
+# ----------------------------------------------------------------------------- the stage-2 dataset axis
+def _two_datasets() -> dict:
+    doc = copy.deepcopy(BASE)
+    doc["data"]["root"] = "/somewhere/voc"
+    doc["stage2"]["datasets"] = {"voc": {"epochs": 2}, "coco_stuff": {"epochs": 3, "data": {"coco_labels": "fine"}}}
+    doc["stage2"]["overrides"] = [{"match": {"dataset": "coco_stuff", "evaluation": "E4"}, "set": {"lr": 0.01}}]
+    doc["stage2"]["evaluations"].append({"evaluation": "E2", "tag": "control", "from": "none", "datasets": ["coco_stuff"],
+                                         "axes": {"backbone": ["vit_nano_patch8", "swin_nano"], "seed": [0, 1]}})
+    return doc
+
+
+def test_dataset_axis_ids_labels_and_settings(tmp_path):
+    """Each stage-2 entry runs on every declared dataset (or those it lists); the grid's data.dataset (voc) keeps
+    the ids it has without the block, another dataset is part of the id; labels and configs carry the dataset."""
+    g = expand.load_grid(_write(tmp_path, _two_datasets()), trials_root=tmp_path / "trials")
+    pre_vit, pre_res = "pt-vit_nano_patch8-random-bt-l0.0051-s0", "pt-resnet_tiny-random-bt-l0.0051-s0"
+    assert [t.id for t in g.stage("segment")] == [
+        f"seg-E1-from-{pre_res}", f"seg-E4-from-{pre_vit}",
+        f"seg-E1-coco_stuff-from-{pre_res}", f"seg-E4-coco_stuff-from-{pre_vit}",
+        "seg-E2-control-coco_stuff-vit_nano_patch8-random-s0", "seg-E2-control-coco_stuff-vit_nano_patch8-random-s1",
+        "seg-E2-control-coco_stuff-swin_nano-random-s0", "seg-E2-control-coco_stuff-swin_nano-random-s1",
+    ]
+    by = g.by_id()
+    voc, coco = by[f"seg-E4-from-{pre_vit}"], by[f"seg-E4-coco_stuff-from-{pre_vit}"]
+    assert voc.labels["dataset"] == "voc" and coco.labels["dataset"] == "coco_stuff"
+    assert (voc.config["data"]["dataset"], voc.config["data"]["root"], voc.config["epochs"]) == ("voc", "/somewhere/voc", 2)
+    # another dataset does not inherit the VOC folder (none: its generated tree), and gets its own settings
+    assert (coco.config["data"]["dataset"], coco.config["data"]["root"], coco.config["data"]["coco_labels"],
+            coco.config["epochs"]) == ("coco_stuff", None, "fine", 3)
+    assert coco.config["data"]["image_size"] == 32  # the rest of the grid's data is shared
+    assert coco.depends_on == voc.depends_on == [pre_vit]
+    # overrides match the dataset
+    assert coco.config["lr"] == 0.01 and voc.config["lr"] != 0.01
+    assert by[f"seg-E1-coco_stuff-from-{pre_res}"].config["lr"] != 0.01
+    # a standalone entry's axes: their product, no dependency, the tag in the labels
+    ctl = by["seg-E2-control-coco_stuff-swin_nano-random-s1"]
+    assert (ctl.config["backbone"], ctl.config["seed"], ctl.config["source"], ctl.depends_on) == (
+        "swin_nano", 1, "random", [])
+    assert ctl.labels == {"evaluation": "E2", "from": None, "dataset": "coco_stuff", "tag": "control"}
+
+
+def test_grid_without_datasets_keeps_its_ids_and_labels_the_dataset(tmp_path):
+    g = expand.load_grid(_write(tmp_path, BASE))
+    assert all(t.labels["dataset"] == "voc" and "coco" not in t.id for t in g.stage("segment"))
+    doc = copy.deepcopy(BASE)
+    doc["data"]["dataset"] = "coco_stuff"  # a grid on COCO-Stuff alone: its default dataset, no id token
+    g = expand.load_grid(_write(tmp_path, doc))
+    assert [t.id for t in g.stage("segment")] == ["seg-E1-from-pt-resnet_tiny-random-bt-l0.0051-s0",
+                                                  "seg-E4-from-pt-vit_nano_patch8-random-bt-l0.0051-s0"]
+    assert all(t.labels["dataset"] == "coco_stuff" for t in g.stage("segment"))
+    # with a datasets block, stage2.settings may not name a dataset
+    doc = _two_datasets()
+    doc["stage2"]["settings"]["data"] = {"dataset": "voc"}
+    with pytest.raises(ConfigError, match=r"^bad\.yaml: stage2\.settings\.data\.dataset is set by the keys of "
+                                          r"stage2\.datasets"):
+        expand.load_grid(_write(tmp_path, doc))
+
+
+def test_max_trials_counts_every_dataset_and_standalone_combination(tmp_path):
+    doc = _two_datasets()
+    doc["max_trials"] = 9  # 2 pretraining + 2 x 2 from stage 1 + 4 controls = 10
+    with pytest.raises(ConfigError, match=r"max_trials=9 is exceeded: stage1 \(2\) \+ stage2 \(8\) expand to 10"):
+        expand.load_grid(_write(tmp_path, doc))
+    doc["max_trials"] = 10
+    assert len(expand.load_grid(_write(tmp_path, doc)).trials) == 10

@@ -111,7 +111,7 @@ def test_evaluations_run_in_declared_order_sharing_work():
     # statistics, attention Jaccard, dense probe
     assert [s.key for s in registry.scheduled(PRETRAIN, AFTER)] == [
         "knn_acc", "linear_probe_acc", "dense_rank", "dense_local_var", "attn_jaccard", "attn_jaccard_heads",
-        "dense_probe_miou"]
+        "attn_jaccard_dino", "dense_probe_miou"]
     assert [s.key for s in registry.scheduled(PRETRAIN, BEFORE)] == [
         "knn_acc_init", "dense_rank_init", "dense_local_var_init", "attn_jaccard_init", "dense_probe_miou_init"]
 

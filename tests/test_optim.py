@@ -179,7 +179,7 @@ def test_lars_uses_the_scheduled_weight_decay():
 @pytest.mark.parametrize("field,value,needle", [
     ("min_lr", -1e-6, "min_lr=-1e-06 must be >= 0"),
     ("min_lr", 0.5, "min_lr=0.5 must be <= the smallest base learning rate 0.002"),
-    ("weight_decay_end", -0.4, "weight_decay_end=-0.4 must be >= 0"),
+    ("weight_decay_end", -0.4, "weight_decay_end=-0.4 is out of range: it must be >= 0 and <= 100"),
     ("weight_decay_end", "x", "weight_decay_end='x' must be a number"),
     ("min_lr", "x", "min_lr='x' must be a number"),
 ])

@@ -75,3 +75,103 @@ def test_setr_pup_evaluations_train_as_mmseg_and_e1_does_not(paper):
     assert {c["backbone"] for ev in ("E2", "E3", "E4") for c in by_ev[ev]} == {
         "vit_small_patch16", "vit_small_patch8", "swin_tiny"}
     assert any(c["source"] == "dino" for c in by_ev["E5"])  # the official DINO weights' trial
+
+
+# ----------------------------------------------------------------------------- the plan as --dry-run --json prints it
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    """`python experiments/grid.py --grid paper --dry-run --json` (in-process, offline, empty weights folder, no
+    Ray): the JSON document on stdout."""
+    import contextlib
+    import io
+    import json
+
+    from experiments.engine import cli
+    from tests.test_grid_dry_run import offline_env
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        offline_env(mp, tmp_path_factory.mktemp("paper-json") / "cwd", gpus=1)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = cli.main(["--grid", "paper", "--dry-run", "--json", "--num-cpus", "64"])
+            except SystemExit as e:
+                rc = e.code
+    doc = json.loads(out.getvalue())
+    assert rc == 2 and err.getvalue() == ""  # the data folders and weight files are missing here: problems
+    doc["trials_by_id"] = {t["id"]: t for t in doc["trials"]}
+    return doc
+
+
+def _seg(plan, **want) -> list[dict]:
+    def get(c, k):
+        return c["data"]["dataset"] if k == "dataset" else c[k]
+
+    return [t for t in plan["trials"] if t["stage"] == "segment" and all(get(t["config"], k) == v for k, v in want.items())]
+
+
+def test_json_plan_lists_the_problems_of_this_machine(plan):
+    probs = plan["problems"]
+    assert any(p.startswith("paper.yaml: data.root=") and "does not exist" in p for p in probs)
+    assert any(p.startswith("paper.yaml: stage2.datasets.coco_stuff.data.root=") and "does not exist" in p
+               for p in probs)
+    assert any("barlowtwins-imagenet" in p and "resnet50.pth" in p for p in probs)  # the official E1 weights
+
+
+def test_coco_stuff_runs_e1_to_e5_on_mmseg_s_recipe(plan):
+    """A second stage-2 dataset: E1-E5 on COCO-Stuff 164k, 171 classes, mmseg's cocostuff164k pipeline and 80k
+    schedule (configs/_base_/datasets/coco-stuff164k.py, schedules/schedule_80k.py); VOC keeps its trainaug 20k."""
+    coco = _seg(plan, dataset="coco_stuff")
+    assert {t["config"]["evaluation"] for t in coco} == {"E1", "E2", "E3", "E4", "E5"}
+    for t in coco:
+        c = t["config"]
+        assert "-coco_stuff-" in t["id"], t["id"]
+        assert (c["data"]["coco_labels"], c["data"]["root"].endswith("data/coco_stuff")) == ("fine", True)
+        assert (c["train_split"], c["max_iters"], c["batch_size"], c["schedule"]) == ("train", 80000, 16, "poly")
+        assert (c["train_pipeline"], c["crop_size"], c["train_scale"], c["cat_max_ratio"], c["eval_scale"]) == (
+            "mmseg", 512, 512, 0.75, 512)
+        assert c["epochs"] * (118287 // 16) >= c["max_iters"]  # epochs only bound the run
+    voc = _seg(plan, dataset="voc")
+    assert voc and all("coco" not in t["id"] for t in voc)
+    assert all((t["config"]["train_split"], t["config"]["max_iters"]) == ("trainaug", 20000) for t in voc)
+    # E2-E4 on COCO-Stuff: the default lambda's Barlow Twins runs, every source and seed
+    pt = {t["id"]: t["config"] for t in plan["trials"] if t["stage"] == "pretrain"}
+    want = {i for i, c in pt.items() if c["method"] == "barlow_twins" and c["barlow_twins"]["lambd"] == 0.0051
+            and c["backbone"] in ("vit_small_patch16", "vit_small_patch8", "swin_tiny")}
+    for ev in ("E2", "E3", "E4"):
+        assert {d for t in _seg(plan, dataset="coco_stuff", evaluation=ev) for d in t["depends_on"]} == want, ev
+
+
+def test_controls_sit_beside_every_e2_backbone_on_both_datasets(plan):
+    """E2 from a random initialisation and from supervised ImageNet weights, without Barlow Twins, for every E2
+    backbone (ViT-S/8 has no ImageNet weights: random only), 3 seeds, on each dataset."""
+    e2_backbones = {t["config"]["backbone"] for t in _seg(plan, evaluation="E2") if t["depends_on"]}
+    assert e2_backbones == {"vit_small_patch16", "vit_small_patch8", "swin_tiny"}
+    for ds in ("voc", "coco_stuff"):
+        ctl = [t for t in _seg(plan, evaluation="E2", dataset=ds) if not t["depends_on"]]
+        got = {(t["config"]["backbone"], t["config"]["source"], t["config"]["seed"]) for t in ctl}
+        assert got == {(b, s, seed) for b in e2_backbones for s in ("random", "imagenet") for seed in (0, 1, 2)
+                       if (b, s) != ("vit_small_patch8", "imagenet")}, ds
+        assert all("-control-" in t["id"] for t in ctl)
+
+
+def test_official_weights_rows_have_three_seeds(plan):
+    """E1 from the official Barlow Twins ResNet-50 and E5 from the official DINO ViT-S/16: 3 seeds each, as
+    every other row, on each dataset."""
+    for ds in ("voc", "coco_stuff"):
+        e1 = [t for t in _seg(plan, evaluation="E1", dataset=ds) if not t["depends_on"]]
+        assert sorted((t["config"]["backbone"], t["config"]["source"], t["config"]["seed"]) for t in e1) == [
+            ("resnet50", "barlowtwins-imagenet", s) for s in (0, 1, 2)], ds
+        e5 = [t for t in _seg(plan, evaluation="E5", dataset=ds) if not t["depends_on"]]
+        assert sorted((t["config"]["backbone"], t["config"]["source"], t["config"]["seed"]) for t in e5) == [
+            ("vit_small_patch16", "dino", s) for s in (0, 1, 2)], ds
+    assert "seg-E5-official-vit_small_patch16-dino-s0" in plan["trials_by_id"]  # the id it had with one seed
+
+
+def test_json_plan_has_the_recipes_fields(plan):
+    """DINO pretraining learns its last layer's norm (norm_last_layer false); E2-E5 train with aux heads, E1 not."""
+    dino = [t["config"] for t in plan["trials"] if t["stage"] == "pretrain" and t["config"]["method"] == "dino"]
+    assert dino and all(c["dino"]["norm_last_layer"] is False for c in dino)
+    seg = _seg(plan)
+    assert {t["config"]["evaluation"] for t in seg} == {"E1", "E2", "E3", "E4", "E5"}
+    assert all(t["config"]["aux_heads"] is (t["config"]["evaluation"] != "E1") for t in seg)

@@ -28,7 +28,7 @@ def _cfg(voc_root, **kw):
 
     d = dict(backbone="vit_nano_patch8", projector=(64, 64), batch_size=8, epochs=2, warmup_epochs=0.5,
              optimizer="adamw", wandb="disabled", device="cpu", gpu_augment=False, dino={"out_dim": 64},
-             data=dict(root=str(voc_root), image_size=32, limit_train=16, limit_val=8))
+             attn_eval_size=None, data=dict(root=str(voc_root), image_size=32, limit_train=16, limit_val=8))
     d.update(kw)
     return PretrainConfig.from_dict(d)
 

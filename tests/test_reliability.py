@@ -156,6 +156,10 @@ class Ctx:
         torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Evil(self.marker)}, self.evil)
         self.afile = tmp / "afile"  # a file where a folder is expected
         self.afile.write_text("not a folder")
+        self.plain = tmp / "plain.pt"  # pickle.dump, not torch.save
+        import pickle
+
+        self.plain.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
         self.nan = tmp / "nan" / "backbone.pt"  # a diverged run's export: NaN weights
         sd = torch.load(resnet_ckpt, map_location="cpu", weights_only=True)
         first = next(k for k, v in sd["state_dict"].items() if v.is_floating_point())
@@ -166,7 +170,7 @@ class Ctx:
     def fill(self, s: str) -> str:
         return s.format(voc=self.voc, named=self.named, ckpt=self.ckpt, evil=self.evil, empty=self.empty,
                         out=self.out, coco=self.coco, tmp=self.tmp, ckdir=self.ckpt.parent, afile=self.afile,
-                        nan=self.nan)
+                        nan=self.nan, plain=self.plain)
 
 
 def assert_clean_failure(rc, err: str, out: str, needles, out_dir: Path):
@@ -276,6 +280,8 @@ CASES = [
      ["weights path {ckdir} is a folder, not a file", "pass the file inside it: {ckdir}/backbone.pt"], {}),
     ("segment-checkpoint-nan-weights", "segment", "good", _with(SEG, source="checkpoint:{nan}"),
      ["weights {nan} hold 864 NaN/inf values (1 tensors, first conv1.weight)", "diverged run", "lower lr"], {}),
+    ("segment-checkpoint-plain-pickle", "segment", "good", _with(SEG, source="checkpoint:{plain}"),
+     ["{plain} is a plain Python pickle, not a torch weights file (torch.save)", "torch.save(state_dict, path)"], {}),
     # ---- the output folder
     ("pretrain-output-is-a-file", "pretrain", "good", _with(PT, output="{afile}"),
      ["--output {afile} is a file, not a folder"], {}),
@@ -634,12 +640,45 @@ def _can_mkdir(p: Path) -> bool:
 
 # ============================================================================ divergence
 def test_nan_loss_stops_the_run(tmp_path, base_voc, resnet_ckpt, capsys):
-    """segment --lr 1e20 (was: NaN losses, exit 0, metrics.json with an mIoU, model.pt): one line with the
-    step, the value and the likely cause; no metrics.json, no model.pt."""
+    """segment --lr 1e6 on a ViT, the largest lr accepted (--lr 1e20 is now refused as out of range) (was: NaN
+    losses, exit 0, metrics.json with an mIoU, model.pt): one line with the step, the value and the likely cause;
+    no metrics.json, no model.pt."""
     ctx = Ctx(tmp_path, base_voc, resnet_ckpt, "good")
-    rc, out, err = _call(_segment_main(), [ctx.fill(a) for a in _with(SEG, lr="1e20")], capsys)
-    assert_clean_failure(rc, err, out, ["training diverged: the loss is nan at step",
-                                        "the learning rate (lr=1e+20) is likely too high; lower --lr"], ctx.out)
+    rc, out, err = _call(_segment_main(), [ctx.fill(a) for a in _with(SEG, lr="1e6", backbone="vit_nano_patch8")],
+                         capsys)
+    assert_clean_failure(rc, err, out, ["training diverged:", "the learning rate (lr=1e+06) is likely too high; "
+                                                              "lower --lr"], ctx.out)
+
+
+def test_divergence_hint_names_the_likely_value():
+    """The 'likely cause' of a diverged run names the value that is likely too high: a weight decay above 1 (was:
+    the lr blamed for --weight-decay 1e30), else the lr."""
+    from core.runs.common import lr_hint
+
+    assert lr_hint(SegmentConfig_(weight_decay=50.0)) == ("the weight decay (weight_decay=50) is likely too high; "
+                                                          "lower --weight-decay")
+    assert lr_hint(SegmentConfig_(lr=0.5)) == "the learning rate (lr=0.5) is likely too high; lower --lr"
+
+
+def SegmentConfig_(**kw):
+    from core.config import SegmentConfig
+
+    return SegmentConfig.from_dict({"backbone": "resnet_tiny", "head": "linear", **kw})
+
+
+def test_read_only_data_cache_is_one_line(tmp_path, base_voc, resnet_ckpt, capsys, monkeypatch):
+    """The generated dataset's cache (TWINSEG_DATA_DIR) on a read-only folder: one line naming it (was: an
+    OSError [Errno 30] traceback)."""
+    ctx = Ctx(tmp_path, base_voc, resnet_ckpt, "good")
+    ro = next((Path(p) for p in ("/proc/sys", "/sys/fs") if Path(p).is_dir() and not _can_mkdir(Path(p))), None)
+    if ro is None:
+        pytest.skip("no read-only folder available to this user")
+    monkeypatch.setenv("TWINSEG_DATA_DIR", str(ro / "twinseg-cache"))
+    argv = [ctx.fill(a) for a in SEG]
+    argv = argv[:argv.index("--data-root")] + argv[argv.index("--data-root") + 2:]
+    rc, out, err = _call(_segment_main(), argv, capsys)
+    assert_clean_failure(rc, err, out, [f"cannot write the generated dataset to {ro / 'twinseg-cache'}",
+                                        "TWINSEG_DATA_DIR"], ctx.out)
 
 
 def test_non_finite_results_and_weights_are_errors():
@@ -694,6 +733,36 @@ def test_checkpoint_write_is_atomic_and_disk_full_is_one_line(tmp_path, monkeypa
                                             "from scratch"):
         assert C.usable_checkpoint(tmp_path) is None
     assert not ck.exists() and len(list(ck.parent.glob("last.ckpt.corrupt-*"))) == 1
+
+
+@pytest.mark.parametrize("cli,base,artifact", [("pretrain", PT, "backbone.pt"), ("segment", SEG, "model.pt")])
+def test_disk_full_at_the_exported_weights_is_one_line(cli, base, artifact, tmp_path, base_voc, resnet_ckpt,
+                                                        capsys, monkeypatch):
+    """The disk fills up while a finished run writes its weights, backbone.pt (pretrain) or model.pt (segment)
+    (was: torch's `RuntimeError: [enforce fail at inline_container.cc ...]`, two tracebacks): exit 2, one line
+    naming the folder and the MB needed, no temp file and nothing that could pass for a result."""
+    import errno
+
+    import core.io as IO
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to tell which file a write goes to")
+    write_all = IO._write_all
+
+    def full(fd, data):  # only the temp file of the weights runs out of space; checkpoints and json files fit
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{artifact}."):
+            os.write(fd, bytes(memoryview(data)[:100]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
+
+    monkeypatch.setattr(IO, "_write_all", full)
+    ctx = Ctx(tmp_path, base_voc, resnet_ckpt, "good")
+    main = _pretrain_main() if cli == "pretrain" else _segment_main()
+    rc, out, err = _call(main, [ctx.fill(a) for a in _with(base, backbone="resnet_tiny")], capsys)
+    assert_clean_failure(rc, err, out, [f"no space left on the device holding {ctx.out}: writing {artifact} needs ",
+                                        " MB", "rerun the same command to resume"], ctx.out)
+    assert re.search(rf"writing {re.escape(artifact)} needs [0-9]+\.[0-9] MB \([0-9.]+ MB free\)", err), err
+    assert not list(ctx.out.glob(f".{artifact}.*")), "temp file left behind"
 
 
 def _kill_at(epoch: int, sig=None):

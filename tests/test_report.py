@@ -593,3 +593,168 @@ def test_single_run_folder_gets_a_one_trial_report(tmp_path):
     text = report.read_text()
     assert "1 of 1 trials finished" in text and "single run folder" in text
     assert report == run / "report.md"
+
+
+# ----------------------------------------------------------------------------- intervals, datasets, controls
+T975_2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t_{0.975, 2}: closed form of Student's t with 2 dof
+
+
+def _seg_values(built, key: str, pick) -> dict:
+    """{seed: metric} of the finished segmentation trials that `pick(trial entry)` selects."""
+    return {t["metrics"]["seed"]: t["metrics"][key] for t in built.trials.values()
+            if t["stage"] == SEGMENT.name and t["status"] == "done" and pick(t)}
+
+
+def _paired_direct(a: dict, b: dict) -> tuple[float, float, float]:
+    d = np.asarray([a[s] - b[s] for s in sorted(a)], dtype=float)
+    assert d.size == 3
+    half = T975_2 * d.std(ddof=1) / math.sqrt(d.size)
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def test_segmentation_differences_match_a_direct_paired_interval(tmp_path):
+    """Three seeds of E2 on the grid's pretraining and of an E2 random-init control: each difference cell is the
+    paired t interval computed here by hand (closed-form t quantile), and the report says so."""
+    from analysis.intervals import difference
+
+    built = build_results(tmp_path / "smoke-20250101-000000", seeds=(0, 1, 2), vicreg=False,
+                          controls=[("E2", "random")])
+    report = build_report(built.root)
+    df = pd.read_csv(built.root / "tables" / "segmentation_differences.csv").set_index("comparison")
+    ctrl = "vit_nano_patch8 weights=random (control)"
+    is_ctrl = lambda t: t["config"]["source"] == "random"  # noqa: E731
+    for lam in (0.0051, 0.05):
+        row = f"Barlow Twins vit_nano_patch8 init=random λ={lam:g} − {ctrl}"
+        for key in ("mIoU", "aAcc"):
+            a = _seg_values(built, key, lambda t: t["metrics"]["evaluation"] == "E2" and not is_ctrl(t)
+                            and f"_l{lam:g}_" in t["id"])
+            b = _seg_values(built, key, lambda t: t["metrics"]["evaluation"] == "E2" and is_ctrl(t))
+            mean, low, high = _paired_direct(a, b)
+            assert df.loc[row, f"{key}_diff"] == pytest.approx(mean)
+            assert df.loc[row, f"{key}_low"] == pytest.approx(low)
+            assert df.loc[row, f"{key}_high"] == pytest.approx(high)
+            assert df.loc[row, f"{key}_n"] == 3 and bool(df.loc[row, f"{key}_paired"])
+            assert bool(df.loc[row, f"{key}_excludes_zero"]) == (low > 0 or high < 0)
+    # the markdown cell is the interval's text; the control lifts E2 by ~6 points: the seeds resolve it
+    md = {r[0]: r for r in _md_table(built.root / "tables" / "segmentation_differences.md")}
+    row = f"Barlow Twins vit_nano_patch8 init=random λ=0.0051 − {ctrl}"
+    a = _seg_values(built, "mIoU", lambda t: "_l0.0051_" in t["id"] and t["metrics"]["evaluation"] == "E2")
+    b = _seg_values(built, "mIoU", lambda t: t["metrics"]["evaluation"] == "E2" and is_ctrl(t))
+    assert md[row][3] == difference(a, b).text and md[row][3].endswith("(3 paired; excludes 0)")
+    # each λ against the method's declared default, each evaluation against its declared baseline
+    labels = set(df.index)
+    assert "λ=0.05 − λ=0.0051: Barlow Twins vit_nano_patch8 init=random" in labels
+    assert "E3 − E2: Barlow Twins vit_nano_patch8 init=random λ=0.0051" in labels
+    assert "E4 − E2: Barlow Twins vit_nano_patch8 init=random λ=0.0051" in labels
+    assert ("E5 DINO vit_nano_patch8 init=random − E4 Barlow Twins vit_nano_patch8 init=random λ=0.0051"
+            in labels)
+    e3 = _seg_values(built, "mIoU", lambda t: t["metrics"]["evaluation"] == "E3")
+    e2 = _seg_values(built, "mIoU", lambda t: "_l0.0051_" in t["id"] and t["metrics"]["evaluation"] == "E2")
+    assert df.loc["E3 − E2: Barlow Twins vit_nano_patch8 init=random λ=0.0051", "mIoU_diff"] == pytest.approx(
+        np.mean([e3[s] - e2[s] for s in e2]))
+    text = report.read_text()
+    assert "**Segmentation differences a − b" in text and "95% interval" in text
+    assert "E3 against E2" in text and "E5 against E4" in text
+
+
+def test_one_seed_differences_say_no_interval(tmp_path):
+    built = build_results(tmp_path / "smoke-20250101-000000", seeds=(0,), vicreg=False, controls=[("E2", "random")])
+    build_report(built.root)
+    rows = _md_table(built.root / "tables" / "segmentation_differences.md")
+    assert len(rows) > 4
+    for r in rows[1:]:
+        assert r[3].endswith("(one seed: no interval)") and r[4].endswith("(one seed: no interval)")
+    df = pd.read_csv(built.root / "tables" / "segmentation_differences.csv")
+    assert df["mIoU_low"].isna().all() and df["mIoU_diff"].notna().all()
+
+
+def test_evaluation_bars_draw_the_95_interval(tmp_path, monkeypatch):
+    """Each bar's error bar spans mean ± the t half-width of its seeds (analysis/intervals.py errorbar); a
+    one-seed row has none."""
+    import analysis.figures as F
+    from analysis.intervals import errorbar
+    from analysis.results import load_results
+
+    built = build_results(tmp_path / "smoke-20250101-000000", seeds=(0, 1, 2), vicreg=False)
+    res = load_results(built.root)
+    figs = []
+    monkeypatch.setattr(F, "_save", lambda fig, path: figs.append(fig) or path)
+    assert F.evaluation_bars(res, tmp_path / "bars.png") is not None
+    ax = figs[0].axes[0]  # mIoU
+    bars = [c for c in ax.containers if hasattr(c, "patches")]
+    points = F.bar_points(res, "mIoU")
+    assert len(bars) == len(points) == 6
+    for bar, (ev, lab, mean, half) in zip(bars, points):
+        vals = _seg_values(built, "mIoU", lambda t: t["metrics"]["evaluation"] == ev
+                           and _variant_of(built.trials[t["depends_on"][0]]["metrics"]) in lab)
+        assert (mean, half) == pytest.approx(errorbar(vals.values()))
+        assert bar.patches[0].get_height() == pytest.approx(mean)
+        (seg,) = bar.errorbar.lines[2][0].get_segments()
+        assert seg[1][1] - seg[0][1] == pytest.approx(2 * half) and half > 0
+    one = build_results(tmp_path / "one-20250101-000000", seeds=(0,), vicreg=False)
+    figs.clear()
+    F.evaluation_bars(load_results(one.root), tmp_path / "bars1.png")
+    assert all(c.errorbar is None for c in figs[0].axes[0].containers if hasattr(c, "patches"))
+
+
+def test_one_table_set_per_dataset_with_controls_beside_their_rows(tmp_path):
+    built = build_results(tmp_path / "paper-20250101-000000", vicreg=False, datasets=("voc", "coco_stuff"),
+                          controls=[("E2", "random"), ("E2", "imagenet"), ("E5", "dino")])
+    report = build_report(built.root)
+    tables = built.root / "tables"
+    assert not (tables / "segmentation_miou.csv").exists()
+    for ds in ("voc", "coco_stuff"):
+        df = pd.read_csv(tables / f"segmentation_miou_{ds}.csv").set_index("pretraining")
+        for ev, var in (("E2", VARIANT[("barlow_twins", "vit_nano_patch8", 0.0051)]),
+                        ("E2", "vit_nano_patch8 weights=imagenet (control)"),
+                        ("E5", "vit_nano_patch8 weights=dino (control)")):
+            vals = [t["metrics"]["mIoU"] for t in built.trials.values() if t["stage"] == SEGMENT.name
+                    and t["metrics"]["dataset"] == ds and t["metrics"]["evaluation"] == ev
+                    and (t["depends_on"] and _variant_of(built.trials[t["depends_on"][0]]["metrics"]) == var
+                         or not t["depends_on"] and var.startswith(f"vit_nano_patch8 weights={t['config']['source']} "))]
+            assert len(vals) == 2 and df.loc[var, f"{ev}_mean"] == pytest.approx(np.mean(vals))
+        # controls after the rows they control: E2 runs = grid pretraining rows, then its two controls
+        runs = pd.read_csv(tables / f"segmentation_runs_{ds}.csv")
+        assert set(runs["dataset"]) == {ds}
+        e2 = list(runs[runs["evaluation"] == "E2"]["control"])
+        assert e2 == [False, False, True, True]
+        rows = [r[0] for r in _md_table(tables / f"segmentation_miou_{ds}.md")[1:]]
+        vit_rows = [r for r in rows if "vit_nano_patch8" in r]
+        assert [r.endswith("(control)") for r in vit_rows] == [False, False, False, True, True, True]
+        assert rows.index(vit_rows[0]) > rows.index(VARIANT[("barlow_twins", "resnet_tiny", 0.0051)])
+        diffs = set(pd.read_csv(tables / f"segmentation_differences_{ds}.csv")["comparison"])
+        assert {"DINO vit_nano_patch8 init=random − vit_nano_patch8 weights=dino (control)",
+                "Barlow Twins vit_nano_patch8 init=random λ=0.05 − vit_nano_patch8 weights=imagenet (control)",
+                "Barlow Twins vit_nano_patch8 init=random λ=0.0051 − vit_nano_patch8 weights=random (control)"} <= diffs
+        pc = pd.read_csv(tables / f"per_class_iou_{ds}.csv").set_index("class")
+        best = max((t for t in built.trials.values() if t["stage"] == SEGMENT.name
+                    and t["metrics"]["dataset"] == ds and t["metrics"]["evaluation"] == "E1"),
+                   key=lambda t: t["metrics"]["mIoU"])
+        assert pc.loc["mIoU", "E1"] == pytest.approx(best["metrics"]["mIoU"])
+    text = report.read_text()
+    assert text.index("### Dataset: voc") < text.index("segmentation_miou_voc.csv") < text.index(
+        "### Dataset: coco_stuff") < text.index("segmentation_miou_coco_stuff.csv")
+    assert "voc: Segmentation mIoU (%)" in text and "coco_stuff: Segmentation mIoU (%)" in text
+    _assert_links_resolve(report)
+
+
+def test_pretraining_differences_vs_init_and_default_lambda(tmp_path):
+    built = build_results(tmp_path / "smoke-20250101-000000", seeds=(0, 1, 2), vicreg=False)
+    build_report(built.root)
+    df = pd.read_csv(built.root / "tables" / "pretraining.csv").set_index("variant")
+    knn = {}
+    for t in built.trials.values():
+        if t["stage"] == PRETRAIN.name:
+            m = t["metrics"]
+            knn.setdefault(_variant_of(m), {})[m["seed"]] = (m["knn_acc"], m["knn_acc_init"])
+    hi, lo = VARIANT[("barlow_twins", "vit_nano_patch8", 0.05)], VARIANT[("barlow_twins", "vit_nano_patch8", 0.0051)]
+    for var, vals in knn.items():
+        mean, low, high = _paired_direct({s: a for s, (a, _) in vals.items()}, {s: b for s, (_, b) in vals.items()})
+        assert (df.loc[var, "knn_acc_vs_init_diff"], df.loc[var, "knn_acc_vs_init_low"],
+                df.loc[var, "knn_acc_vs_init_high"]) == pytest.approx((mean, low, high))
+    d = [knn[hi][s][0] - knn[lo][s][0] for s in (0, 1, 2)]
+    assert df.loc[hi, "knn_acc_vs_default_lambd_diff"] == pytest.approx(np.mean(d))
+    assert math.isnan(df.loc[lo, "knn_acc_vs_default_lambd_diff"])  # the default λ row itself
+    rows = _md_table(built.root / "tables" / "pretraining.md")
+    c = rows[0].index("Δ k-NN vs default λ")
+    assert [r[c] for r in rows[1:] if r[0] == "DINO"] == ["—"]

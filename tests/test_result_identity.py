@@ -49,7 +49,7 @@ def _no_training(monkeypatch):
 
 
 def test_finished_result_is_reused_only_when_config_data_and_weights_match(tmp_path, voc, monkeypatch):
-    """Issue 27 cases 1, 2, 4: an edited config.json, a missing one, regenerated data and other starting weights are
+    """An edited config.json, a missing one, regenerated data and other starting weights are
     each refused in one line naming what differs (was: the old result, exit 0); the same request gets the stored
     result back, with its identity inside metrics.json."""
     from core.data.synthetic import generate_voc
@@ -120,7 +120,7 @@ def test_moved_checkpoint_with_same_content_is_the_same_request(tmp_path, voc, m
 
 
 def test_resume_checks_the_record_before_training(tmp_path, voc):
-    """Issue 27 case 1, unfinished: a run stopped after epoch 0, config.json edited to another lr and the run asked
+    """Unfinished: a run stopped after epoch 0, config.json edited to another lr and the run asked
     with that lr is refused (was: epochs 0-7 with one config, 8-29 with another); the original request resumes."""
     from lightning.pytorch.callbacks import Callback
 
@@ -147,7 +147,7 @@ def test_resume_checks_the_record_before_training(tmp_path, voc):
 
 
 def test_output_and_data_never_overlap(tmp_path, voc):
-    """Issue 27 case 5: --output inside the ImageFolder / VOC root (its figures became training images) or holding
+    """--output inside the ImageFolder / VOC root (its figures became training images) or holding
     it is refused in one line, before anything is written."""
     data = tmp_path / "data"
     shutil.copytree(voc, data)
@@ -203,7 +203,7 @@ def test_failed_run_leaves_nothing_that_blocks_its_fix(tmp_path, voc):
 
 
 def test_relative_checkpoint_source_is_resolved_when_read(tmp_path, monkeypatch):
-    """Issue 27 case 3: `checkpoint:bb.pt` is made absolute when the flags are read, so a resume from another folder
+    """`checkpoint:bb.pt` is made absolute when the flags are read, so a resume from another folder
     names the same file (and the identity records its content)."""
     import experiments.segment as S
 

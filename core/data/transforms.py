@@ -504,7 +504,7 @@ class MMSegTrainTransform:
     The image is resized bilinear without antialiasing (mmcv's cv2 resize, `bilinear_taps`), the mask nearest
     (255 stays 255; photometric ops touch the image only).
 
-    Split between the loader worker and the device (issue 19: a worker must feed 190 img/s; resizing and
+    Split between the loader worker and the device (a worker must feed 190 img/s, BENCHMARKS.md; resizing and
     handing over a 512 px crop cost ~1.5 of its ~6 ms per image):
 
     - here (CPU, per image): draw the resize ratio, choose the crop box (`cat_max_crop_box`, counted on the

@@ -22,6 +22,7 @@ from core.config import check_wandb  # noqa: F401  (re-exported for the runs)
 from core.errors import ConfigError
 from core.io import (  # noqa: F401  (re-exported for the runs)
     METRICS_FILE,
+    atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json as _write_json,
     atomic_write_text,
@@ -85,7 +86,9 @@ def effective_precision(precision: str, accelerator: str) -> str:
 
 
 def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str, config: dict) -> list:
-    """CSV always; wandb offline by default (never prompts for a login), online on request."""
+    """CSV always; wandb offline by default (never prompts for a login), online on request. Online, `wandb.init`
+    waits at most $TWINSEG_WANDB_INIT_TIMEOUT seconds (core.config.check_wandb) for the server, and a server
+    that cannot be reached or refuses the key is one ConfigError line saying how to go offline."""
     from lightning.pytorch.loggers import CSVLogger
 
     # version=None: each attempt (first run, resume after a kill) logs to its own logs/version_N, so
@@ -96,14 +99,14 @@ def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str
         os.environ.setdefault("WANDB_CONSOLE", "off")
         if wandb_mode == "offline":
             os.environ["WANDB_MODE"] = "offline"
-        from lightning.pytorch.loggers import WandbLogger
+        timeout = check_wandb(wandb_mode)
 
         # Lightning's WandbLogger attaches to `wandb.run` when one is open: a run left open in this
         # process (an earlier trial in a reused worker, a crashed caller) would receive this trial's
         # metrics under its own name and group. Close it first.
         if "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None:
             sys.modules["wandb"].finish()
-        wb = WandbLogger(
+        wb = _wandb_logger(out_dir, timeout)(
             project=os.environ.get("WANDB_PROJECT", "twinseg"),
             name=name,
             group=group,
@@ -112,7 +115,7 @@ def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str
             config=config,
             id=_wandb_id(out_dir),
             resume="allow",
-            settings=None,
+            settings=None if timeout is None else {"init_timeout": timeout},
         )
         # Lightning always passes `anonymous=None` to wandb.init; recent wandb (0.31 in the lock) deprecated it
         # and prints a warning for any value, on every run. We never use it: drop the key.
@@ -121,6 +124,42 @@ def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str
             init_kwargs.pop("anonymous", None)
         loggers.append(wb)
     return loggers
+
+
+def _wandb_logger(out_dir: Path, timeout: Optional[float]):
+    """Lightning's WandbLogger whose run (`experiment`, made by `wandb.init` on first use, on rank 0 only) turns
+    wandb's errors into one ConfigError line: the server unreachable within `timeout` s (CommError), the key
+    refused (AuthenticationError), a bad argument or state (UsageError)."""
+    from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+    class WandbLogger(LightningWandbLogger):
+        @property
+        def experiment(self):
+            import wandb
+
+            try:
+                return super().experiment
+            except wandb.errors.Error as e:
+                raise ConfigError(wandb_failure(e, out_dir, timeout)) from None
+
+    return WandbLogger
+
+
+def wandb_failure(e: Exception, out_dir: Path, timeout: Optional[float]) -> str:
+    """The one line of a failed `wandb.init` online: what wandb said (its first line) and how to go offline."""
+    import wandb
+
+    said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    offline = (f"or use --wandb offline and `wandb sync {Path(out_dir) / 'wandb'}/offline-run-*` later")
+    if isinstance(e, wandb.errors.AuthenticationError):
+        return (f"wandb=online: the wandb server refused the API key ({said}); check WANDB_API_KEY or run "
+                f"`wandb login`, {offline}")
+    if isinstance(e, wandb.errors.CommError):
+        server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        wait = f" within {timeout:g} s" if timeout is not None else ""
+        return (f"wandb=online: the wandb server {server} did not start the run{wait} ({said}); check the network "
+                f"and the API key (TWINSEG_WANDB_INIT_TIMEOUT=SECONDS waits longer), {offline}")
+    return f"wandb=online: wandb.init failed ({type(e).__name__}: {said}); {offline}"
 
 
 def _wandb_id(out_dir: Path) -> str:
@@ -486,17 +525,13 @@ def make_checkpoint_io():
     Lightning's TorchCheckpointIO goes through fsspec's transaction, whose temp file lives in $TMPDIR
     (fsspec LocalFileOpener: tempfile.mkstemp(), then shutil.move): across filesystems that move is a
     copy, so a kill or a full disk during it leaves a truncated last.ckpt."""
-    import io
-
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
             if storage_options is not None:
                 raise TypeError("AtomicCheckpointIO takes no storage_options")
-            buf = io.BytesIO()
-            torch.save(checkpoint, buf)
-            atomic_write_bytes(Path(path), buf.getbuffer(), what="the checkpoint")
+            atomic_torch_save(checkpoint, Path(path), what="the checkpoint")
 
     return AtomicCheckpointIO()
 

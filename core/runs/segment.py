@@ -22,11 +22,9 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-import torch
-
 from core.config import SegmentConfig
 from core.errors import ConfigError
-from core.io import atomic_write
+from core.io import atomic_torch_save
 from core.runs.common import ExternalDDP
 from core.runs.skeleton import StageRun, execute
 from core.stages import SEGMENT
@@ -35,10 +33,6 @@ from core.weights import load_source
 STAGE = SEGMENT.name
 MODEL = "model.pt"
 VAL_INTERVAL = 2000  # steps between validations of an iteration-based run (mmseg schedule_20k/40k)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # core.io: temp file, fsync, rename, folder fsync
 
 
 def resolve_segment_config(cfg: Union[SegmentConfig, dict]) -> SegmentConfig:

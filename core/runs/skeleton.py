@@ -543,7 +543,7 @@ def _fit_and_write(run: StageRun, out_dir: Path, ident: dict, *, progress: bool,
     finally:
         finish_wandb(loggers)
     manifest.record()
-    if not getattr(cfg, "keep_checkpoints", False):  # issue 19: a finished run keeps its weights, not its state
+    if not getattr(cfg, "keep_checkpoints", False):  # a finished run keeps its weights, not its state
         drop_checkpoints(out_dir)
     return _jsonable(metrics)  # exactly what metrics.json holds
 

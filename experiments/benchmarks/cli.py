@@ -51,8 +51,8 @@ def _add_row_flags(p: argparse.ArgumentParser) -> None:
                    help=f"one or more backbone names (space or comma separated); default {' '.join(DEFAULT_BACKBONES)} "
                         f"(an --evaluation row: the preset's backbone)")
     p.add_argument("--method", nargs="+", default=None,
-                   help="SSL methods to time, any registered name (core/methods/registry.py: barlow_twins, dino, "
-                        "vicreg, ...)")
+                   help="SSL methods to time, any name registered in core/methods/registry.py (--help of "
+                        "experiments/pretrain.py lists them)")
     p.add_argument("--evaluation", nargs="+", default=None,
                    help="segmentation rows from evaluation presets (core/evaluations.py: E1..E5); the preset sets "
                         "backbone / head / fusion unless --backbone / --seg-head are given")

@@ -13,7 +13,8 @@ Modules, one job each (no module imports one that imports it back: tests/test_en
   checks.py          pre-start checks (data, weights, checkpoints, cluster fit)
   plan.py            the dry run's plan
   cost.py            the cost estimate (device-hours, disk)
-  results_folder.py  where results go, refused folders, resume compatibility
+  results_folder.py  where results go (a folder or an object store: --storage), refused folders, resume
+                     compatibility
   state.py           `GridState`, summary.json / summary.csv
   scheduler.py       the dependency-aware Tune searcher and the console callback
   ray_backend.py     Ray start / join, auth, connect deadline, quiet logs
@@ -40,7 +41,8 @@ Design:
   runs after the start (a warning there, the autoscaler may add nodes).
 * `--dry-run`: the same checks, then the plan on stdout (one line per trial: id, stage, what it
   depends on, its resources; totals per stage; which cluster size was assumed) and the problems on
-  stderr; exit 0 when there is none, 2 otherwise. It starts no Ray, creates no results folder and
+  stderr; exit 0 when there is none, 2 otherwise. `--dry-run --json`: the trials (id, stage, depends_on,
+  resources, config) and the problems as one JSON document on stdout, the same exit status. It starts no Ray, creates no results folder and
   generates no dataset.
 * ONE Tune experiment runs every trial. Its search algorithm is a small dependency-aware scheduler
   (scheduler.py `GridScheduler`, a Tune `Searcher`): whenever Tune asks for a trial, it hands out the next trial
@@ -60,5 +62,6 @@ Design:
 * `summary.json` / `summary.csv` are rewritten atomically after every trial event (state.py).
 * Local start (ray_backend.py): `ray.init` on loopback with the dashboard; Ray's token authentication stays on (Ray
   creates the token in ~/.ray/auth_token); the URL and where the token is are printed at the start
-  and the end. `--address` joins an existing cluster instead.
+  and the end. `--address` joins an existing cluster instead; before any trial starts, every node must
+  see the results storage (ray_backend.py `check_storage_on_nodes`).
 """

@@ -17,6 +17,7 @@ from core.config import check_wandb
 from core.errors import ConfigError, TwinsegError
 from core.stages import get_stage
 from experiments.engine.console import Console, fmt
+from experiments.engine.gridfile import data_root_fix, data_root_key
 from experiments.engine.ray_ddp import DRIVER_CPU
 from experiments.engine.spec import GridSpec, Problem
 
@@ -137,9 +138,9 @@ def data_problems(spec: GridSpec) -> list[Problem]:
         root = d.get("root")
         if root is None:
             continue
+        key = data_root_key(spec.raw, str(d.get("dataset", "voc")))
         if not Path(root).exists():
-            what = ("does not exist; pass --data-root DIR pointing to the folder that holds VOCdevkit/ "
-                    "(or set data.root in the grid file)")
+            what = f"does not exist; {data_root_fix(key, str(d.get('dataset', 'voc')))}"
         else:
             from core.data.module import validate_data
 
@@ -148,7 +149,7 @@ def data_problems(spec: GridSpec) -> list[Problem]:
                 continue
             except TwinsegError as e:
                 what = " ".join(str(e).split())
-        _add_problem(out, Problem(spec.path.name, f"data.root={root}", what, list(ids)))
+        _add_problem(out, Problem(spec.path.name, f"{key}={root}", what, list(ids)))
     return out
 
 
@@ -161,10 +162,11 @@ def prepare_data(spec: GridSpec, console: Console) -> None:
         if d.get("root") is not None:
             continue
         try:
-            from core.data.synthetic import default_voc_root
+            from core.data.synthetic import default_coco_root, default_voc_root
         except ImportError:
             continue  # the runs generate it themselves
-        path = default_voc_root(DataConfig.from_dict(d))
+        make = default_coco_root if d.get("dataset") == "coco_stuff" else default_voc_root
+        path = make(DataConfig.from_dict(d))
         console.line(f"data     generated dataset ready at {path}", "dim")
 
 
@@ -172,7 +174,7 @@ def weight_problems(spec: GridSpec, weights_dir=None, online: Optional[bool] = N
     """Named weight sources (imagenet, dino, ...) must be in the weights folder when offline: one
     problem per missing file (path, URL, pre-fetch command, the trials that need it), all of them
     at once. Online, the trials download what is missing. (A pair without any weights is a grid
-    problem: gridspec.weights_refusal.)"""
+    problem: validate.weights_refusal.)"""
     from core.errors import WeightsError
     from core.weights import WEIGHT_SPECS, _resolve, is_online
 

@@ -20,7 +20,7 @@ from experiments.engine.console import Console
 from experiments.engine.driver import StopSignal, drive, install_stop_handlers
 from experiments.engine.expand import build_grid
 from experiments.engine.gridfile import DEFAULT_MAX_TRIALS, apply_overrides, read_yaml, resolve_grid
-from experiments.engine.plan import plan_text
+from experiments.engine.plan import plan_json, plan_text
 from experiments.engine.results_folder import (check_output_folder, check_storage_from_driver, choose_results,
                                                mirror_remote, refuse_changed_resume)
 from experiments.engine.spec import describe
@@ -54,7 +54,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="expand and check the grid, print the plan and EVERY problem, then stop: no Ray, no folder "
                         "written; exit 0 if nothing is wrong, 2 otherwise")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: print the plan as one JSON document on stdout ({\"trials\": [{id, stage, "
+                        "depends_on, resources, config}], \"problems\": [one line each]}) instead of the text plan")
     a = p.parse_args(argv)
+    if a.json and not a.dry_run:
+        raise ConfigError("--json prints the plan of a dry run; add --dry-run (a run prints its progress as text)")
     if a.storage is not None:
         from core.storage import Storage
 
@@ -155,6 +160,10 @@ def _main(args, run: Optional[Callable[..., dict]]) -> int:
     from experiments.engine import cost
 
     estimate = cost.estimate_grid(spec)
+    if args.dry_run and args.json:  # the JSON document alone on stdout; its problems list replaces stderr's lines
+        print(plan_json(spec, problems))
+        sys.stdout.flush()
+        return 2 if problems else 0
     if args.dry_run:
         print(plan_text(spec, cluster, results_dir, resuming, args.address))
         print(estimate.text())

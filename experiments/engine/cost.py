@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
+from core.config import SEG_DATASETS  # the generated datasets (root none): VOC and COCO-Stuff layouts
 from core.stages import get_stage, stages
 
 BYTES_PER_PARAM = 4  # fp32 state dicts
@@ -124,7 +125,7 @@ def train_images(cfg: dict, stage: str) -> tuple[int, str]:
     trains on (`StageSpec.train_split`), or `data.ssl_root` for a stage reading the SSL images."""
     data = cfg.get("data") or {}
     st = get_stage(stage)
-    if data.get("root") is None and data.get("dataset", "voc") == "voc" and not data.get("ssl_root"):
+    if data.get("root") is None and data.get("dataset", "voc") in SEG_DATASETS and not data.get("ssl_root"):
         n, how = int(data.get("synthetic_n_train", 400)), "generated"
     else:
         split = st.train_split(cfg)

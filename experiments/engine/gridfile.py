@@ -29,17 +29,23 @@ commented example. Schema (every key optional unless marked):
         seed: [0]
       exclude: [{backbone: resnet_tiny, method: dino}]   # drop matching combinations
       overrides: [{match: {method: dino}, set: {optimizer: adamw}}]   # per-variant settings
-    stage2:                          # segmentation, one trial per (evaluation, matched stage-1 trial)
+    stage2:                          # segmentation, one trial per (dataset, evaluation, matched stage-1 trial)
       resources: {cpu: 1, gpu: 0}
       settings: {SegmentConfig fields}
-      overrides: [{match: {evaluation: E1}, set: {batch_size: 8}}]  # keys: evaluation + stage-1 axes
+      datasets:                      # optional, the dataset axis (default: data.dataset alone)
+        voc: {train_split: trainaug} # each segmentation dataset -> its own SegmentConfig settings; one
+        coco_stuff:                  # other than data.dataset has its own folder (data.root here; none:
+          data: {root: DIR, coco_labels: fine}   # generated) and is part of its trials' ids
+      overrides: [{match: {evaluation: E1}, set: {batch_size: 8}}]  # keys: evaluation, dataset + stage-1 axes
       evaluations:
         - evaluation: E1             # preset of core.evaluations (E1..E5)
           from: {backbone: resnet_tiny, method: barlow_twins}  # stage-1 trials it consumes
           settings: {...}            # optional SegmentConfig fields for this entry
+          datasets: [voc]            # optional: run on these datasets only (default: every one)
           tag: pup                   # optional, disambiguates ids of two entries of one evaluation
         - evaluation: E5
           from: none                 # standalone: no stage-1 dependency (settings give source)
+          axes: {backbone: vit_small_patch16, source: dino, seed: [0, 1, 2]}  # optional: one trial each
 
 Stage-1 axes are declared once, in axes.py `stage1_axes()`: the common ones plus each SSL method's own
 (`SSLMethodSpec.axes`, e.g. Barlow Twins' `lambd` -> config `barlow_twins.lambd`); the trial ids,
@@ -203,3 +209,27 @@ def apply_overrides(doc: dict, overrides: Optional[dict]) -> dict:
     if ov.get("max_trials") is not None:
         doc["max_trials"] = ov["max_trials"]
     return doc
+
+
+DATASET_FOLDERS = {"voc": "VOCdevkit/", "coco_stuff": "images/ and stuffthingmaps_trainval2017/ (COCO-Stuff 164k)"}
+"""What a dataset's folder (data.root) holds, for the fix of a missing one (core/data/voc.py, coco_stuff.py)."""
+
+
+def data_root_key(doc: dict, dataset: str) -> str:
+    """The grid key that sets the folder of `dataset`: `stage2.datasets.<name>.data.root` for a stage-2 dataset
+    other than the grid's `data.dataset` (it does not inherit data.root: experiments/engine/stage2.py), else
+    `data.root`."""
+    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    s2 = doc.get("stage2") if isinstance(doc.get("stage2"), dict) else {}
+    block = s2.get("datasets") if isinstance(s2.get("datasets"), dict) else {}
+    if dataset != (data.get("dataset") or "voc") and dataset in block:
+        return f"stage2.datasets.{dataset}.data.root"
+    return "data.root"
+
+
+def data_root_fix(key: str, dataset: str) -> str:
+    """How to point `key` (data_root_key) at the folder of `dataset`."""
+    holds = DATASET_FOLDERS.get(dataset, "the images")
+    if key == "data.root":
+        return f"pass --data-root DIR pointing to the folder that holds {holds} (or set data.root in the grid file)"
+    return f"set {key} in the grid file to the folder that holds {holds} (a relative path: from the current folder)"

@@ -1,5 +1,6 @@
 """The plan of a dry run (`--dry-run`): the grid, the assumed cluster, the data and weights, one line per
-trial (id, stage, dependency, resources; `!` marks a trial named by a problem) and the totals per stage."""
+trial (id, stage, dependency, resources; `!` marks a trial named by a problem) and the totals per stage; or,
+with `--json`, the trials and the problems as one JSON document (`plan_json`)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,14 @@ def plan_text(spec: GridSpec, cluster: Optional[ClusterSize], results_dir: Optio
         out.append(f"left out {n_pre} pretraining + {len(spec.left_out) - n_pre} segmentation trial(s) whose (source, "
                    "backbone) pair has no weights (see the problems)")
     return "\n".join(out)
+
+
+def plan_json(spec: GridSpec, problems: list[str]) -> str:
+    """The plan of a dry run as ONE JSON document (`--dry-run --json`): every trial the grid schedules (id,
+    stage, the trials it depends on, its resources, its validated config) and every problem, one line each
+    (what the text dry run prints on stderr, without the `twinseg: error:` prefix)."""
+    import json
+
+    trials = [{"id": t.id, "stage": t.stage, "depends_on": list(t.depends_on), "resources": dict(t.resources),
+               "config": t.config} for t in spec.trials]
+    return json.dumps({"trials": trials, "problems": list(problems)}, indent=1, default=str)

@@ -28,7 +28,6 @@ from core.errors import ConfigError
 from core.storage import Storage
 from experiments.engine.axes import method_sections
 from experiments.engine.spec import GridSpec
-from experiments.engine.state import file_sha256
 
 
 DEFAULT_STORAGE = "results"
@@ -96,12 +95,7 @@ def storage_base(args, doc: Optional[dict] = None) -> tuple[Storage, bool]:
 
 
 def _latest_remote(base: Storage, name: str) -> Optional[Storage]:
-    from pyarrow import fs as pafs
-
-    infos = base._call("list", "", base.fs.get_file_info,
-                       pafs.FileSelector(base.root, allow_not_found=True, recursive=False))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith(f"{name}-"))
+    names = [d for d in base.list_dirs() if d.startswith(f"{name}-")]
     for cand in reversed(names):
         if base.child(cand).exists("grid.yaml"):
             return base.child(cand)
@@ -335,3 +329,12 @@ def check_storage_from_driver(spec: GridSpec, results: Results, dry_run: bool = 
             out.append(f"results folder {folder}: {parent} is not a writable folder; choose another --output / "
                        "--storage or fix its permissions")
     return out
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""

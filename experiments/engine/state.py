@@ -16,9 +16,11 @@ from typing import Optional
 
 from core.errors import StorageError
 from core.io import atomic_write_text
+from core.storage import Storage
 from core.stages import get_stage
 from experiments.engine.axes import axis_names
 from experiments.engine.console import Console, fmt, now_iso
+from experiments.engine.results_folder import file_sha256, results_for
 from experiments.engine.scheduler import critical_path_priority
 from experiments.engine.spec import GridSpec
 from experiments.engine.trial import ERROR_FILE, read_error, read_metrics, scalar_metrics
@@ -27,7 +29,7 @@ STATUSES = ("done", "failed", "skipped", "pending")
 
 
 def csv_config_keys() -> tuple[str, ...]:
-    """summary.csv's config columns: the stage-1 axes (declared once in gridspec), then stage-2 choices;
+    """summary.csv's config columns: the stage-1 axes (declared once in engine/axes.py), then stage-2 choices;
     values from the trial's labels first."""
     return ("evaluation", *axis_names(), "head", "fusion", "mode", "epochs")
 
@@ -37,10 +39,6 @@ class GridState:
 
     def __init__(self, spec: GridSpec, results_dir: Path, created: str, console: Console,
                  group: str, wandb: str, results=None, driver_token: Optional[str] = None):
-        from experiments.engine.results_folder import results_for
-
-        from core.storage import Storage
-
         self.spec = spec
         self.results_dir = results_dir  # the driver's local folder (the results folder itself on a folder storage)
         self.results = results if results is not None else results_for(Storage(results_dir))
@@ -260,12 +258,3 @@ def summary_csv(entries: list[dict]) -> str:
         row.update(scalar_metrics(e["metrics"]))
         w.writerow(row)
     return buf.getvalue()
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return ""
