@@ -204,10 +204,16 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     res = load_results(results_dir)
     _heavy_imports()
     out = Path(out_dir) if out_dir is not None else res.root
+    if out.exists() and not out.is_dir():
+        raise TwinsegError(f"--out {out} is a file, not a folder; pass --out DIR (report.md, tables/ and figures/ "
+                           "go in it)")
     try:
         return _build(res, out)
     except PermissionError as e:
         raise TwinsegError(f"cannot write the report under {out} ({e.strerror}); pass --out DIR to a writable folder") from None
+    except (FileExistsError, NotADirectoryError) as e:  # a file where a folder of the report must go
+        raise TwinsegError(f"cannot write the report under {out}: {e.filename} is a file, not a folder; pass --out "
+                           "DIR to a folder") from None
 
 
 def _build(res: Results, out: Path) -> Path:

@@ -115,6 +115,9 @@ def _read_json(path: Path) -> Optional[Any]:
 
 
 def _finite(x: Any) -> Optional[float]:
+    """`x` as a finite float, or None: missing, non-numeric, NaN / inf, and booleans (`mIoU: true` is not 1.0)."""
+    if isinstance(x, bool):
+        return None
     try:
         v = float(x)
     except (TypeError, ValueError):

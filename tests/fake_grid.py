@@ -6,8 +6,9 @@
 --real          the real run functions (experiments.engine.runner.run_stage) instead of tests/fakes.py FakeRun;
 --sleep S       fake runs take S seconds;
 --fail-once / --fail-always / --fail-at-epoch   faults injected by trial id (tests/fakes.py WithFaults);
---actors FILE   just before the grid stops Ray, write the cluster's actors (ray.util.state.list_actors,
-                detail: class_name, repr_name, state) to FILE as JSON (needs the dashboard: its state API).
+--actors FILE   just before the grid stops Ray, write the actors of the Ray it started (ray.util.state.list_actors
+                at that Ray's own dashboard URL, detail: class_name, repr_name, state) to FILE as JSON
+                (needs the dashboard: its state API).
 
 The grid itself (`experiments.engine.cli.main(argv, run=...)`) is the production code path, unchanged.
 """
@@ -44,25 +45,62 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_args(own), grid_argv
 
 
+ACTORS_DEADLINE_S = 300.0
+"""Bound on listing the actors (answers within seconds; a loaded machine may keep Ray's GCS busy longer)."""
+
+
+def list_own_actors(dashboard: str, deadline_s: float = ACTORS_DEADLINE_S) -> list[dict]:
+    """The actors of THIS grid's Ray (its dashboard's state API at `dashboard`, never an address found by
+    looking for running instances: other Ray instances may run on the machine), once it answers: each
+    try waits on Ray's own reply (its RPC timeout = the time left), a failed try is repeated until
+    `deadline_s`."""
+    import os
+    import time
+
+    from ray.util.state import list_actors
+
+    url = dashboard if "://" in dashboard else f"http://{dashboard}"
+    end = time.monotonic() + deadline_s
+    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
+    try:  # Ray's client lets these override an explicit address
+        while True:
+            left = end - time.monotonic()
+            try:
+                actors = list_actors(address=url, detail=True, limit=1000, timeout=max(int(left), 1),
+                                     raise_on_missing_output=False)
+                return [{"class_name": x.class_name, "repr_name": x.repr_name, "state": x.state} for x in actors]
+            except Exception:  # noqa: BLE001 - not ready yet (connection refused, GCS busy): ask again
+                if time.monotonic() + 1 >= end:
+                    raise
+                time.sleep(1)  # between tries of a bounded poll
+    finally:
+        os.environ.update(saved)
+
+
 def record_actors_before_shutdown(path: Path) -> None:
-    """Wrap ray.shutdown (the grid calls it when the Tune run ends) to save the actor list first."""
+    """Wrap ray.init (to learn the dashboard of the Ray the grid starts) and ray.shutdown (the grid calls
+    it when the Tune run ends) to save that Ray's actor list first."""
     import ray
 
-    shutdown = ray.shutdown
+    init, shutdown = ray.init, ray.shutdown
+    seen: dict = {}
+
+    def recording_init(*a, **k):
+        ctx = init(*a, **k)
+        seen["dashboard"] = getattr(ctx, "dashboard_url", "") or ""
+        return ctx
 
     def recording_shutdown(*a, **k):
         try:
             if ray.is_initialized():
-                from ray.util.state import list_actors
-
-                actors = list_actors(detail=True, limit=1000, raise_on_missing_output=False)
-                rows = [{"class_name": x.class_name, "repr_name": x.repr_name, "state": x.state} for x in actors]
-                path.write_text(json.dumps(rows, indent=2))
+                if not seen.get("dashboard"):
+                    raise RuntimeError("the grid's Ray has no dashboard (its state API lists the actors)")
+                path.write_text(json.dumps(list_own_actors(seen["dashboard"]), indent=2))
         except Exception as e:  # noqa: BLE001 - the test reads the reason
             path.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return shutdown(*a, **k)
 
-    ray.shutdown = recording_shutdown
+    ray.init, ray.shutdown = recording_init, recording_shutdown
 
 
 def main(argv: list[str]) -> int:

@@ -196,3 +196,20 @@ def test_attn_eval_size_bad_values_are_refused_in_one_line(bad):
     assert "\n" not in str(e.value)
     assert PretrainConfig.from_dict({"attn_eval_size": None}).attn_eval_size is None
     assert PretrainConfig().attn_eval_size == 480
+
+
+def test_generated_data_is_scored_as_it_is_and_real_data_at_480(tmp_path, voc_root):
+    """The 480-px default applies to real data; data made by core/data/synthetic.py (its marker file) is scored at
+    its own size (core/metrics/attention_jaccard.py attention_scores)."""
+    import shutil
+
+    from core.config import DataConfig
+    from core.data.synthetic import MARKER
+
+    assert DataConfig().is_generated_root()  # the default: generated on first use
+    assert DataConfig(root=str(voc_root)).is_generated_root()
+    real = tmp_path / "real"
+    shutil.copytree(voc_root, real)
+    for marker in real.rglob(MARKER):
+        marker.unlink()
+    assert not DataConfig(root=str(real)).is_generated_root()

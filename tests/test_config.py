@@ -246,3 +246,21 @@ def test_help_lists_the_shared_fields_with_their_stage_default(script):
     assert f"--epochs INT Training epochs. (default: {defaults['epochs']})" in text
     assert (f"--batch-size INT Images per batch per device (the global batch under DDP is devices x batch_size). "
             f"(default: {defaults['batch-size']})") in text
+
+
+@pytest.mark.parametrize("cls_name,d,field", [
+    ("PretrainConfig", {"dino": {"norm_last_layer": "maybe"}}, "norm_last_layer"),
+    ("PretrainConfig", {"dino": {"norm_last_layer": 1}}, "norm_last_layer"),
+    ("SegmentConfig", {"head_input_norm": "perhaps"}, "head_input_norm"),
+    ("SegmentConfig", {"head_input_norm": 3}, "head_input_norm"),
+    ("PretrainConfig", {"attn_eval_size": 480.5}, "attn_eval_size"),
+])
+def test_new_study_fields_refuse_bad_values_in_one_line(cls_name, d, field):
+    """The fields the study's fidelity added (DINO's norm_last_layer, the SETR head's input norm, the attention
+    Jaccard's resolution) refuse a value of the wrong type in one line naming the field and the value."""
+    import core.config as config
+
+    with pytest.raises(ConfigError) as e:
+        getattr(config, cls_name).from_dict(d)
+    msg = str(e.value)
+    assert field in msg and "\n" not in msg

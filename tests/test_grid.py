@@ -145,6 +145,7 @@ def test_grid_retry_failure_skip_and_summary(tmp_path):
 
 
 SECRET = "secret-xyz-do-not-store"
+SECRET_S3 = "s3-secret-key-do-not-store"
 
 
 def _comparable(out: Path) -> dict:
@@ -190,7 +191,7 @@ def test_resume_after_driver_killed_twice_matches_uninterrupted(tmp_path):
     The uninterrupted run also starts the Ray dashboard (127.0.0.1, token auth): its state API lists
     every trial's actor under the repr name `trial <id>`."""
     grid = _grid_file(tmp_path, max_concurrent=1)
-    env = _env(WANDB_API_KEY=SECRET)
+    env = _env(WANDB_API_KEY=SECRET, AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY=SECRET_S3)
     fake = ["--sleep", "2"]
     common = ["--num-cpus", "2", "--no-dashboard", "--no-report"]
 
@@ -246,10 +247,43 @@ def test_resume_after_driver_killed_twice_matches_uninterrupted(tmp_path):
     for root in (ref, out):
         for f in root.rglob("*"):
             if f.is_file():
-                assert SECRET.encode() not in f.read_bytes(), f
+                assert SECRET.encode() not in f.read_bytes() and SECRET_S3.encode() not in f.read_bytes(), f
     # a further --resume has nothing to do and does not start Ray
     r2 = _run(["--resume", "--output", str(out), "--no-report"], env, cwd=tmp_path, timeout=120, fake=fake)
     assert r2.returncode == 0 and "nothing to run" in r2.stdout, r2.stdout + r2.stderr
+
+
+def test_tune_state_pickled_into_the_results_folder_holds_no_secret(tmp_path, monkeypatch):
+    """Tune pickles its search algorithm and callbacks into <results>/ray/tune-*/tuner.pkl; they serve
+    the driver's GridState, whose results storage reads the environment (wandb key, S3 credentials):
+    none of it may reach that file. The Ray job's env vars carry no secret either."""
+    sys.path.insert(0, str(REPO))
+    import ray.cloudpickle
+
+    from experiments.engine.console import Console
+    from experiments.engine.driver import make_tuner
+    from experiments.engine.expand import load_grid
+    from experiments.engine.ray_backend import worker_env
+    from experiments.engine.results_folder import results_for
+    from experiments.engine.state import GridState
+    from core.storage import Storage
+
+    for k, v in {"WANDB_API_KEY": SECRET, "AWS_ACCESS_KEY_ID": "AKIDSECRETID", "AWS_SECRET_ACCESS_KEY": SECRET_S3,
+                 "TWINSEG_UPLOAD_TOKEN": SECRET}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    (out / "trials").mkdir(parents=True)
+    results = results_for(Storage(out))
+    spec = load_grid(_grid_file(tmp_path))
+    state = GridState(spec, out, "now", Console(), group="g", wandb="disabled", results=results)
+    assert SECRET_S3.encode() in ray.cloudpickle.dumps(state)  # what must not travel with Tune's state
+    tuner = make_tuner(spec, state, run=None)
+    blob = ray.cloudpickle.dumps(tuner._local_tuner.__getstate__())  # what tuner.pkl holds
+    assert SECRET.encode() not in blob and SECRET_S3.encode() not in blob
+    searcher = ray.cloudpickle.loads(ray.cloudpickle.dumps(tuner._local_tuner._tune_config.search_alg))
+    assert searcher._state is None  # unpickled without the driver's state
+    env_vars = worker_env(1)
+    assert SECRET not in json.dumps(env_vars) and "TWINSEG_UPLOAD_TOKEN" not in env_vars
 
 
 def test_trial_actor_repr_is_the_trial_id():

@@ -5,6 +5,9 @@ its own tmpfs over the results path), with the real runs on tiny sizes, one clus
   trials end done, every metrics.json is on the server, `analysis/report.py s3://...` writes the report;
 * the same grid with a plain local `--output` (private to each node) is refused by the storage check on
   every node before any trial starts;
+* the same grid submitted as a Ray Job (`ray job submit --working-dir <a copy of the source> -- python
+  experiments/grid.py ... --address auto --storage s3://...`, the README's command) ends 4/4 done on the
+  storage;
 * a lost node: the worker's raylet is killed by pid once its pretraining trial's first checkpoint is on
   storage; Tune retries the trial on the head, which resumes from that checkpoint (the retry's history
   starts at a later epoch), and the grid ends 4/4 done with the trial set of an uninterrupted run.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +30,7 @@ import pytest
 import yaml
 
 from core.storage import Storage
-from tests.ray_cluster import two_node_cluster
+from tests.ray_cluster import ray_cli, two_node_cluster
 from tests.test_grid import E1, E2, RES, TINY, VIT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -99,6 +103,32 @@ def test_a_local_output_not_on_every_node_is_refused_before_any_trial(cluster, s
     assert "use a folder every node mounts, or --storage s3://..." in lines[0]
     assert "start    " not in out
     assert not list((out_dir / "trials").glob("*/*"))  # nothing started
+
+
+def test_the_grid_submitted_as_a_ray_job(cluster, s3, tmp_path):
+    """`ray job submit --working-dir DIR -- python experiments/grid.py ...`: the job's driver runs on the head
+    in an unpacked copy of DIR (the source only: no .venv, results or data), joins the cluster (`--address
+    auto`: the job's own), and writes the results to the object store (the nodes' AWS_* environment)."""
+    work = tmp_path / "job"
+    for d in ("core", "experiments", "analysis"):
+        shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"))
+    grid = _grid(work)
+    uri = f"s3://{s3.bucket}/job-{uuid.uuid4().hex[:6]}"
+    job_env = {"WANDB_MODE": "disabled", "TWINSEG_DATA_DIR": str(tmp_path / "data"),
+               "TWINSEG_SCRATCH": str(cluster.private_path / "scratch")}
+    cmd = [ray_cli(), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(work),
+           "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
+           "python", "experiments/grid.py", "--grid", grid.name, "--address", "auto", "--storage", uri,
+           "--output", "run", "--no-report"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=str(tmp_path), env=cluster.driver_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "succeeded" in r.stdout
+    store = Storage(f"{uri}/run", env=s3.env())
+    summary = store.read_json("summary.json")
+    assert summary["counts"] == {"done": 4, "failed": 0, "skipped": 0, "pending": 0}, summary["counts"]
+    assert all(store.child("trials", t["id"]).read_metrics() is not None for t in summary["trials"])
+    print(f"the grid as a Ray Job: {time.monotonic() - t0:.0f} s")
 
 
 def test_a_lost_node_retries_on_the_other_and_resumes_from_storage(cluster, s3, tmp_path):

@@ -12,6 +12,7 @@ import copy
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def _results_like(root: Path) -> list[str]:
 def _fake_results(out: Path, doc: dict, grid_path: Path) -> spec.GridSpec:
     """A results folder as a driver leaves it after a kill: grid.yaml, summary.json (every trial
     pending), trial.json of the first trial and metrics.json of ... none (configs are what matter)."""
-    grid = expand.build_grid(copy.deepcopy(doc), grid_path, None, trials_root=out / "trials", check_models=False)
+    grid = expand.build_grid(copy.deepcopy(doc), grid_path, None, check_models=False)
     (out / "trials").mkdir(parents=True)
     (out / "grid.yaml").write_text(yaml.safe_dump(grid.raw, sort_keys=False))
     st = state.GridState(grid, out, "2026-01-01T00:00:00", Console(), group="g", wandb="disabled")
@@ -265,8 +266,52 @@ def test_resume_after_a_code_default_change(tmp_path, env, capsys):
             t["config"]["barlow_twins"]["lambd"] = 0.5
     (out / "summary.json").write_text(json.dumps(s))
     rc, o, err = _main(capsys, "--resume", "--output", out, "--dry-run")
-    _one_line(rc, o, err, f"--resume: the grid of {out} is unchanged but its trials' configs are not (the code's "
-                          f"defaults changed since it ran): trial {VIT} changed: barlow_twins.lambd 0.5 -> 0.0051")
+    line = _one_line(rc, o, err, f"--resume: the grid of {out} is unchanged but its trials' configs are not: "
+                                 f"trial {VIT} changed: barlow_twins.lambd 0.5 -> 0.0051;")
+    assert "run the code it ran with (its defaults may have changed)" in line
+
+
+def test_relative_checkpoint_source_is_read_against_the_grid_folder(tmp_path, env, capsys):
+    """`checkpoint:bb.pt` in a grid names the bb.pt beside the grid file, whatever the current folder (which
+    holds a different bb.pt): the trial's config and id hold that absolute path, so the same grid file
+    resumes from anywhere while a copy of it elsewhere (naming another bb.pt) is another trial."""
+    gdir = tmp_path / "grids"
+    gdir.mkdir()
+    (gdir / "bb.pt").write_bytes(b"weights beside the grid")
+    (env / "bb.pt").write_bytes(b"other weights in the current folder")
+    doc = copy.deepcopy(TINY)
+    doc["stage1"]["axes"]["source"] = ["checkpoint:bb.pt"]
+    g = _grid(gdir, doc)
+    rc, o, err = _main(capsys, "--grid", g, "--dry-run", "--json")
+    assert rc == 0, err
+    pre = [t for t in json.loads(o)["trials"] if t["stage"] == PRETRAIN.name]
+    want = f"checkpoint:{(gdir / 'bb.pt').resolve()}"
+    assert len(pre) == 2 and {t["config"]["source"] for t in pre} == {want}, pre
+    assert all(t["id"].startswith(f"pt-{t['config']['backbone']}-{axes.source_tag(want)}-") for t in pre)
+    out = tmp_path / "out"
+    _fake_results(out, doc, g)
+    assert yaml.safe_load((out / "grid.yaml").read_text())["stage1"]["axes"]["source"] == [want]
+    rc, o, err = _main(capsys, "--resume", "--output", out, "--grid", g, "--dry-run")
+    assert rc == 0 and err == [], err
+    rc, o, err = _main(capsys, "--resume", "--output", out, "--grid", _grid(env, doc), "--dry-run")
+    _one_line(rc, o, err, "3 trial(s) removed")  # the copy beside the other bb.pt names other trials
+
+
+def test_a_ray_job_driver_refuses_results_inside_its_working_dir_copy(tmp_path, env, capsys, monkeypatch):
+    """A Ray Job's driver runs in a temporary unpacked copy of --working-dir (the current folder): a relative
+    --output (or the default results/) would vanish with it, so it is one line before anything is written;
+    an absolute --output elsewhere is fine."""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}))
+    g = _grid(tmp_path, TINY)
+    for args in (["--output", "run"], []):
+        rc, o, err = _main(capsys, "--grid", g, *args, "--dry-run")
+        line = _one_line(rc, o, err, "this grid runs as a Ray Job whose driver works in a temporary copy of "
+                                     f"--working-dir ({env.resolve()})")
+        assert "pass --storage s3://bucket/prefix or an absolute --output" in line
+    assert _results_like(env) == []
+    rc, o, err = _main(capsys, "--grid", g, "--output", tmp_path / "abs", "--dry-run")
+    assert rc == 0 and err == [], err
 
 
 # ----------------------------------------------------------------------------- cost estimate
@@ -329,6 +374,41 @@ def _env() -> dict:
 
 def _summary(out: Path) -> dict:
     return {t["id"]: t for t in json.loads((out / "summary.json").read_text())["trials"]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_moved_or_copied_results_folder_resumes(tmp_path):
+    """References between trials are relative to the results folder: a finished grid (fake trials) moved
+    elsewhere resumes its one unfinished trial from the stage-1 weights at the NEW place, reruns nothing
+    else; a copy of the moved folder resumes with nothing to run."""
+    from tests.test_grid import FAKE_GRID
+
+    g = _grid(tmp_path, TINY)
+    first, moved, copied = tmp_path / "first", tmp_path / "elsewhere" / "moved", tmp_path / "copied"
+    seg = f"seg-E1-from-{RES}"
+    cmd = [sys.executable, str(FAKE_GRID), "--", "--num-cpus", "2", "--no-dashboard", "--no-report"]
+    r = subprocess.run([*cmd, "--grid", str(g), "--output", str(first)], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _summary(first)[seg]["config"]["source"] == f"checkpoint:trials/{RES}/backbone.pt"
+    moved.parent.mkdir()
+    first.rename(moved)  # nothing can still point into `first`
+    (moved / "trials" / seg / "metrics.json").unlink()
+    calls = {t: (moved / "trials" / t / "calls.log").read_text() for t in (VIT, RES, seg)}
+    r = subprocess.run([*cmd, "--resume", "--output", str(moved)], cwd=moved.parent, env=_env(),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(resuming: 2 trial(s) already done)" in r.stdout
+    assert all(t["status"] == "done" for t in _summary(moved).values())
+    assert {t: (moved / "trials" / t / "calls.log").read_text() for t in (VIT, RES)} == {t: calls[t] for t in (VIT, RES)}
+    assert (moved / "trials" / seg / "calls.log").read_text() == calls[seg] + "resume\n"
+    ran = json.loads((moved / "trials" / seg / "config.json").read_text())
+    assert ran["source"] == f"checkpoint:{(moved / 'trials' / RES / 'backbone.pt').as_posix()}"
+    shutil.copytree(moved, copied)
+    r = subprocess.run([*cmd, "--resume", "--output", str(copied)], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "nothing to run: every trial is already finished" in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.slow

@@ -153,3 +153,9 @@ def test_fake_grid_on_s3_persists_every_trial_and_resumes(tmp_path, s3):
     r2 = _fake_grid(["--resume", "--storage", uri, "--output", "run", "--no-report", "--num-cpus", "2"], env_vars, cwd)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "nothing to run: every trial is already finished" in r2.stdout
+    # the S3 credentials reach no results file: neither on the storage nor in the driver's local copy
+    # (Ray Tune's own state, ray/tune-*/tuner.pkl, lies there)
+    secret = s3.env()["AWS_SECRET_ACCESS_KEY"].encode()
+    assert not [f for f in store.list("") if secret in store.read_bytes(f)]
+    local = [f for f in (tmp_path / "scratch").rglob("*") if f.is_file()]
+    assert any(f.name == "tuner.pkl" for f in local) and not [f for f in local if secret in f.read_bytes()]

@@ -51,7 +51,7 @@ def _set(doc: dict, path: str, value):
 
 
 def test_base_grid_is_valid(tmp_path):
-    g = expand.load_grid(_write(tmp_path, BASE), trials_root=tmp_path / "trials")
+    g = expand.load_grid(_write(tmp_path, BASE))
     assert [t.id for t in g.trials] == [
         "pt-vit_nano_patch8-random-bt-l0.0051-s0",
         "pt-resnet_tiny-random-bt-l0.0051-s0",
@@ -60,7 +60,7 @@ def test_base_grid_is_valid(tmp_path):
     ]
     seg = g.by_id()["seg-E4-from-pt-vit_nano_patch8-random-bt-l0.0051-s0"]
     assert seg.config["fusion"] == "affinity" and seg.config["head"] == "setr_pup"
-    assert seg.config["source"] == f"checkpoint:{(tmp_path / 'trials' / seg.depends_on[0] / 'backbone.pt').as_posix()}"
+    assert seg.config["source"] == f"checkpoint:trials/{seg.depends_on[0]}/backbone.pt"  # relative to the results folder
 
 
 BAD = [
@@ -176,7 +176,7 @@ def test_resolve_grid(tmp_path):
 
 
 def test_smoke_expansion():
-    g = expand.load_grid(gridfile.resolve_grid("smoke"), trials_root="/r/trials")
+    g = expand.load_grid(gridfile.resolve_grid("smoke"))
     assert g.name == "smoke" and g.wandb == "offline" and g.retries >= 1
     pre, seg = g.stage("pretrain"), g.stage("segment")
     assert sorted(t.id for t in pre) == sorted([
@@ -203,7 +203,7 @@ def test_smoke_expansion():
     }
     for t in seg:
         assert t.id == f"seg-{t.config['evaluation']}-from-{t.depends_on[0]}"
-        assert t.config["source"] == f"checkpoint:/r/trials/{t.depends_on[0]}/backbone.pt"
+        assert t.config["source"] == f"checkpoint:trials/{t.depends_on[0]}/backbone.pt"
         assert t.config["device"] == "cpu" and t.resources == {"cpu": 1.0, "gpu": 0.0}
     fus = {t.config["evaluation"]: t.config["fusion"] for t in seg}
     assert fus == {"E1": "none", "E2": "none", "E3": "features", "E4": "affinity", "E5": "affinity"}
@@ -241,7 +241,7 @@ def test_devices_run_as_ray_train_workers(tmp_path):
     doc["stage1"]["settings"]["devices"] = 2
     doc["stage1"]["overrides"] = [{"match": {"backbone": "resnet_tiny"}, "set": {"devices": 1}}]
     doc["stage2"]["evaluations"][1]["settings"] = {"devices": 3}
-    g = expand.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials")
+    g = expand.load_grid(_write(tmp_path, doc))
     res = {t.id: t.resources for t in g.trials}
     assert res["pt-vit_nano_patch8-random-bt-l0.0051-s0"] == {"cpu": 1.0, "gpu": 0.0, "workers": 2}
     assert res["pt-resnet_tiny-random-bt-l0.0051-s0"] == {"cpu": 1.0, "gpu": 0.0}
@@ -353,7 +353,7 @@ def test_collect_lists_every_per_trial_problem(tmp_path):
         {"evaluation": "E4", "from": {"backbone": "resnet_tiny"}},
         {"evaluation": "E5", "from": "none", "settings": {"backbone": "vit_nano_patch8", "source": "dino"}},
     ]
-    g = expand.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", collect=True)
+    g = expand.load_grid(_write(tmp_path, doc), collect=True)
     lines = [p.line for p in g.problems]
     assert len(lines) == 3, lines
     e3, e4, e5 = lines
@@ -380,7 +380,7 @@ def test_pair_without_weights_is_one_problem_and_not_scheduled(tmp_path):
         {"backbone": ["vit_nano_patch8", "resnet_tiny"], "lambd": [0.0051], "method": ["barlow_twins"]},
         {"backbone": ["vit_nano_patch8"], "source": ["imagenet"], "lambd": [0.0051, 0.02], "method": ["barlow_twins"]},
     ]
-    g = expand.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", check_models=False, collect=True)
+    g = expand.load_grid(_write(tmp_path, doc), check_models=False, collect=True)
     assert len(g.problems) == 1
     line = g.problems[0].line
     assert line.startswith("bad.yaml: stage1.axes[1].source[0]='imagenet' x stage1.axes[1].backbone[0]='vit_nano_patch8' "
@@ -429,7 +429,7 @@ def test_image_size_problem_is_one_line_for_both_stages(tmp_path):
     the segmentation trials it breaks."""
     doc = copy.deepcopy(BASE)
     doc["data"]["image_size"] = 36
-    g = expand.load_grid(_write(tmp_path, doc), trials_root=tmp_path / "trials", collect=True)
+    g = expand.load_grid(_write(tmp_path, doc), collect=True)
     assert len(g.problems) == 1
     line = g.problems[0].line
     assert line.startswith("bad.yaml: data.image_size=36 (2 trials: pt-vit_nano_patch8-random-bt-l0.0051-s0, "
@@ -451,7 +451,7 @@ def _two_datasets() -> dict:
 def test_dataset_axis_ids_labels_and_settings(tmp_path):
     """Each stage-2 entry runs on every declared dataset (or those it lists); the grid's data.dataset (voc) keeps
     the ids it has without the block, another dataset is part of the id; labels and configs carry the dataset."""
-    g = expand.load_grid(_write(tmp_path, _two_datasets()), trials_root=tmp_path / "trials")
+    g = expand.load_grid(_write(tmp_path, _two_datasets()))
     pre_vit, pre_res = "pt-vit_nano_patch8-random-bt-l0.0051-s0", "pt-resnet_tiny-random-bt-l0.0051-s0"
     assert [t.id for t in g.stage("segment")] == [
         f"seg-E1-from-{pre_res}", f"seg-E4-from-{pre_vit}",

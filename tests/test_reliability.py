@@ -234,6 +234,17 @@ def _with(base, **flags):
     return argv
 
 
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_NO_SERVER = f"http://127.0.0.1:{_closed_port()}"  # a wandb server that is not there (no network)
+
 # (id, cli, dataset mutation, argv, needles (formatted with Ctx), extra env)
 CASES = [
     # ---- datasets: layout, split lists (caught before anything is written)
@@ -291,6 +302,13 @@ CASES = [
      ["wandb=online needs wandb credentials", "WANDB_API_KEY", "--wandb offline"], {"NETRC": "{empty}/netrc"}),
     ("pretrain-wandb-online-without-key", "pretrain", "good", _with(PT, wandb="online"),
      ["wandb=online needs wandb credentials"], {"NETRC": "{empty}/netrc"}),
+    ("segment-wandb-online-no-network", "segment", "good", _with(SEG, wandb="online"),
+     [f"wandb=online: the wandb server {_NO_SERVER} did not start the run within 2 s (", "--wandb offline",
+      "`wandb sync {out}/wandb/offline-run-*` later"],
+     {"WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": _NO_SERVER, "TWINSEG_WANDB_INIT_TIMEOUT": "2"}),
+    ("pretrain-wandb-online-short-key", "pretrain", "good", _with(PT, wandb="online"),
+     ["WANDB_API_KEY is not a wandb API key (API key must have 40+ characters, has 5)", "--wandb offline"],
+     {"WANDB_API_KEY": "short"}),
     # ---- out-of-range numbers: refused with the field, the value and the bounds, before anything is written
     ("pretrain-seed-negative", "pretrain", "good", _with(PT, seed="-1"),
      ["seed=-1 is out of range: it must be >= 0 and <= 4294967295"], {}),
@@ -763,6 +781,12 @@ def test_disk_full_at_the_exported_weights_is_one_line(cli, base, artifact, tmp_
                                         " MB", "rerun the same command to resume"], ctx.out)
     assert re.search(rf"writing {re.escape(artifact)} needs [0-9]+\.[0-9] MB \([0-9.]+ MB free\)", err), err
     assert not list(ctx.out.glob(f".{artifact}.*")), "temp file left behind"
+    assert (ctx.out / "checkpoints" / "last.ckpt").is_file()  # the trained state stays for the rerun
+
+    monkeypatch.undo()  # space freed: the rerun the line suggests finishes from that checkpoint
+    rc, out, err = _call(main, [ctx.fill(a) for a in _with(base, backbone="resnet_tiny")], capsys)
+    assert rc == 0 and "Traceback" not in err, err[-3000:]
+    assert (ctx.out / artifact).is_file() and (ctx.out / "metrics.json").is_file()
 
 
 def _kill_at(epoch: int, sig=None):

@@ -456,6 +456,28 @@ def test_cli_writes_report(tmp_path):
     assert (tmp_path / "out" / "report.md").is_file()
 
 
+def test_cli_out_on_a_file_is_one_line(tmp_path):
+    """`--out FILE` (or a file where a folder of it must go): one line, exit 2, the file untouched."""
+    built = build_results(tmp_path / "res", seeds=(0,), evaluations=("E4",))
+    afile = tmp_path / "report.txt"
+    afile.write_text("mine")
+    for out in (afile, afile / "sub"):
+        r = _cli(str(built.root), "--out", str(out))
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("twinseg: error: ") and "is a file" in lines[0], r.stderr
+        assert "Traceback" not in r.stderr
+    assert afile.read_text() == "mine"
+
+
+def test_a_boolean_metric_is_not_a_number():
+    """`mIoU: true` in a metrics.json is not 1.0: the tables read it as missing (a blank cell with a note)."""
+    from analysis.results import finite
+
+    assert finite(True) is None and finite(False) is None
+    assert finite(1) == 1.0 and finite("2.5") == 2.5 and finite(float("nan")) is None
+
+
 def test_error_bars_only_where_a_std_exists():
     """A single seed has no std: no error bar is drawn (a zero-height one would read as zero spread);
     where some points have a std, the others get 0."""

@@ -41,8 +41,6 @@ def _walk(root: Path, out: list[tuple[str, int]], rel: str = "") -> None:
 
 def folder_fingerprint(root, role: str) -> dict:
     """The record of one data folder (see the module docstring); a missing folder has 0 files."""
-    from core.data.synthetic import MARKER
-
     root = Path(root).expanduser().resolve()
     files: list[tuple[str, int]] = []
     _walk(root, files)
@@ -50,15 +48,22 @@ def folder_fingerprint(root, role: str) -> dict:
     h = hashlib.sha256()
     for name, size in files:
         h.update(f"{name}\t{size}\n".encode("utf-8", "surrogateescape"))
-    generator = None
+    return {"role": role, "path": str(root), "files": len(files), "bytes": sum(s for _, s in files),
+            "digest": h.hexdigest(), "generator": generator_marker(root)}
+
+
+def generator_marker(root) -> Optional[dict]:
+    """The parameters core/data/synthetic.py recorded in a folder it generated (its marker file, in the folder,
+    its parent or its VOCdevkit/), or None for data it did not make."""
+    from core.data.synthetic import MARKER
+
+    root = Path(root).expanduser()
     for cand in (root / MARKER, root.parent / MARKER, root / "VOCdevkit" / MARKER):
         try:
-            generator = json.loads(cand.read_text())
-            break
+            return json.loads(cand.read_text())
         except (OSError, ValueError):
             continue
-    return {"role": role, "path": str(root), "files": len(files), "bytes": sum(s for _, s in files),
-            "digest": h.hexdigest(), "generator": generator}
+    return None
 
 
 def _generated_params(data_cfg) -> dict:

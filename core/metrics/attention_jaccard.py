@@ -209,10 +209,13 @@ def dino_eval_loader(knn_loader: Any, size: int) -> Optional[Any]:
 
 def attention_scores(ctx: EvalContext) -> Optional[dict]:
     """`attention_jaccard` of an evaluation's backbone on the k-NN val images with masks (computed once per
-    evaluation) at the config's `attn_eval_size` (None: the k-NN images as they are, original masks); None
+    evaluation) at the config's `attn_eval_size` (None, or data made by core/data/synthetic.py: the k-NN images
+    as they are, original masks); None
     without masks or attention maps. VOC: class 0 is background; COCO-Stuff: every label is an object."""
     def run():
         size = getattr(ctx.cfg, "attn_eval_size", None)
+        if size is not None and ctx.cfg.data.is_generated_root():
+            size = None  # generated squares (64 px) carry nothing more at 480 px, at ~35x the CPU time
         if size is None:
             masks = ctx.mask_loaders()
             loader = None if masks is None else masks[1]

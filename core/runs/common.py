@@ -127,10 +127,13 @@ def make_loggers(out_dir: Path, wandb_mode: str, group: Optional[str], name: str
 
 
 def _wandb_logger(out_dir: Path, timeout: Optional[float]):
-    """Lightning's WandbLogger whose run (`experiment`, made by `wandb.init` on first use, on rank 0 only) turns
-    wandb's errors into one ConfigError line: the server unreachable within `timeout` s (CommError), the key
-    refused (AuthenticationError), a bad argument or state (UsageError)."""
+    """Lightning's WandbLogger; online (`timeout` not None), one whose run (`experiment`, made by `wandb.init` on
+    first use, on rank 0 only) turns wandb's errors into one ConfigError line: the server unreachable within
+    `timeout` s (CommError), the key refused (AuthenticationError), a bad argument or state (UsageError)."""
     from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+    if timeout is None:
+        return LightningWandbLogger
 
     class WandbLogger(LightningWandbLogger):
         @property
@@ -150,7 +153,7 @@ def wandb_failure(e: Exception, out_dir: Path, timeout: Optional[float]) -> str:
     import wandb
 
     said = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    offline = (f"or use --wandb offline and `wandb sync {Path(out_dir) / 'wandb'}/offline-run-*` later")
+    offline = f"or use --wandb offline and `wandb sync {Path(out_dir) / 'wandb'}/offline-run-*` later"
     if isinstance(e, wandb.errors.AuthenticationError):
         return (f"wandb=online: the wandb server refused the API key ({said}); check WANDB_API_KEY or run "
                 f"`wandb login`, {offline}")

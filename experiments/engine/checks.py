@@ -19,7 +19,7 @@ from core.stages import get_stage
 from experiments.engine.console import Console, fmt
 from experiments.engine.gridfile import data_root_fix, data_root_key
 from experiments.engine.ray_ddp import DRIVER_CPU
-from experiments.engine.spec import GridSpec, Problem
+from experiments.engine.spec import GridSpec, Problem, source_dependency
 
 
 # ============================================================================ cluster fit
@@ -196,11 +196,13 @@ def weight_problems(spec: GridSpec, weights_dir=None, online: Optional[bool] = N
 
 def checkpoint_problems(spec: GridSpec) -> list[Problem]:
     """A `checkpoint:PATH` source the grid does not produce itself must be an existing FILE (a folder
-    or a missing path would fail every attempt of the trial): one problem per path."""
+    or a missing path would fail every attempt of the trial): one problem per path. The grid's own are
+    the trial's dependency's artifact (spec.py `source_dependency`), made by the time the trial starts."""
     out: list[Problem] = []
     for t in spec.trials:
         src = str(t.config.get("source", ""))
-        if not src.startswith("checkpoint:") or any(f"/{d}/backbone.pt" in src for d in t.depends_on):
+        dep = source_dependency(src)
+        if not src.startswith("checkpoint:") or (dep is not None and dep[0] in t.depends_on):
             continue
         path = Path(src[len("checkpoint:"):].strip()).expanduser()
         if path.is_dir():

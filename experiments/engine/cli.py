@@ -21,6 +21,7 @@ from experiments.engine.driver import StopSignal, drive, install_stop_handlers
 from experiments.engine.expand import build_grid
 from experiments.engine.gridfile import DEFAULT_MAX_TRIALS, apply_overrides, read_yaml, resolve_grid
 from experiments.engine.plan import plan_json, plan_text
+from experiments.engine.ray_backend import job_working_dir_problem
 from experiments.engine.results_folder import (check_output_folder, check_storage_from_driver, choose_results,
                                                mirror_remote, refuse_changed_resume)
 from experiments.engine.spec import describe
@@ -144,7 +145,10 @@ def resolve(args):
         results, resuming = choose_results(args, probe.name, doc)
         if not results.remote:
             check_output_folder(results.local)
-    spec = build_grid(doc, grid_path, None, trials_root=results.trials_root, collect=True)
+            problem = job_working_dir_problem(results.local)
+            if problem:
+                raise ConfigError(problem)
+    spec = build_grid(doc, grid_path, None, collect=True)
     if resuming:
         refuse_changed_resume(spec, results.local, args.grid)
     return spec, grid_path, results, resuming, new_grid_yaml is not None

@@ -10,31 +10,31 @@ from typing import Optional
 
 from core.config import WANDB_MODES, DataConfig
 from core.errors import ConfigError
-from experiments.engine.gridfile import DEFAULT_MAX_TRIALS, TOP_KEYS, apply_overrides, read_yaml
+from experiments.engine.gridfile import DEFAULT_MAX_TRIALS, TOP_KEYS, absolute_sources, apply_overrides, read_yaml
 from experiments.engine.spec import GridSpec
 from experiments.engine.stage1 import expand_stage1
 from experiments.engine.stage2 import expand_stage2
 from experiments.engine.validate import Ctx, ModelChecks, locate, origins_for, short, weights_refusal
 
 
-def load_grid(path: Path | str, overrides: Optional[dict] = None, *, trials_root: Path | str = "trials",
-              check_models: bool = True, collect: bool = False) -> GridSpec:
+def load_grid(path: Path | str, overrides: Optional[dict] = None, *, check_models: bool = True,
+              collect: bool = False) -> GridSpec:
     """Read, validate and expand a grid file. `overrides`: CLI values (`data_root`, `wandb`,
-    `max_concurrent`). `trials_root`: folder of the trial dirs (segment sources point into it).
-    `collect`: per-trial problems go to `GridSpec.problems` (else the first is raised)."""
+    `max_concurrent`). `collect`: per-trial problems go to `GridSpec.problems` (else the first is raised)."""
     path = Path(path)
     doc = read_yaml(path)
-    return build_grid(doc, path, overrides, trials_root=trials_root, check_models=check_models, collect=collect)
+    return build_grid(doc, path, overrides, check_models=check_models, collect=collect)
 
 
-def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, trials_root: Path | str = "trials",
-               check_models: bool = True, collect: bool = False) -> GridSpec:
-    """Validate and expand a parsed grid document. A malformed file raises one ConfigError line;
+def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, check_models: bool = True,
+               collect: bool = False) -> GridSpec:
+    """Validate and expand a parsed grid document (`path`: its file; relative `checkpoint:` sources are
+    read against its folder: gridfile.py `absolute_sources`). A malformed file raises one ConfigError line;
     per-trial problems are collected in the result's `problems` when `collect`, else the first one
     is raised (see the module docstring)."""
     path = Path(path)
     c = Ctx(path.name, collect)
-    doc = apply_overrides(doc, overrides)
+    doc = absolute_sources(apply_overrides(doc, overrides), path.expanduser().resolve().parent)
     c.mapping("", doc, TOP_KEYS)
 
     name = doc.get("name", path.stem)
@@ -60,7 +60,7 @@ def build_grid(doc: dict, path: Path, overrides: Optional[dict] = None, *, trial
     if s1 is None and s2 is None:
         raise c.err("", "has neither stage1 nor stage2; add at least one (see experiments/grids/smoke.yaml)")
     pre = expand_stage1(c, s1, data, wandb, checks) if s1 is not None else []
-    seg = expand_stage2(c, s2, data, wandb, pre, Path(trials_root), checks) if s2 is not None else []
+    seg = expand_stage2(c, s2, data, wandb, pre, checks) if s2 is not None else []
     for (source, backbone), nw in c.no_weights.items():
         c.left_out += [t.id for t in nw["trials"]] + nw["dependants"]
         blocks = sorted({_axes_block(w) for w in nw["where"]})

@@ -211,6 +211,26 @@ def apply_overrides(doc: dict, overrides: Optional[dict]) -> dict:
     return doc
 
 
+def absolute_sources(doc: Any, base: Path) -> Any:
+    """A copy of the grid document `doc` whose relative `checkpoint:PATH` sources (every `source` value:
+    settings, axes, from matches, overrides, excludes) are made absolute against `base`, the grid file's
+    folder (`core.config_cli.resolve_paths`, as a single run resolves its own), when the grid is read: the
+    trial ids then hash the absolute path and a resume from another folder names the same file. The
+    sources the grid makes itself (a stage-2 trial's `checkpoint:trials/<id>/backbone.pt`) are added
+    later, relative to the results folder (experiments/engine/spec.py)."""
+    from core.config_cli import resolve_paths
+
+    def one(v: Any) -> Any:
+        return resolve_paths({"source": v}, base)["source"] if isinstance(v, str) else v
+
+    if isinstance(doc, dict):
+        return {k: ([one(x) for x in v] if isinstance(v, list) else one(v)) if k == "source"
+                else absolute_sources(v, base) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [absolute_sources(x, base) for x in doc]
+    return doc
+
+
 DATASET_FOLDERS = {"voc": "VOCdevkit/", "coco_stuff": "images/ and stuffthingmaps_trainval2017/ (COCO-Stuff 164k)"}
 """What a dataset's folder (data.root) holds, for the fix of a missing one (core/data/voc.py, coco_stuff.py)."""
 

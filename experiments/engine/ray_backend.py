@@ -20,11 +20,52 @@ from experiments.engine.spec import GridSpec
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor for the driver of a Ray Job (`ray job submit`): its runtime_env and metadata."""
+
+
+def ray_job_runtime_env(env: Optional[dict] = None) -> Optional[dict]:
+    """The runtime_env of the Ray Job this driver runs as (`ray job submit`), or None outside a job."""
+    import json
+
+    text = (os.environ if env is None else env).get(JOB_CONFIG_ENV)
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    rt = doc.get("runtime_env") if isinstance(doc, dict) else None
+    return rt if isinstance(rt, dict) else {}
+
+
+def job_working_dir_problem(results_local: Path) -> Optional[str]:
+    """One line when this driver is a Ray Job's with a --working-dir (it runs in a temporary unpacked copy
+    of it, the current folder) and the local results folder `results_local` lies inside that copy (a
+    relative --output or the default results/): the results would vanish with it."""
+    rt = ray_job_runtime_env()
+    if not rt or not rt.get("working_dir"):
+        return None
+    here = Path.cwd().resolve()
+    folder = Path(results_local).resolve()
+    if folder != here and here not in folder.parents:
+        return None
+    return (f"results folder {folder}: this grid runs as a Ray Job whose driver works in a temporary copy of "
+            f"--working-dir ({here}), removed with the job; pass --storage s3://bucket/prefix or an absolute "
+            "--output on a disk every node mounts")
+
+
+SECRET_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")
+"""A TWINSEG_* variable whose name holds one of these is never passed to the Ray job."""
+
+
 def worker_env(max_concurrent: int) -> dict:
-    """Set the driver's Ray / Tune / wandb environment and return the env vars of the Ray job: the repo
-    on PYTHONPATH (the workers import experiments.engine.trial, the Tune trainable, by module path) and
-    the project's TWINSEG_* settings (e.g. the data cache); secrets (e.g. WANDB_API_KEY) are never put
-    into the Ray job config: cluster nodes log in themselves."""
+    """Set the driver's Ray / Tune / wandb environment and return the env vars of the Ray job (its
+    runtime_env with --address): the repo on PYTHONPATH (the workers import experiments.engine.trial,
+    the Tune trainable, by module path) and the project's TWINSEG_* settings (e.g. the data cache), by
+    name, none that looks secret (`SECRET_NAME_PARTS`). Secrets (WANDB_API_KEY, AWS_* credentials) are
+    never put into the Ray job config (Ray stores it, and Tune pickles its state into the results
+    folder): every node reads them from its own environment (the one its `ray start` ran in)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -36,9 +77,12 @@ def worker_env(max_concurrent: int) -> dict:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([pp] if pp else []))
     env_vars = {"PYTHONPATH": os.environ["PYTHONPATH"], "WANDB_SILENT": "true"}
     for k, v in os.environ.items():
-        if k.startswith("TWINSEG_"):
+        if k.startswith("TWINSEG_") and not any(part in k for part in SECRET_NAME_PARTS):
             env_vars[k] = v
-    return env_vars
+    # In a Ray Job, the job's own env_vars reach every worker already; Ray refuses a ray.init runtime_env
+    # naming one of them again (a merge conflict), and its working_dir is on every worker's path.
+    job_vars = (ray_job_runtime_env() or {}).get("env_vars") or {}
+    return {k: v for k, v in env_vars.items() if k not in job_vars}
 
 
 def _token_hint() -> str:

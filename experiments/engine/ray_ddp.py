@@ -44,7 +44,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from experiments.engine.runner import build_config, epoch_scalars, run_stage, setup_trial_env
+from experiments.engine.runner import build_config, epoch_scalars, run_stage, setup_trial_env, trial_config
 
 DRIVER_CPU = 0.01  # what the Tune trial (the Train driver) reserves for itself
 STORAGE_DIR = ".ray_train"  # in the trial folder, when the payload names no Ray folder
@@ -159,7 +159,8 @@ def _worker(config: dict) -> None:
 
     from core.runs.common import ExternalDDP, resolve_accelerator
 
-    cfg = build_config(stage, payload["config"])
+    config_dict = trial_config(payload)
+    cfg = build_config(stage, config_dict)
     accelerator, _ = resolve_accelerator(cfg.device, 1)  # device=cuda on a worker without a GPU: ConfigError
     if accelerator == "gpu":
         from ray.train.torch import get_device
@@ -170,7 +171,7 @@ def _worker(config: dict) -> None:
     ddp = ExternalDDP(accelerator=accelerator, device=device, world_size=world, global_rank=rank,
                       strategy=RayDDPStrategy(), plugins=(RayLightningEnvironment(),), prepare=prepare_trainer)
     run = config.get("run") or run_stage
-    run(stage, payload["config"], out, progress=False, wandb_group=payload.get("group"), name=tid,
+    run(stage, config_dict, out, progress=False, wandb_group=payload.get("group"), name=tid,
         callbacks=[_epoch_report_callback(tid)], ddp=ddp)
 
 

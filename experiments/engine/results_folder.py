@@ -7,11 +7,15 @@ Storage (`--storage URI` or the grid's `storage:` key; `core.storage`): a local 
 object store (`s3://bucket/prefix`). On a folder (the default `results/`) the trials and the driver work
 in the results folder itself, as they always did. On an object store (`Results.remote`) the driver keeps a
 working copy (grid.yaml, summary.*, the recorded trial.json files) under a node-local scratch root and
-uploads what it writes; each trial works in `<scratch root>/trials/<id>/` on whatever node runs it (the
-same path on every node, so a stage-2 trial's `checkpoint:<scratch root>/trials/<dep>/backbone.pt`
-source is one config everywhere) and persists its run folder to `<results>/trials/<id>/`
-(experiments/engine/trial.py). The scratch root is `$TWINSEG_SCRATCH` (default /tmp/twinseg-scratch)
-`/<results name>-<hash of the URI>`; TWINSEG_* variables travel to every Ray worker."""
+uploads what it writes; each trial works in `<scratch root>/trials/<id>/` on whatever node runs it and
+persists its run folder to `<results>/trials/<id>/` (experiments/engine/trial.py). The scratch root is
+`$TWINSEG_SCRATCH` (default /tmp/twinseg-scratch) `/<results name>-<hash of the URI>`; TWINSEG_* variables
+travel to every Ray worker.
+
+References between trials are relative to the results folder (a stage-2 trial's source is
+`checkpoint:trials/<dep>/backbone.pt`: experiments/engine/spec.py `dependency_source`), made absolute where
+an attempt runs (the results folder, or the scratch root), so a copied or moved results folder records
+the same configs and resumes (`resume_changes` compares configs; a real change names its fields)."""
 
 from __future__ import annotations
 
@@ -283,8 +287,9 @@ def _short(v: Any, n: int = 40) -> str:
 
 
 def refuse_changed_resume(spec: GridSpec, results_dir: Path, grid_arg: Optional[str]) -> None:
-    """ConfigError (one line) when `spec` may not continue `results_dir` (`resume_changes`), saying whether
-    the grid or only the code's defaults changed; `grid_arg`: the --grid given with --resume, if any."""
+    """ConfigError (one line) when `spec` may not continue `results_dir` (`resume_changes`, which names the
+    differing fields), saying whether the grid changed or, with the same grid, what it expands to (the
+    code's defaults, or a file the grid names); `grid_arg`: the --grid given with --resume, if any."""
     why = resume_changes(spec, results_dir)
     if not why:
         return
@@ -294,10 +299,9 @@ def refuse_changed_resume(spec: GridSpec, results_dir: Path, grid_arg: Optional[
     except (OSError, ValueError, AttributeError):
         ran = None
     if not grid_arg and ran and ran == file_sha256(results_dir / "grid.yaml"):
-        raise ConfigError(f"--resume: the grid of {results_dir} is unchanged but its trials' configs are not "
-                          f"(the code's defaults changed since it ran): {why}; a resume keeps the finished "
-                          "trials, so their configs must stay: run the code it ran with, or start a new "
-                          "--output")
+        raise ConfigError(f"--resume: the grid of {results_dir} is unchanged but its trials' configs are not: "
+                          f"{why}; a resume keeps the finished trials, so their configs must stay: run the "
+                          "code it ran with (its defaults may have changed), or start a new --output")
     raise ConfigError(f"--resume: {given} differs from what {results_dir} ran: {why}; a resume keeps the "
                       "finished trials, so only ADDING trials is allowed: restore the grid, or start a "
                       "new --output")

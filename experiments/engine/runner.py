@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from core.stages import get_stage
+from experiments.engine.spec import resolved_config
 
 RunFunction = Callable[..., dict]
 """run(stage, config: dict, out_dir: Path, *, progress, wandb_group, name, report=None, callbacks=(),
@@ -67,6 +68,21 @@ def epoch_scalars(trainer) -> dict:
         if math.isfinite(f):
             vals[str(k).replace("/", "_")] = f
     return vals
+
+
+def results_root(payload: dict) -> Path:
+    """The folder holding the trial's `trials/` folder (the results folder, or on an object store the
+    node-local scratch root): what the relative references between trials are resolved against."""
+    if payload.get("trials_root"):
+        return Path(payload["trials_root"]).parent
+    return Path(payload["dir"]).parent.parent
+
+
+def trial_config(payload: dict) -> dict:
+    """The config dict the run function gets: the trial's config with its dependency's source
+    (`checkpoint:trials/<dep>/backbone.pt`, relative to the results folder) made absolute where this
+    attempt runs (experiments/engine/spec.py `resolved_config`)."""
+    return resolved_config(payload["config"], results_root(payload))
 
 
 def setup_trial_env(payload: dict, out: Path) -> None:

@@ -2,7 +2,12 @@
 dependencies are done, the one with the longest estimated path to the end of the grid first, up to
 `max_concurrent` at once; `ConsoleCallback` turns Tune's trial events into console lines and state
 transitions (experiments/engine/state.py). The `start` line of an attempt comes with its first report,
-which names the node it runs on (experiments/engine/trial.py)."""
+which names the node it runs on (experiments/engine/trial.py).
+
+Both hold the driver's `GridState` as an attribute that is never pickled (`_DriverOnly`): Tune pickles
+its search algorithm and callbacks into `<results>/ray/tune-*/tuner.pkl`, and the state reaches the
+results storage, whose settings come from the driver's environment (credentials included). The grid
+never restores Tune from that file (a resume reads the results folder), so nothing is lost."""
 
 from __future__ import annotations
 
@@ -35,34 +40,44 @@ def critical_path_priority(spec: GridSpec) -> dict[str, tuple]:
     return {tid: (-longest(tid), i) for i, tid in enumerate(order)}
 
 
+class _DriverOnly:
+    """Mixin: the `_state` attribute (the driver's GridState) is left out when the object is pickled."""
+
+    _state: Optional["GridState"] = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_state"}
+
+
 def make_scheduler(state: "GridState", max_concurrent: int):
     from ray.tune.search import Searcher
 
-    class GridScheduler(Searcher):
+    class GridScheduler(_DriverOnly, Searcher):
         """Hands out trials in dependency order; never more than `max_concurrent` at once."""
 
-        def __init__(self) -> None:
+        def __init__(self, state: "GridState") -> None:  # an argument, not a closure cell: never pickled
             super().__init__(metric=None, mode=None)
+            self._state = state
 
         def set_search_properties(self, metric, mode, config, **spec) -> bool:
             return True
 
         def suggest(self, trial_id: str):
-            if len(state.launched) >= max_concurrent:
+            if len(self._state.launched) >= max_concurrent:
                 return None
-            ready = state.ready()
+            ready = self._state.ready()
             if not ready:
                 # Nothing can start now: finished if nothing is left to hand out, else wait for the
                 # running trials (their dependants become ready, or get skipped, when they end).
-                return Searcher.FINISHED if not state.unlaunched_pending() else None
+                return Searcher.FINISHED if not self._state.unlaunched_pending() else None
             tid = ready[0]
-            state.launch(tid, trial_id)
-            return {"trial": state.payload(tid)}
+            self._state.launch(tid, trial_id)
+            return {"trial": self._state.payload(tid)}
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-            tid = state.tune_ids.get(trial_id)
+            tid = self._state.tune_ids.get(trial_id)
             if tid is not None:
-                state.finish(tid, error, completed=(result or {}).get("done_run") == 1)
+                self._state.finish(tid, error, completed=(result or {}).get("done_run") == 1)
 
         def save(self, checkpoint_path: str) -> None:  # state lives in the results folder
             pass
@@ -70,25 +85,28 @@ def make_scheduler(state: "GridState", max_concurrent: int):
         def restore(self, checkpoint_path: str) -> None:
             pass
 
-    return GridScheduler()
+    return GridScheduler(state)
 
 
 def make_console_callback(state: "GridState", retries: int):
     from ray.tune import Callback
 
-    class ConsoleCallback(Callback):
+    class ConsoleCallback(_DriverOnly, Callback):
+        def __init__(self, state: "GridState") -> None:
+            self._state = state
+
         def on_trial_start(self, iteration, trials, trial, **info):
-            state.write_summary()
+            self._state.write_summary()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("done_run") == 0 and "attempt_hostname" in result:  # an attempt's first report
                 tid = trial.config["trial"]["id"]
-                t = state.trials[tid]
+                t = self._state.trials[tid]
                 res = ", ".join(f"{k}={fmt(v)}" for k, v in t.resources.items())
                 node = (f"{result.get('attempt_hostname')} {result.get('attempt_ip') or ''} node "
                         f"{str(result.get('attempt_node_id') or '?')[:12]}, {result.get('attempt_device')}")
-                state.console.line(f"start    {tid} [{t.stage}; {res}; {len(state.launched)} running] on {node}",
-                                   "cyan")
+                running = len(self._state.launched)
+                self._state.console.line(f"start    {tid} [{t.stage}; {res}; {running} running] on {node}", "cyan")
                 return
             if result.get("done_run") != 0 or "epoch" not in result:
                 return
@@ -100,24 +118,24 @@ def make_console_callback(state: "GridState", retries: int):
                                                                         "attempt_",
                                                                         "config", "timesteps", "episodes", "warmup"))]
             shown = ", ".join(f"{k}={fmt(v)}" for k, v in vals[:4])
-            state.console.line(f"  epoch {result['epoch']:>3} {tid}" + (f": {shown}" if shown else ""), "dim")
+            self._state.console.line(f"  epoch {result['epoch']:>3} {tid}" + (f": {shown}" if shown else ""), "dim")
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             tid = trial.config["trial"]["id"]
-            why = state.trial_error(tid) or "error"
+            why = self._state.trial_error(tid) or "error"
             n = int(trial.run_metadata.num_failures)
-            state.console.line(f"retry    {tid} (attempt {n + 1} of {retries + 1}) after {why}; "
-                               "it resumes from its last checkpoint", "yellow")
+            self._state.console.line(f"retry    {tid} (attempt {n + 1} of {retries + 1}) after {why}; "
+                                     "it resumes from its last checkpoint", "yellow")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             tid = trial.config["trial"]["id"]
-            state.finish(tid, True, tune_error=_tune_error_line(trial))
+            self._state.finish(tid, True, tune_error=_tune_error_line(trial))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             tid = trial.config["trial"]["id"]
-            state.finish(tid, False, completed=(trial.last_result or {}).get("done_run") == 1)
+            self._state.finish(tid, False, completed=(trial.last_result or {}).get("done_run") == 1)
 
-    return ConsoleCallback()
+    return ConsoleCallback(state)
 
 
 def _tune_error_line(trial) -> Optional[str]:

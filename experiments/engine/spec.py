@@ -4,9 +4,42 @@ reason the grid cannot run as written, printed as one line). No Ray, no torch.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Optional
 
 from core.stages import stages
+
+
+TRIALS_DIR = "trials"
+"""The trials' folder inside a results folder: `<results>/trials/<id>/` is a trial's run folder."""
+CHECKPOINT = "checkpoint:"
+
+
+def dependency_source(dep_id: str, artifact: str) -> str:
+    """The `source` of a trial that starts from its dependency's artifact: `checkpoint:trials/<dep>/<artifact>`,
+    RELATIVE to the results folder, so that a copied or moved results folder names the same files (it is
+    made absolute when the trial runs: `resolved_config`)."""
+    return f"{CHECKPOINT}{TRIALS_DIR}/{dep_id}/{artifact}"
+
+
+def source_dependency(source) -> Optional[tuple[str, str]]:
+    """(dependency id, its file) of a source made by `dependency_source`, else None (a source the grid file
+    gives is absolute once read: experiments/engine/gridfile.py `absolute_sources`)."""
+    if not isinstance(source, str) or not source.startswith(CHECKPOINT):
+        return None
+    parts = PurePosixPath(source[len(CHECKPOINT):]).parts
+    if len(parts) != 3 or parts[0] != TRIALS_DIR or ".." in parts:
+        return None
+    return parts[1], parts[2]
+
+
+def resolved_config(config: dict, results_root) -> dict:
+    """The trial's `config` with a dependency's source made absolute under `results_root` (the folder that
+    holds `trials/`: the results folder, or an object store's node-local scratch root)."""
+    dep = source_dependency(config.get("source"))
+    if dep is None:
+        return config
+    return {**config, "source": f"{CHECKPOINT}{(Path(results_root) / TRIALS_DIR / dep[0] / dep[1]).as_posix()}"}
 
 
 @dataclass
@@ -15,7 +48,7 @@ class TrialSpec:
 
     id: str
     stage: str  # "pretrain" | "segment"
-    config: dict  # the validated config (to_dict); source of a segment trial = checkpoint:<dep>/backbone.pt
+    config: dict  # the validated config (to_dict); source of a segment trial = checkpoint:trials/<dep>/backbone.pt
     depends_on: list[str] = field(default_factory=list)
     resources: dict = field(default_factory=dict)  # {"cpu", "gpu"} (+ "workers": N, resources per worker, when devices > 1)
     labels: dict = field(default_factory=dict)  # axis values (pretrain) / evaluation + from (segment)

@@ -22,7 +22,7 @@ from core.config import SEG_DATASETS, SegmentConfig
 from core.errors import ConfigError, TwinsegError
 from core.stages import SEGMENT, get_stage
 from experiments.engine.axes import axis_names, fmt_num, matches, safe_name, same_key, source_tag, stage2_match_keys
-from experiments.engine.spec import TrialSpec
+from experiments.engine.spec import TrialSpec, dependency_source
 from experiments.engine.validate import (Ctx, ModelChecks, check_devices, check_settings_keys, locate, merge,
                                          origins_for, parse_overrides, parse_resources, refusal, short,
                                          trial_resources, weights_refusal)
@@ -90,8 +90,8 @@ def segment_id(label: str, dataset: str, default_dataset: str, rest: str) -> str
     return "-".join(["seg", label, *ds, rest])
 
 
-def expand_stage2(c: Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec], trials_root: Path,
-                   checks: Optional[ModelChecks]) -> list[TrialSpec]:
+def expand_stage2(c: Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec],
+                  checks: Optional[ModelChecks]) -> list[TrialSpec]:
     EVALUATIONS, apply_evaluation = _evaluations()
     s2 = c.mapping("stage2", s2, STAGE2_KEYS, allow_none=False)
     res = parse_resources(c, "stage2.resources", s2.get("resources"))
@@ -121,8 +121,8 @@ def expand_stage2(c: Ctx, s2: Any, data: dict, wandb: str, pre: list[TrialSpec],
             continue
         for dep in deps:
             for combo in ([{}] if dep is not None else e.combinations()):
-                t = _segment_trial(c, e, ds, default_ds, dep, combo, settings, overrides, wandb, trials_root,
-                                   apply_evaluation, res, checks)
+                t = _segment_trial(c, e, ds, default_ds, dep, combo, settings, overrides, wandb, apply_evaluation,
+                                   res, checks)
                 if t is not None:
                     trials.append(t)
     return trials
@@ -246,11 +246,10 @@ def _select_deps(c: Ctx, e: _Entry, dataset: str, default_ds: str, pre: list[Tri
 
 
 def _segment_trial(c: Ctx, e: _Entry, ds: _Dataset, default_ds: str, dep: Optional[TrialSpec], combo: dict,
-                   settings: dict, overrides: list, wandb: str, trials_root: Path, apply_evaluation, res: dict,
+                   settings: dict, overrides: list, wandb: str, apply_evaluation, res: dict,
                    checks: Optional[ModelChecks]) -> Optional[TrialSpec]:
     """One segmentation trial, or None when its (source, backbone) pair has no weights (a problem then)."""
-    cfg, origins, labels = _segment_config(c, e, ds, dep, combo, settings, overrides, wandb, trials_root,
-                                           apply_evaluation)
+    cfg, origins, labels = _segment_config(c, e, ds, dep, combo, settings, overrides, wandb, apply_evaluation)
     if dep is not None:
         rest = f"from-{dep.id}"
     else:
@@ -274,10 +273,10 @@ def _segment_trial(c: Ctx, e: _Entry, ds: _Dataset, default_ds: str, dep: Option
 
 
 def _segment_config(c: Ctx, e: _Entry, ds: _Dataset, dep: Optional[TrialSpec], combo: dict, settings: dict,
-                    overrides: list, wandb: str, trials_root: Path, apply_evaluation):
+                    overrides: list, wandb: str, apply_evaluation):
     """(SegmentConfig, origins, labels) of one segmentation trial: the dataset's data, stage-2 settings, the
     dataset's settings, the entry's settings (and its `axes` values), the stage-1 trial it consumes
-    (backbone, seed, source = its artifact), matching overrides, then the evaluation preset under every
+    (backbone, seed, source = its artifact, relative to the results folder: spec.py `dependency_source`), matching overrides, then the evaluation preset under every
     explicit value; `origins`: config field -> the grid file's key path."""
     d = merge({"data": copy.deepcopy(ds.data)}, settings)
     origins = origins_for("stage2.settings", settings)
@@ -297,7 +296,7 @@ def _segment_config(c: Ctx, e: _Entry, ds: _Dataset, dep: Optional[TrialSpec], c
         labels.update(dep.labels)
         d["backbone"] = dep.config["backbone"]
         d["seed"] = dep.config["seed"]
-        d["source"] = f"checkpoint:{(trials_root / dep.id / artifact).as_posix()}"
+        d["source"] = dependency_source(dep.id, artifact)
         for k in ("backbone", "seed", "source"):
             origins[k] = f"{e.path}.from (stage-1 trial {dep.id})"
     for match, st, oi in overrides:

@@ -60,7 +60,8 @@ from core.errors import ConfigError, DataError, NonFiniteError, WeightsError
 from core.io import atomic_write_text as _atomic_write
 from core.io import read_metrics  # the ONE definition of a finished run folder (the grid imports it here)
 from experiments.engine import ray_ddp
-from experiments.engine.runner import RunFunction, run_stage, setup_trial_env
+from experiments.engine.runner import RunFunction, results_root, run_stage, setup_trial_env, trial_config
+from experiments.engine.spec import TRIALS_DIR, source_dependency
 
 ERROR_FILE = "error.txt"
 ACCOUNTING_FILE = "accounting.json"
@@ -217,16 +218,10 @@ def fetch_inputs(payload: dict, out: Path):
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     store.fetch_run("", out)
-    trials_root = Path(payload.get("trials_root") or out.parent)
-    src = str((payload.get("config") or {}).get("source", ""))
-    if src.startswith("checkpoint:"):
-        path = Path(src[len("checkpoint:"):])
-        try:
-            rel = path.relative_to(trials_root).as_posix()
-        except ValueError:
-            rel = None
-        if rel is not None and rel.split("/", 1)[0] in payload.get("depends_on", []):
-            root.download_file(f"trials/{rel}", path)
+    dep = source_dependency((payload.get("config") or {}).get("source"))
+    if dep is not None and dep[0] in payload.get("depends_on", []):
+        rel = f"{TRIALS_DIR}/{dep[0]}/{dep[1]}"
+        root.download_file(rel, results_root(payload) / rel)
     return store, token
 
 
@@ -268,7 +263,7 @@ def run_payload(payload: dict, run: Optional[RunFunction] = None, report_epochs:
                 from core.runs.common import CHECKPOINT_DIR, LAST_CKPT
 
                 extra["callbacks"] = [persist_on_checkpoint(persister, out / CHECKPOINT_DIR / LAST_CKPT)]
-            metrics = run(stage, payload["config"], out, progress=False, wandb_group=payload.get("group"), name=tid,
+            metrics = run(stage, trial_config(payload), out, progress=False, wandb_group=payload.get("group"), name=tid,
                           report=TuneEpochReporter(tid) if report_epochs else None, **extra)
         if read_metrics(out) is None:
             raise RuntimeError(f"the {stage} run returned without writing {out / 'metrics.json'}")
