@@ -133,7 +133,9 @@ def test_grid_retry_failure_skip_and_summary(tmp_path):
     assert not (out / "trials" / E1 / "metrics.json").exists()
     # stage-2 trial consumed the stage-1 checkpoint of ITS dependency
     assert s[E2]["depends_on"] == [VIT]
-    assert s[E2]["config"]["source"] == f"checkpoint:{(out / 'trials' / VIT / 'backbone.pt').resolve().as_posix()}"
+    assert s[E2]["config"]["source"] == f"checkpoint:trials/{VIT}/backbone.pt"  # relative to the results folder
+    ran = json.loads((out / "trials" / E2 / "config.json").read_text())  # what the run got: made absolute
+    assert ran["source"] == f"checkpoint:{(out / 'trials' / VIT / 'backbone.pt').resolve().as_posix()}"
     assert s[E2]["metrics"]["mIoU"] == 30.0 and s[E2]["dir"] == f"trials/{E2}"
     assert (out / "grid.yaml").is_file() and (out / "trials" / E2 / "trial.json").is_file()
     csv = (out / "summary.csv").read_text().splitlines()
