@@ -48,6 +48,13 @@ def _no_training(monkeypatch):
     monkeypatch.setattr(skeleton, "make_trainer", boom)
 
 
+def _edit_config(out, **values):
+    """Edit a run folder's config.json by hand, as a user would."""
+    c = json.loads((out / "config.json").read_text())
+    c.update(values)
+    (out / "config.json").write_text(json.dumps(c))
+
+
 def test_finished_result_is_reused_only_when_config_data_and_weights_match(tmp_path, voc, monkeypatch):
     """An edited config.json, a missing one, regenerated data and other starting weights are
     each refused in one line naming what differs (was: the old result, exit 0); the same request gets the stored
@@ -70,9 +77,7 @@ def test_finished_result_is_reused_only_when_config_data_and_weights_match(tmp_p
         assert _run(cfg, out) == m  # the same request: the stored result
 
         # 1. config.json edited to lr=0.5, then the run asked with lr=0.5: the record says 0.001
-        c = json.loads((out / "config.json").read_text())
-        c["lr"] = 0.5
-        (out / "config.json").write_text(json.dumps(c))
+        _edit_config(out, lr=0.5)
         with pytest.raises(ConfigError, match=r"holds a finished run with a different config \(fields lr\)"):
             _run(cfg.replace(lr=0.5), out)
 
@@ -134,9 +139,7 @@ def test_resume_checks_the_record_before_training(tmp_path, voc):
     with pytest.raises(RuntimeError, match="stopped"):
         _run(cfg, out, callbacks=[StopAfterFirstEpoch()])
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "identity.json").is_file()
-    c = json.loads((out / "config.json").read_text())
-    c["lr"] = 0.5
-    (out / "config.json").write_text(json.dumps(c))
+    _edit_config(out, lr=0.5)
     with pytest.raises(ConfigError, match=r"holds an unfinished run with a different config \(fields lr\)"):
         _run(cfg.replace(lr=0.5), out)
     (out / "identity.json").unlink()

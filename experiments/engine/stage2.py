@@ -21,9 +21,9 @@ from typing import Any, Optional
 from core.config import SEG_DATASETS, SegmentConfig
 from core.errors import ConfigError, TwinsegError
 from core.stages import SEGMENT, get_stage
-from experiments.engine.axes import axis_names, fmt_num, matches, safe_name, same_key, source_tag, stage2_match_keys
+from experiments.engine.axes import axis_names, fmt_num, matches, safe_name, source_tag, stage2_match_keys
 from experiments.engine.spec import TrialSpec, dependency_source
-from experiments.engine.validate import (Ctx, ModelChecks, check_devices, check_settings_keys, locate, merge,
+from experiments.engine.validate import (Ctx, ModelChecks, axis_values, check_devices, check_settings_keys, locate, merge,
                                          origins_for, parse_overrides, parse_resources, refusal, short,
                                          trial_resources, weights_refusal)
 
@@ -208,17 +208,7 @@ def _standalone_axes(c: Ctx, p: str, v: Any, esettings: dict) -> dict:
             continue
         if k in esettings:
             raise c.err(f"{p}.settings.{k}", f"is also given by {p}.axes.{k}; keep one of them")
-        vals = axes[k] if isinstance(axes[k], list) else [axes[k]]
-        if not vals:
-            raise c.err(f"{p}.axes.{k}", "is an empty list; give at least one value (or remove it)")
-        seen: set = set()
-        for j, val in enumerate(vals):
-            if val is None or isinstance(val, (dict, list)):
-                raise c.err(f"{p}.axes.{k}[{j}]={short(val)}", "must be a single value")
-            if same_key(val) in seen:
-                raise c.err(f"{p}.axes.{k}[{j}]={short(val)}", "is listed twice; remove the duplicate")
-            seen.add(same_key(val))
-        out[k] = vals
+        out[k] = axis_values(c, f"{p}.axes.{k}", axes[k], "give at least one value (or remove it)")
     return out
 
 

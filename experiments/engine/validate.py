@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from core.config import SegmentConfig
 from core.errors import ConfigError
-from experiments.engine.axes import fmt_num, stage1_axis_fields
+from experiments.engine.axes import fmt_num, same_key, stage1_axis_fields
 from experiments.engine.gridfile import DEFAULT_MAX_TRIALS
 from experiments.engine.spec import Problem
 
@@ -79,6 +79,24 @@ class Ctx:
         if (strict and not v > minimum) or (not strict and v < minimum):
             raise self.err(f"{path}={v!r}", f"must be {'>' if strict else '>='} {minimum:g}")
         return int(v) if integer else float(v)
+
+
+def axis_values(c: "Ctx", path: str, raw: Any, if_empty: str) -> list:
+    """The values of one grid axis (`path`: its key path; a scalar is a one-value list): refused in one line when
+    empty (`if_empty` says what to do), when a value is not a single value, or when one is listed twice. Linear:
+    one set lookup per value (100,000 seeds stay instant)."""
+    vals = raw if isinstance(raw, list) else [raw]
+    if not vals:
+        raise c.err(path, f"is an empty list; {if_empty}")
+    seen: set = set()
+    for j, v in enumerate(vals):
+        if v is None or isinstance(v, (dict, list)):
+            raise c.err(f"{path}[{j}]={short(v)}", "must be a single value")
+        key = same_key(v)
+        if key in seen:
+            raise c.err(f"{path}[{j}]={short(v)}", "is listed twice; remove the duplicate")
+        seen.add(key)
+    return vals
 
 
 def short(v: Any, n: int = 60) -> str:
